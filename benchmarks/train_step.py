@@ -1,0 +1,85 @@
+"""MixFlow / standard train-step time ratio on this machine (target <= 1.02).
+
+MixFlow adds two scalar draws per example and evaluates the path at m_t instead of t;
+everything else (the network's forward and backward) is shared, so the ratio should be 1.
+
+    python3 benchmarks/train_step.py [--sizes=tiny,SiT-S/2] [--steps=30]
+"""
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from mixflow_jax import configuration, train
+from mixflow_jax.data import ImageDataset
+from mixflow_jax.data.arrays import split
+
+_SIZES = flags.DEFINE_list("sizes", ["SiT-T/2", "SiT-S/2"], "Named model sizes.")
+_STEPS = flags.DEFINE_integer("steps", 30, "Timed steps per measurement.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Alternating measurements per objective.")
+
+# (input size, channels, classes, batch) per model: digits for tiny, ImageNet-256 latents
+# for S/2 (a small batch: this is a CPU).
+SETTINGS = {"SiT-T/2": (8, 1, 10, 128), "SiT-S/2": (32, 4, 1000, 8)}
+
+
+def _dataset(size: int, channels: int, classes: int, batch: int) -> ImageDataset:
+  key = jax.random.key(0)
+  images = jax.random.normal(key, (4 * batch, size, size, channels))
+  labels = jax.random.randint(key, (4 * batch,), 0, classes)
+  return split("random", jax.device_get(images), jax.device_get(labels), classes, 0.25)
+
+
+def time_step(config, dataset: ImageDataset, steps: int):
+  """Returns a function that times ``steps`` jitted train steps (seconds per step)."""
+  model = train.make_model(config, dataset)
+  tx = train.make_optimizer(config.optim)
+  step_fn = jax.jit(functools.partial(
+      train.train_step, apply_fn=train.make_apply_fn(model),
+      objective=train.make_objective(config, model), tx=tx,
+      ema_decay=config.optim.ema_decay), donate_argnums=0)
+  state = train.create_train_state(
+      train.init_params(model, dataset.image_shape, jax.random.key(0)), tx)
+  batch = {k: jnp.asarray(v) for k, v in
+           dataset.train_batch(0, config.data.batch_size, 0).items()}
+  rng = jax.random.key(1)
+  state, _ = step_fn(state, batch, rng)  # compile
+  jax.block_until_ready(state)
+
+  def measure():
+    nonlocal state
+    start = time.perf_counter()
+    for _ in range(steps):
+      state, metrics = step_fn(state, batch, rng)
+    jax.block_until_ready((state, metrics))
+    return (time.perf_counter() - start) / steps
+
+  return measure
+
+
+def main(argv):
+  del argv
+  for name in _SIZES.value:
+    size, channels, classes, batch = SETTINGS[name]
+    dataset = _dataset(size, channels, classes, batch)
+    measures = {}
+    for objective, t_law in (("standard", "uniform"), ("mixflow", "beta21")):
+      config = configuration.default_config()
+      config.model.name, config.data.batch_size = name, batch
+      config.objective.name, config.objective.t_law = objective, t_law
+      measures[objective] = time_step(config, dataset, _STEPS.value)
+    times = {k: [] for k in measures}
+    for _ in range(_REPEATS.value):  # alternate, so that drifts hit both alike
+      for objective, measure in measures.items():
+        times[objective].append(measure())
+    best = {k: min(v) for k, v in times.items()}
+    print(f"{name} batch {batch} on {jax.devices()[0].platform}: standard "
+          f"{1e3 * best['standard']:.1f} ms/step, mixflow {1e3 * best['mixflow']:.1f} "
+          f"ms/step, ratio mixflow/standard {best['mixflow'] / best['standard']:.3f}")
+
+
+if __name__ == "__main__":
+  app.run(main)

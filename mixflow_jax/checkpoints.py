@@ -1,0 +1,104 @@
+"""orbax checkpoints of the train state: save, resume, warm start, and shape checks.
+
+A run's checkpoints live in ``<workdir>/checkpoints/<step>``; each holds the whole
+``TrainState`` (step, params, EMA params, optimizer state).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def checkpoint_dir(run_dir: str) -> str:
+  """``run_dir/checkpoints``; ``run_dir`` may also be that folder itself."""
+  run_dir = os.path.abspath(run_dir)
+  if os.path.basename(run_dir) == CHECKPOINT_DIR:
+    return run_dir
+  return os.path.join(run_dir, CHECKPOINT_DIR)
+
+
+def make_manager(run_dir: str, save_every: int = 1, keep: int = 3,
+                 read_only: bool = False) -> ocp.CheckpointManager:
+  """A manager saving every ``save_every`` steps, keeping the ``keep`` latest."""
+  if read_only:
+    options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0,
+                                           max_to_keep=None, create=False)
+  else:
+    options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=keep)
+  return ocp.CheckpointManager(checkpoint_dir(run_dir), options=options,
+                               item_handlers=ocp.PyTreeCheckpointHandler())
+
+
+def save_state(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
+  """Saves ``state`` as checkpoint ``step`` (asynchronously)."""
+  manager.save(step, args=ocp.args.PyTreeSave(state), force=True)
+
+
+def _restore_args(abstract: Any) -> Any:
+  return ocp.checkpoint_utils.construct_restore_args(abstract)
+
+
+def _path_str(path) -> str:
+  parts = []
+  for k in path:
+    parts.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
+  return "/".join(parts)
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {_path_str(path): tuple(leaf.shape) for path, leaf in leaves
+          if hasattr(leaf, "shape")}
+
+
+def check_shapes(stored: Any, expected: Any, source: str) -> None:
+  """Raises ValueError naming the first parameter of ``expected`` whose shape differs from
+  (or is missing in) ``stored``; both are trees with ``.shape`` leaves."""
+  have = _shapes(stored)
+  for name, shape in _shapes(expected).items():
+    if name not in have:
+      raise ValueError(f"{source} has no parameter {name!r} (expected shape {shape}): "
+                       "it was written by a different model config.")
+    if have[name] != shape:
+      raise ValueError(f"{source} does not match the model config: parameter {name!r} has "
+                       f"shape {have[name]} in the checkpoint but {shape} in this model.")
+
+
+def restore_state(manager: ocp.CheckpointManager, abstract_state: Any,
+                  step: int | None = None) -> Any:
+  """Restores the train state at ``step`` (default: latest) onto ``abstract_state``'s
+  shardings, after checking that every array has the expected shape."""
+  step = manager.latest_step() if step is None else step
+  source = f"Checkpoint {manager.directory}/{step}"
+  check_shapes(manager.item_metadata(step).tree, abstract_state, source)
+  return manager.restore(step, args=ocp.args.PyTreeRestore(
+      item=abstract_state, restore_args=_restore_args(abstract_state)))
+
+
+def load_params(run_dir: str, abstract_params: Any, field: str = "ema_params",
+                step: int | None = None) -> tuple[Any, int]:
+  """Loads ``field`` ('ema_params' or 'params') of another run's checkpoint (latest step by
+  default), e.g. to warm-start post-training or to sample. Returns (params, step)."""
+  directory = checkpoint_dir(run_dir)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"No checkpoints in {run_dir!r} (looked for {directory}).")
+  with make_manager(run_dir, read_only=True) as manager:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"{directory} holds no finished checkpoint.")
+    source = f"Checkpoint {directory}/{step}"
+    metadata = manager.item_metadata(step).tree
+    if field not in metadata:
+      raise ValueError(f"{source} has no {field!r}; it holds {sorted(metadata)}.")
+    check_shapes(metadata[field], abstract_params, source)
+    restored = manager.restore(step, args=ocp.args.PyTreeRestore(
+        item={field: abstract_params},
+        restore_args=_restore_args({field: abstract_params}),
+        partial_restore=True))
+  return restored[field], step

@@ -1,0 +1,163 @@
+"""The config schema shared by all ``configs/*.py`` files, and its validation.
+
+``configs/<experiment>.py`` start from ``default_config()`` and change what they need; every
+field can be overridden on the command line (``--config.objective.gamma=0.5``). ml_collections
+rejects unknown fields; ``validate`` rejects impossible values, naming the field.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from mixflow_jax import objectives, timesteps
+from mixflow_jax.data import SOURCES
+from mixflow_jax.interpolants import PATHS
+from mixflow_jax.models import sit
+
+SAMPLERS = ("euler", "heun")
+GUIDED_CHANNELS = ("all", "first3")
+DTYPES = ("float32", "bfloat16")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Defaults: the paper's post-training settings where it states them."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = dict(name="digits", heldout_fraction=0.2, batch_size=128)
+
+  c.model = ml_collections.ConfigDict(dict(
+      # A named size (SiT-{T,S,B,L,XL}/{2,4,8}) or 'custom', which reads the four fields below.
+      name="SiT-T/2",
+      depth=config_dict.placeholder(int),
+      hidden_size=config_dict.placeholder(int),
+      num_heads=config_dict.placeholder(int),
+      patch_size=config_dict.placeholder(int),
+      mlp_ratio=4.0,
+      class_dropout_prob=0.1,
+      learn_sigma=False,
+      dtype="float32",
+  ))
+
+  c.objective = dict(
+      name="mixflow",           # standard | mixflow | input_perturbation
+      path="linear",            # linear | gvp | vp
+      t_law="beta21",           # uniform | beta21
+      gamma=0.8,                # m_t ~ U[(1 - gamma) t, t]
+      slow_law="slowed",        # slowed | uniform (the paper's U[0, 1] ablation)
+      target_time="m_t",        # regress u*(m_t) (the paper) or u*(t) (the official code)
+      perturbation_scale=0.1,   # Input Perturbation's g
+  )
+
+  c.optim = dict(lr=1e-4, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip=0.0,
+                 ema_decay=0.9999)
+
+  c.train = dict(
+      steps=1000,
+      log_every=100,
+      checkpoint_every=500,
+      keep_checkpoints=3,
+      init_from="",             # a run's workdir: warm start from its latest EMA params
+      num_fsdp=1,               # size of the mesh's 'fsdp' axis (1: pure data parallel)
+  )
+
+  c.sample = dict(
+      sampler="euler",
+      num_steps=10,             # integration steps on linspace(0, 1, num_steps + 1)
+      cfg_scale=1.0,            # 1.0: no guidance
+      guided_channels="all",    # all | first3 (the official SiT rule)
+      num_samples=1000,
+      batch_size=500,
+      use_ema=True,
+  )
+
+  c.eval = dict(classifier_steps=1500, classifier_lr=1e-3, classifier_batch_size=128)
+  return c
+
+
+def model_config(config: ml_collections.ConfigDict, image_shape: tuple[int, int, int],
+                 num_classes: int) -> sit.SiTConfig:
+  """The SiTConfig of ``config.model`` for images of ``image_shape`` (H, W, C)."""
+  m = config.model
+  common = dict(input_size=image_shape[0], in_channels=image_shape[2],
+                num_classes=num_classes, mlp_ratio=m.mlp_ratio,
+                class_dropout_prob=m.class_dropout_prob, learn_sigma=m.learn_sigma)
+  if m.name == "custom":
+    return sit.SiTConfig(depth=m.depth, hidden_size=m.hidden_size, num_heads=m.num_heads,
+                         patch_size=m.patch_size, **common)
+  return sit.SiTConfig.named(m.name, **common)
+
+
+class ConfigError(ValueError):
+  """An impossible config value; the message names the field."""
+
+
+def _check(ok: bool, field: str, value, expected: str) -> None:
+  if not ok:
+    raise ConfigError(f"config.{field}={value!r} is invalid: expected {expected}.")
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+  """Raises ConfigError naming the first impossible field of ``config``."""
+  d, m, o, opt, tr, s = (config.data, config.model, config.objective, config.optim,
+                         config.train, config.sample)
+  _check(d.name in SOURCES, "data.name", d.name, f"one of {sorted(SOURCES)}")
+  _check(0 < d.heldout_fraction < 1, "data.heldout_fraction", d.heldout_fraction,
+         "a fraction in (0, 1)")
+  _check(d.batch_size > 0, "data.batch_size", d.batch_size, "a positive integer")
+  if num_devices is not None:
+    _check(d.batch_size % num_devices == 0, "data.batch_size", d.batch_size,
+           f"a multiple of the device count {num_devices}")
+
+  _check(m.name == "custom" or m.name in sit.NAMED_MODELS, "model.name", m.name,
+         f"'custom' or one of {sit.NAMED_MODELS}")
+  for field in ("depth", "hidden_size", "num_heads", "patch_size"):
+    value = m[field]
+    if m.name == "custom":
+      _check(value is not None and value > 0, f"model.{field}", value,
+             "a positive integer (model.name='custom' reads it)")
+    else:
+      _check(value is None, f"model.{field}", value,
+             f"unset: model.name={m.name!r} fixes it (use model.name='custom')")
+  if m.name == "custom":
+    _check(m.hidden_size % m.num_heads == 0, "model.num_heads", m.num_heads,
+           f"a divisor of model.hidden_size={m.hidden_size}")
+  _check(0 <= m.class_dropout_prob < 1, "model.class_dropout_prob", m.class_dropout_prob,
+         "a probability in [0, 1)")
+  _check(m.dtype in DTYPES, "model.dtype", m.dtype, f"one of {DTYPES}")
+
+  _check(o.name in objectives.OBJECTIVES, "objective.name", o.name,
+         f"one of {objectives.OBJECTIVES}")
+  _check(o.path in PATHS, "objective.path", o.path, f"one of {sorted(PATHS)}")
+  _check(o.t_law in timesteps.T_LAWS, "objective.t_law", o.t_law,
+         f"one of {sorted(timesteps.T_LAWS)}")
+  _check(0 <= o.gamma <= 1, "objective.gamma", o.gamma, "a value in [0, 1]")
+  _check(o.slow_law in timesteps.SLOW_LAWS, "objective.slow_law", o.slow_law,
+         f"one of {sorted(timesteps.SLOW_LAWS)}")
+  _check(o.target_time in objectives.TARGET_TIMES, "objective.target_time", o.target_time,
+         f"one of {objectives.TARGET_TIMES}")
+  _check(o.perturbation_scale >= 0, "objective.perturbation_scale", o.perturbation_scale,
+         "a non-negative scale")
+
+  _check(opt.lr > 0, "optim.lr", opt.lr, "a positive learning rate")
+  _check(opt.weight_decay >= 0, "optim.weight_decay", opt.weight_decay, ">= 0")
+  _check(opt.grad_clip >= 0, "optim.grad_clip", opt.grad_clip, ">= 0 (0 disables it)")
+  _check(0 <= opt.ema_decay < 1, "optim.ema_decay", opt.ema_decay, "a decay in [0, 1)")
+
+  for field in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "num_fsdp"):
+    _check(tr[field] > 0, f"train.{field}", tr[field], "a positive integer")
+  if num_devices is not None:
+    _check(num_devices % tr.num_fsdp == 0, "train.num_fsdp", tr.num_fsdp,
+           f"a divisor of the device count {num_devices}")
+
+  _check(s.sampler in SAMPLERS, "sample.sampler", s.sampler, f"one of {SAMPLERS}")
+  _check(s.num_steps > 0, "sample.num_steps", s.num_steps, "a positive integer")
+  _check(s.cfg_scale >= 0, "sample.cfg_scale", s.cfg_scale, ">= 0")
+  _check(s.guided_channels in GUIDED_CHANNELS, "sample.guided_channels", s.guided_channels,
+         f"one of {GUIDED_CHANNELS}")
+  _check(s.num_samples > 0, "sample.num_samples", s.num_samples, "a positive integer")
+  _check(s.batch_size > 0, "sample.batch_size", s.batch_size, "a positive integer")
+  if s.cfg_scale != 1.0:
+    _check(m.class_dropout_prob > 0, "sample.cfg_scale", s.cfg_scale,
+           "1.0: guidance needs a null class (model.class_dropout_prob > 0)")

@@ -1,0 +1,70 @@
+"""The command line: ``mixflow train|sample|evaluate|demo --config=... --workdir=DIR``.
+
+Flags only; the work is done by importable functions (``train.train``,
+``generate.sample_job``, ``evaluate.evaluate_job``, ``demo.run_demo``).
+"""
+
+import logging as py_logging
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+COMMANDS = ("train", "sample", "evaluate", "demo")
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "configs", "digits.py")
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, outputs).")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", _DEFAULT_CONFIG, "Config file (configs/<name>.py[:variant]); fields can be "
+    "overridden with --config.<field>=<value>.", lock_config=True)
+
+
+class _QuietOrbax(py_logging.Filter):
+  """Drops orbax's per-save INFO chatter from the log; its warnings still pass."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return record.levelno > py_logging.INFO or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) != 2 or argv[1] not in COMMANDS:
+    raise app.UsageError(f"Usage: mixflow {{{'|'.join(COMMANDS)}}} --workdir=DIR "
+                         f"[--config=configs/<file>.py] [--config.<field>=<value> ...]; "
+                         f"got {argv[1:]}.")
+  if _WORKDIR.value is None:
+    raise app.UsageError("--workdir is required.")
+  logging.get_absl_handler().addFilter(_QuietOrbax())
+  command, config, workdir = argv[1], _CONFIG.value, _WORKDIR.value
+
+  from mixflow_jax import configuration  # Heavy imports after flag parsing.
+  try:
+    configuration.validate(config)
+  except configuration.ConfigError as e:
+    raise app.UsageError(str(e)) from e
+
+  if command == "train":
+    from mixflow_jax import train
+    train.train(config, workdir)
+  elif command == "sample":
+    from mixflow_jax import generate
+    print(f"Wrote {generate.sample_job(config, workdir)}")
+  elif command == "evaluate":
+    from mixflow_jax import evaluate
+    for name, value in evaluate.evaluate_job(config, workdir).items():
+      print(f"{name}: {value:.4f}")
+  elif command == "demo":
+    from mixflow_jax import demo
+    if "demo" not in config:
+      raise app.UsageError("`mixflow demo` needs a config with a `demo` section, such as "
+                           "configs/digits.py.")
+    demo.run_demo(config, workdir)
+
+
+def run() -> None:
+  """Console-script entry point."""
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

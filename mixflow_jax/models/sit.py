@@ -1,0 +1,268 @@
+"""SiT / DiT: a class-conditional transformer on latent patches with adaLN-Zero blocks.
+
+Written from the published architecture (Peebles & Xie, DiT; Ma et al., SiT). Parameter
+paths follow the official state_dict keys, a numeric key part joined to the one before it
+(``blocks.3.adaLN_modulation.1.weight`` is ``blocks_3/adaLN_modulation_1/kernel``), so that
+conversion is a rename plus transposes.
+Images are NHWC: x (B, H, W, C); t (B,) in [0, 1] (t = 0 noise, t = 1 data); y (B,) int
+class ids, ``num_classes`` being the null class used for classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jnp.ndarray
+
+# (depth, hidden size D, heads) of the named sizes. 'T' is a tiny size for CPU runs; the
+# others are the official SiT / DiT sizes.
+SIZES = {
+    "T": (4, 64, 4),
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+PATCH_SIZES = (2, 4, 8)
+NAMED_MODELS = tuple(f"SiT-{s}/{p}" for s in SIZES for p in PATCH_SIZES)
+
+
+@dataclasses.dataclass(frozen=True)
+class SiTConfig:
+  """Architecture hyper-parameters of a SiT."""
+
+  input_size: int = 32
+  patch_size: int = 2
+  in_channels: int = 4
+  hidden_size: int = 1152
+  depth: int = 28
+  num_heads: int = 16
+  mlp_ratio: float = 4.0
+  num_classes: int = 1000
+  class_dropout_prob: float = 0.1
+  learn_sigma: bool = True
+
+  @classmethod
+  def named(cls, name: str, **kwargs) -> SiTConfig:
+    """The config of a named size, e.g. ``SiTConfig.named('SiT-XL/2', input_size=32)``."""
+    if name not in NAMED_MODELS:
+      raise ValueError(f"Unknown model name {name!r}; expected one of {NAMED_MODELS}.")
+    size, patch = name[len("SiT-"):].split("/")
+    depth, hidden, heads = SIZES[size]
+    return cls(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=int(patch),
+               **kwargs)
+
+  @property
+  def num_tokens(self) -> int:
+    return (self.input_size // self.patch_size) ** 2
+
+  @property
+  def out_channels(self) -> int:
+    return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+
+def timestep_frequencies(t: Array, dim: int = 256, max_period: float = 10000.0) -> Array:
+  """Sinusoidal features of continuous t (not scaled by 1000): (B,) -> (B, dim),
+  [cos(t w_k), sin(t w_k)] with w_k = max_period^(-k / (dim / 2))."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def sincos_pos_embed_2d(dim: int, grid_size: int) -> np.ndarray:
+  """Fixed 2-D sin-cos position embedding, (grid_size^2, dim), tokens row-major (h W + w).
+
+  The first dim/2 features encode the column index w, the last dim/2 the row index h; each
+  half is [sin(pos w_k), cos(pos w_k)] with w_k = 10000^(-k / (dim / 4)). Computed in
+  float64 as the official code does, returned as float32.
+  """
+  omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
+
+  def embed_1d(pos):  # (T,) -> (T, dim / 2)
+    angles = pos[:, None] * omega[None]
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+  h, w = np.meshgrid(np.arange(grid_size), np.arange(grid_size), indexing="ij")
+  pos_w, pos_h = w.reshape(-1).astype(np.float64), h.reshape(-1).astype(np.float64)
+  return np.concatenate([embed_1d(pos_w), embed_1d(pos_h)], axis=1).astype(np.float32)
+
+
+def modulate(x: Array, shift: Array, scale: Array) -> Array:
+  """adaLN modulation: x (B, T, D), shift, scale (B, D)."""
+  return x * (1 + scale[:, None]) + shift[:, None]
+
+
+_xavier = nn.initializers.xavier_uniform()
+_normal = nn.initializers.normal(0.02)
+_zeros = nn.initializers.zeros
+
+
+def _layer_norm() -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with one fused qkv projection (rows q, k, v; head-major)."""
+
+  num_heads: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    b, n, d = x.shape
+    qkv = nn.Dense(3 * d, kernel_init=_xavier, dtype=self.dtype, name="qkv")(x)
+    qkv = qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads)      # (B, T, 3, H, D/H)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    out = jax.nn.dot_product_attention(q, k, v).reshape(b, n, d)         # (B, T, D)
+    return nn.Dense(d, kernel_init=_xavier, dtype=self.dtype, name="proj")(out)
+
+
+class Mlp(nn.Module):
+  hidden_features: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    d = x.shape[-1]
+    x = nn.Dense(self.hidden_features, kernel_init=_xavier, dtype=self.dtype, name="fc1")(x)
+    x = nn.gelu(x, approximate=True)
+    return nn.Dense(d, kernel_init=_xavier, dtype=self.dtype, name="fc2")(x)
+
+
+class TimestepEmbedder(nn.Module):
+  """t (B,) -> (B, D): sinusoidal features, then Linear -> SiLU -> Linear."""
+
+  hidden_size: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, t: Array) -> Array:
+    d = self.hidden_size
+    x = nn.Dense(d, kernel_init=_normal, dtype=self.dtype, name="mlp_0")(
+        timestep_frequencies(t))
+    return nn.Dense(d, kernel_init=_normal, dtype=self.dtype, name="mlp_2")(nn.silu(x))
+
+
+class LabelEmbedder(nn.Module):
+  """y (B,) -> (B, D); row ``num_classes`` is the null class when ``with_null``."""
+
+  num_classes: int
+  hidden_size: int
+  with_null: bool
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, y: Array) -> Array:
+    return nn.Embed(self.num_classes + int(self.with_null), self.hidden_size,
+                    embedding_init=_normal, dtype=self.dtype, name="embedding_table")(y)
+
+
+class PatchEmbed(nn.Module):
+  """Non-overlapping p x p patches to tokens: (B, H, W, C) -> (B, h w, D), row-major."""
+
+  patch_size: int
+  hidden_size: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    p, d = self.patch_size, self.hidden_size
+    xavier_flat = nn.initializers.variance_scaling(  # xavier on the (D, C p p) matrix
+        1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3)
+    x = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", kernel_init=xavier_flat,
+                dtype=self.dtype, name="proj")(x)                       # (B, h, w, D)
+    return x.reshape(x.shape[0], -1, d)
+
+
+class SiTBlock(nn.Module):
+  """Transformer block with adaLN-Zero conditioning on c (B, D)."""
+
+  num_heads: int
+  mlp_ratio: float = 4.0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, c: Array) -> Array:
+    d = x.shape[-1]
+    mod = nn.Dense(6 * d, kernel_init=_zeros, dtype=self.dtype, name="adaLN_modulation_1")(
+        nn.silu(c))
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, -1)
+    h = modulate(_layer_norm()(x), shift_msa, scale_msa)
+    x = x + gate_msa[:, None] * Attention(self.num_heads, self.dtype, name="attn")(h)
+    h = modulate(_layer_norm()(x), shift_mlp, scale_mlp)
+    mlp = Mlp(int(d * self.mlp_ratio), self.dtype, name="mlp")
+    return x + gate_mlp[:, None] * mlp(h)
+
+
+class FinalLayer(nn.Module):
+  """adaLN modulation, then a linear map of each token to its p * p * out_channels values."""
+
+  patch_size: int
+  out_channels: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, c: Array) -> Array:
+    d = x.shape[-1]
+    mod = nn.Dense(2 * d, kernel_init=_zeros, dtype=self.dtype, name="adaLN_modulation_1")(
+        nn.silu(c))
+    shift, scale = jnp.split(mod, 2, -1)
+    x = modulate(_layer_norm()(x), shift, scale)
+    return nn.Dense(self.patch_size**2 * self.out_channels, kernel_init=_zeros,
+                    dtype=self.dtype, name="linear")(x)
+
+
+class SiT(nn.Module):
+  """u_theta(x, t, y): x (B, H, W, C), t (B,), y (B,) -> velocity (B, H, W, C).
+
+  With ``learn_sigma`` the network has 2C output channels and, as in the official
+  forward, the second half is discarded.
+  """
+
+  config: SiTConfig
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, t: Array, y: Array) -> Array:
+    cfg = self.config
+    p, d = cfg.patch_size, cfg.hidden_size
+    b, height, width, _ = x.shape
+    h, w = height // p, width // p
+
+    x = PatchEmbed(p, d, self.dtype, name="x_embedder")(x)
+    x = x + sincos_pos_embed_2d(d, h)                                    # (B, T, D)
+    t_emb = TimestepEmbedder(d, self.dtype, name="t_embedder")(t)
+    y_emb = LabelEmbedder(cfg.num_classes, d, cfg.class_dropout_prob > 0, self.dtype,
+                          name="y_embedder")(y)
+    c = t_emb + y_emb                                                    # (B, D)
+
+    for i in range(cfg.depth):
+      x = SiTBlock(cfg.num_heads, cfg.mlp_ratio, self.dtype, name=f"blocks_{i}")(x, c)
+    x = FinalLayer(p, cfg.out_channels, self.dtype, name="final_layer")(x, c)  # (B, T, p p o)
+
+    x = x.reshape(b, h, w, p, p, cfg.out_channels).transpose(0, 1, 3, 2, 4, 5)
+    x = x.reshape(b, height, width, cfg.out_channels).astype(jnp.float32)  # (B, H, W, o)
+    return x[..., :cfg.in_channels]
+
+
+def param_count(config: SiTConfig) -> int:
+  """Number of parameters as the official model counts them, without allocating.
+
+  The official ``pos_embed`` is an ``nn.Parameter`` (frozen) and so part of its count;
+  here it is a constant, so its T * D entries are added.
+  """
+  model = SiT(config)
+  s = config.input_size
+  shapes = jax.eval_shape(
+      model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, s, s, config.in_channels),
+                                                          jnp.float32),
+      jax.ShapeDtypeStruct((1,), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.int32))
+  n = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes))
+  return n + config.num_tokens * config.hidden_size

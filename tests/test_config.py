@@ -1,0 +1,92 @@
+"""Bad configs fail at start-up, naming the field."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from mixflow_jax import configuration
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("objective.gamma", 1.5, "config.objective.gamma=1.5"),
+    ("objective.gamma", -0.1, "config.objective.gamma=-0.1"),
+    ("objective.path", "cosine", "config.objective.path='cosine'"),
+    ("objective.t_law", "lognormal", "config.objective.t_law='lognormal'"),
+    ("objective.slow_law", "faster", "config.objective.slow_law='faster'"),
+    ("objective.name", "meanflow", "config.objective.name='meanflow'"),
+    ("objective.target_time", "s", "config.objective.target_time='s'"),
+    ("data.name", "imagenet", "config.data.name='imagenet'"),
+    ("model.name", "SiT-XXL/2", "config.model.name='SiT-XXL/2'"),
+    ("optim.ema_decay", 1.0, "config.optim.ema_decay=1.0"),
+    ("optim.lr", 0.0, "config.optim.lr=0.0"),
+    ("train.steps", 0, "config.train.steps=0"),
+    ("sample.sampler", "dopri5", "config.sample.sampler='dopri5'"),
+])
+def test_impossible_value_names_field(config, field, value, message):
+  section, name = field.split(".")
+  config[section][name] = value
+  with pytest.raises(configuration.ConfigError, match=re.escape(message)):
+    configuration.validate(config)
+
+
+def test_batch_not_divisible_by_device_count(config):
+  config.data.batch_size = 12
+  configuration.validate(config, num_devices=4)
+  with pytest.raises(configuration.ConfigError,
+                     match=r"config\.data\.batch_size=12 .* multiple of the device count 8"):
+    configuration.validate(config, num_devices=8)
+
+
+def test_named_model_rejects_architecture_fields(config):
+  config.model.name = "SiT-T/2"
+  config.model.hidden_size = config.model.num_heads = config.model.patch_size = None
+  config.model.depth = 3
+  with pytest.raises(configuration.ConfigError, match=r"config\.model\.depth=3 is invalid: "
+                                                      r"expected unset"):
+    configuration.validate(config)
+
+
+def test_custom_model_needs_its_fields(config):
+  config.model.num_heads = 5
+  with pytest.raises(configuration.ConfigError, match=r"config\.model\.num_heads=5"):
+    configuration.validate(config)
+
+
+def test_guidance_needs_null_class(config):
+  config.model.class_dropout_prob = 0.0
+  config.sample.cfg_scale = 1.5
+  with pytest.raises(configuration.ConfigError, match=r"config\.sample\.cfg_scale=1\.5"):
+    configuration.validate(config)
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "mixflow_jax", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_cli_rejects_unknown_field_and_bad_value(tmp_path):
+  unknown = _cli("train", f"--workdir={tmp_path}", "--config.objective.gama=0.5")
+  assert unknown.returncode != 0
+  assert "gama" in unknown.stderr
+  bad = _cli("train", f"--workdir={tmp_path}", "--config.objective.gamma=2")
+  assert bad.returncode != 0
+  assert "config.objective.gamma=2" in bad.stderr
+  assert not os.listdir(tmp_path)  # failed before writing anything
+
+
+def test_digits_variants_validate():
+  sys.path.insert(0, os.path.join(REPO, "configs"))
+  try:
+    import digits
+  finally:
+    sys.path.pop(0)
+  for variant in ("pretrain", "mixflow", "standard"):
+    configuration.validate(digits.get_config(variant))
+  assert digits.get_config("mixflow").objective.t_law == "beta21"
+  with pytest.raises(ValueError, match="'post'"):
+    digits.get_config("post")

@@ -1,0 +1,115 @@
+"""The train loop: resume equals an uninterrupted run, NaN stops it, checkpoints guard
+against a different model config, post-training warm-starts from EMA params."""
+
+
+import jax
+import numpy as np
+import pytest
+
+from mixflow_jax import checkpoints, train
+from mixflow_jax.report import read_scalar
+
+
+def _crash_after(batches, n):
+  for i, batch in enumerate(batches):
+    if i == n:
+      raise RuntimeError("simulated crash")
+    yield batch
+
+
+def _assert_trees_equal(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_resumed_run_equals_uninterrupted_run(config, synthetic_dataset, tmp_path):
+  config.objective.name = "mixflow"
+  full = train.train(config, str(tmp_path / "full"), dataset=synthetic_dataset)
+
+  crashed = str(tmp_path / "crashed")
+  batches = _crash_after(synthetic_dataset.train_batches(config.data.batch_size, config.seed),
+                         6)  # dies during step 7, after the checkpoint of step 4
+  with pytest.raises(RuntimeError, match="simulated crash"):
+    train.train(config, crashed, dataset=synthetic_dataset, batches=batches)
+  with checkpoints.make_manager(crashed, read_only=True) as manager:
+    assert manager.all_steps() == [4]
+  resumed = train.train(config, crashed, dataset=synthetic_dataset)
+
+  assert int(resumed.step) == int(full.step) == config.train.steps
+  _assert_trees_equal(resumed.params, full.params)
+  _assert_trees_equal(resumed.ema_params, full.ema_params)
+  _assert_trees_equal(resumed.opt_state, full.opt_state)
+
+
+def test_optimizer_state_and_ema_really_restored(config, synthetic_dataset, tmp_path):
+  state = train.train(config, str(tmp_path), dataset=synthetic_dataset)
+  model = train.make_model(config, synthetic_dataset)
+  tx = train.make_optimizer(config.optim)
+  abstract = jax.eval_shape(lambda: train.create_train_state(
+      train.init_params(model, synthetic_dataset.image_shape, jax.random.key(0)), tx))
+  with checkpoints.make_manager(str(tmp_path), read_only=True) as manager:
+    restored = checkpoints.restore_state(manager, abstract)
+  _assert_trees_equal(restored, state)
+  mu = restored.opt_state[0].mu
+  assert any(np.abs(np.asarray(x)).max() > 0 for x in jax.tree.leaves(mu))
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(
+    config, synthetic_dataset, tmp_path):
+  def poisoned(batches, bad_step):
+    for step, batch in enumerate(batches, start=1):
+      if step == bad_step:
+        batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+      yield batch
+
+  config.train.steps = 20
+  batches = poisoned(synthetic_dataset.train_batches(config.data.batch_size, config.seed), 6)
+  with pytest.raises(FloatingPointError, match="at step 6") as info:
+    train.train(config, str(tmp_path), dataset=synthetic_dataset, batches=batches)
+  assert "last good checkpoint is step 4" in str(info.value)
+  model = train.make_model(config, synthetic_dataset)
+  abstract = jax.eval_shape(
+      lambda: train.init_params(model, synthetic_dataset.image_shape, jax.random.key(0)))
+  params, step = checkpoints.load_params(str(tmp_path), abstract, "params")
+  assert step == 4
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_resume_with_other_model_config_names_parameter_and_shapes(
+    config, synthetic_dataset, tmp_path):
+  config.train.steps = 4
+  train.train(config, str(tmp_path), dataset=synthetic_dataset)
+  config.model.hidden_size = 48
+  with pytest.raises(ValueError, match=r"'params/blocks_0/adaLN_modulation_1/bias' has shape "
+                                       r"\(192,\) in the checkpoint but \(288,\)"):
+    train.train(config, str(tmp_path), dataset=synthetic_dataset)
+
+
+def test_warm_start_loads_ema_params_and_fresh_optimizer(config, synthetic_dataset, tmp_path):
+  config.train.steps = 4
+  base = train.train(config, str(tmp_path / "base"), dataset=synthetic_dataset)
+  config.train.init_from = str(tmp_path / "base")
+  config.optim.lr = 1e-30  # so that one step leaves the params where they started
+  config.optim.ema_decay = 0.0
+  config.train.steps = 1
+  post = train.train(config, str(tmp_path / "post"), dataset=synthetic_dataset)
+  assert int(post.step) == 1
+  for x, y in zip(jax.tree.leaves(post.params), jax.tree.leaves(base.ema_params)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-20)
+  assert not all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(
+      jax.tree.leaves(base.params), jax.tree.leaves(base.ema_params)))
+
+
+def test_warm_start_from_missing_run_is_named(config, synthetic_dataset, tmp_path):
+  config.train.init_from = str(tmp_path / "nowhere")
+  with pytest.raises(FileNotFoundError, match="nowhere"):
+    train.train(config, str(tmp_path / "post"), dataset=synthetic_dataset)
+
+
+def test_metrics_reach_tensorboard_and_loss_decreases(config, synthetic_dataset, tmp_path):
+  config.train.steps, config.train.log_every = 60, 20
+  config.objective.name, config.objective.t_law = "standard", "uniform"
+  train.train(config, str(tmp_path), dataset=synthetic_dataset)
+  steps, loss = read_scalar(str(tmp_path), "loss")
+  np.testing.assert_array_equal(steps, [20, 40, 60])
+  assert loss[-1] < loss[0]
