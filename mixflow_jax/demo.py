@@ -89,8 +89,12 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
     grids[f"{name} ({sampler}, {num_steps} steps)"] = report.image_grid(
         images[np.argsort(labels[:100], kind="stable")], 10, 10)
 
-  loss_curves = {name: report.read_scalar(run_dir, "loss")
-                 for name, (_, run_dir) in stages.items() if name != "base"}
+  loss_curves = {}
+  for name, (stage_config, run_dir) in stages.items():
+    steps, losses = report.read_scalar(run_dir, "loss")
+    offset = 0 if name == "base" else config.demo.pretrain_steps
+    loss_curves[f"{name} ({stage_config.objective.name})" if name == "base" else name] = (
+        steps + offset, losses)
   wall = time.perf_counter() - start
   result = {
       "metric": "classifier_fd: Fréchet distance in the features of a small classifier "

@@ -19,7 +19,8 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from mixflow_jax.data import ImageDataset
+from mixflow_jax import generate
+from mixflow_jax.data import ImageDataset, load_dataset
 from mixflow_jax.models.classifier import Classifier
 
 
@@ -132,9 +133,6 @@ class Evaluator:
 def evaluate_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """``mixflow evaluate``: scores the samples that ``mixflow sample`` wrote for ``config``
   in ``workdir``; writes ``<samples>.metrics.json`` beside them and returns the metrics."""
-  from mixflow_jax import generate  # generate imports train; keep this module light.
-  from mixflow_jax.data import load_dataset
-
   path = generate.samples_path(config, workdir)
   if not os.path.exists(path):
     raise FileNotFoundError(f"No samples at {path}: run `mixflow sample` with the same "

@@ -54,8 +54,9 @@ def sample_run(config: ml_collections.ConfigDict, run_dir: str, dataset: ImageDa
 
 def samples_path(config: ml_collections.ConfigDict, workdir: str) -> str:
   s = config.sample
-  return os.path.join(workdir, "samples",
-                      f"{s.sampler}{s.num_steps}_cfg{s.cfg_scale:g}_n{s.num_samples}.npz")
+  weights = "ema" if s.use_ema else "raw"
+  return os.path.join(workdir, "samples", f"{weights}_{s.sampler}{s.num_steps}"
+                      f"_cfg{s.cfg_scale:g}_n{s.num_samples}.npz")
 
 
 def sample_job(config: ml_collections.ConfigDict, workdir: str) -> str:

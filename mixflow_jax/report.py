@@ -42,14 +42,18 @@ def image_grid(images: np.ndarray, rows: int, cols: int, pad: int = 1) -> np.nda
 def write_report(path: str, *, loss_curves: dict[str, tuple[np.ndarray, np.ndarray]],
                  grids: dict[str, np.ndarray], metrics: dict[str, dict[int, dict]],
                  reference: dict[str, float], title: str) -> None:
-  """``metrics[model][num_steps]`` holds 'classifier_fd' and 'classifier_accuracy'."""
+  """Writes the report PNG.
+
+  ``loss_curves[run] = (steps, losses)`` on one step axis; ``metrics[model][num_steps]``
+  holds 'classifier_fd' and 'classifier_accuracy'; ``grids[caption]`` is an image grid.
+  """
   fig = plt.figure(figsize=(4 * max(3, len(grids)), 8.5), constrained_layout=True)
   top, bottom = fig.subfigures(2, 1, height_ratios=[1, 1.1])
   ax_loss, ax_fd, ax_acc = top.subplots(1, 3)
   for name, (steps, values) in loss_curves.items():
     ax_loss.plot(steps, values, label=name)
-  ax_loss.set(xlabel="training step", ylabel="training loss", yscale="log",
-              title="loss (each run's own objective)")
+  ax_loss.set(xlabel="training step (post-training continues the base run)",
+              ylabel="training loss", yscale="log", title="loss (each run's own objective)")
   ax_loss.legend()
   for name, by_steps in metrics.items():
     nfe = sorted(by_steps)
@@ -59,13 +63,12 @@ def write_report(path: str, *, loss_curves: dict[str, tuple[np.ndarray, np.ndarr
   ax_acc.axhline(reference["classifier_accuracy"], color="grey", ls="--",
                  label="real train images")
   ax_fd.set(xlabel="sampling steps", ylabel="classifier-feature Fréchet distance",
-            xscale="log", title="classifier FD (lower is better; not FID)")
-  ax_acc.set(xlabel="sampling steps", ylabel="accuracy on requested labels", xscale="log",
+            title="classifier FD (lower is better; not FID)")
+  ax_acc.set(xlabel="sampling steps", ylabel="accuracy on requested labels",
              title="classifier accuracy of samples")
   ax_fd.legend()
   for ax in (ax_fd, ax_acc):
     ax.set_xticks(sorted({n for m in metrics.values() for n in m}))
-    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
   axes = np.atleast_1d(bottom.subplots(1, len(grids)))
   for ax, (name, grid) in zip(axes, grids.items()):
     ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")

@@ -41,6 +41,14 @@ def state_sharding(state: Any, mesh: Mesh) -> Any:
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Places this process's part of a global batch on its devices, split along axis 0."""
+  """Makes global arrays from a global batch (the same on every process): each process
+  places its contiguous 1 / process_count of the rows on its devices."""
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+  index, count = jax.process_index(), jax.process_count()
+
+  def to_global(v: np.ndarray) -> jax.Array:
+    rows = len(v) // count
+    return jax.make_array_from_process_local_data(
+        sharding, v[index * rows:(index + 1) * rows], v.shape)
+
+  return {k: to_global(v) for k, v in batch.items()}

@@ -103,7 +103,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
   new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params,
                             opt_state=opt_state)
   return new_state, TrainMetrics.single_from_model_output(
-      loss=loss, grad_norm=optax.global_norm(grads))
+      loss=loss, grad_norm=optax.tree.norm(grads))
 
 
 def _check_finite(step: int, step_metrics: TrainMetrics, manager) -> None:
@@ -127,8 +127,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   configuration.validate(config, mesh.size)
   dataset = dataset or load_dataset(config.data.name, config.data.heldout_fraction)
   model = make_model(config, dataset)
-  apply_fn, objective, tx = make_apply_fn(model), make_objective(config, model), \
-      make_optimizer(config.optim)
+  apply_fn, objective = make_apply_fn(model), make_objective(config, model)
+  tx = make_optimizer(config.optim)
   init_key, rng = jax.random.split(jax.random.key(config.seed))
 
   abstract_state = jax.eval_shape(
@@ -193,10 +193,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         _check_finite(step, step_metrics, manager)
         checkpoints.save_state(manager, step, state)
   except KeyboardInterrupt:
-    if previous is not None and step > (manager.latest_step() or 0):
-      _check_finite(step, previous, manager)
-      logging.warning("Interrupted: saving step %d before stopping.", step)
-      checkpoints.save_state(manager, step, state)
+    # Save the last finished step, unless the interrupt hit the step call after it took
+    # (donated) the state's buffers.
+    if not state.step.is_deleted() and int(state.step) > (manager.latest_step() or 0):
+      if all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(state.params)):
+        logging.warning("Interrupted: saving step %d before stopping.", int(state.step))
+        checkpoints.save_state(manager, int(state.step), state)
     raise
   finally:
     manager.wait_until_finished()

@@ -43,11 +43,11 @@ def synthetic_dataset():
 def tiny_model():
   """(model, params) with random weights in every parameter (the official init zeroes the
   adaLN and output layers, which would make the network output zero)."""
-  model = SiT(SiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2,
+  model = SiT(SiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1,
                         num_heads=2, num_classes=4, class_dropout_prob=0.1,
                         learn_sigma=False))
-  params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,)),
-                      jnp.zeros((1,), jnp.int32))["params"]
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,)),
+                              jnp.zeros((1,), jnp.int32))["params"]
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(1), len(leaves))
   params = jax.tree.unflatten(

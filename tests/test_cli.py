@@ -39,7 +39,7 @@ def test_train_sample_evaluate_commands(tmp_path):
             "--config.train.steps=5", *FAST]
   _cli("train", *common)
   sample = _cli("sample", *common, "--config.sample.num_steps=3")
-  path = tmp_path / "samples" / "euler3_cfg1_n100.npz"
+  path = tmp_path / "samples" / "ema_euler3_cfg1_n100.npz"
   assert str(path) in sample.stdout
   with np.load(path) as f:
     assert f["arr_0"].dtype == np.uint8 and f["arr_0"].shape == (100, 8, 8, 1)

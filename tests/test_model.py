@@ -47,8 +47,8 @@ def test_output_shape_and_learn_sigma(learn_sigma):
                   num_heads=2, num_classes=5, learn_sigma=learn_sigma)
   model = SiT(cfg)
   x = jnp.ones((2, 8, 8, 3))
-  params = model.init(jax.random.key(0), x, jnp.ones((2,)), jnp.zeros((2,), jnp.int32))
-  out = model.apply(params, x, jnp.ones((2,)), jnp.array([0, 5]))  # 5: the null class
+  params = jax.jit(model.init)(jax.random.key(0), x, jnp.ones((2,)), jnp.zeros((2,), jnp.int32))
+  out = jax.jit(model.apply)(params, x, jnp.ones((2,)), jnp.array([0, 5]))  # 5: null class
   assert out.shape == (2, 8, 8, 3)
   kernel = params["params"]["final_layer"]["linear"]["kernel"]
   assert kernel.shape == (32, 4 * 4 * cfg.out_channels)
@@ -60,7 +60,7 @@ def test_official_init_gives_zero_output():
                   num_heads=2, num_classes=4)
   model = SiT(cfg)
   x = jax.random.normal(jax.random.key(1), (3, 8, 8, 1))
-  params = model.init(jax.random.key(0), x, jnp.ones((3,)), jnp.zeros((3,), jnp.int32))
+  params = jax.jit(model.init)(jax.random.key(0), x, jnp.ones((3,)), jnp.zeros((3,), jnp.int32))
   np.testing.assert_array_equal(model.apply(params, x, jnp.ones((3,)),
                                             jnp.zeros((3,), jnp.int32)), 0.0)
 
@@ -92,7 +92,7 @@ def test_patch_order_is_row_major():
                   num_heads=1, num_classes=1, class_dropout_prob=0.0, learn_sigma=False)
   model = SiT(cfg)
   x = jax.random.normal(jax.random.key(0), (1, 4, 4, 2))
-  params = model.init(jax.random.key(0), x, jnp.ones((1,)), jnp.zeros((1,), jnp.int32))
+  params = jax.jit(model.init)(jax.random.key(0), x, jnp.ones((1,)), jnp.zeros((1,), jnp.int32))
   p = jax.tree.map(jnp.zeros_like, params["params"])
   eye = jnp.eye(8)  # 2 * 2 * 2 = 8 values per patch, in (row, col, channel) order
   p["x_embedder"]["proj"]["kernel"] = eye.reshape(2, 2, 2, 8)

@@ -10,10 +10,10 @@ from mixflow_jax import checkpoints, train
 from mixflow_jax.report import read_scalar
 
 
-def _crash_after(batches, n):
+def _crash_after(batches, n, error=RuntimeError):
   for i, batch in enumerate(batches):
     if i == n:
-      raise RuntimeError("simulated crash")
+      raise error("simulated crash")
     yield batch
 
 
@@ -39,6 +39,15 @@ def test_resumed_run_equals_uninterrupted_run(config, synthetic_dataset, tmp_pat
   _assert_trees_equal(resumed.params, full.params)
   _assert_trees_equal(resumed.ema_params, full.ema_params)
   _assert_trees_equal(resumed.opt_state, full.opt_state)
+
+
+def test_interrupt_saves_the_last_finished_step(config, synthetic_dataset, tmp_path):
+  batches = _crash_after(synthetic_dataset.train_batches(config.data.batch_size, config.seed),
+                         6, KeyboardInterrupt)
+  with pytest.raises(KeyboardInterrupt):
+    train.train(config, str(tmp_path), dataset=synthetic_dataset, batches=batches)
+  with checkpoints.make_manager(str(tmp_path), read_only=True) as manager:
+    assert manager.all_steps() == [4, 6]
 
 
 def test_optimizer_state_and_ema_really_restored(config, synthetic_dataset, tmp_path):
