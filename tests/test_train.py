@@ -2,6 +2,11 @@
 against a different model config, post-training warm-starts from EMA params."""
 
 
+import os
+import signal
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -39,6 +44,41 @@ def test_resumed_run_equals_uninterrupted_run(config, synthetic_dataset, tmp_pat
   _assert_trees_equal(resumed.params, full.params)
   _assert_trees_equal(resumed.ema_params, full.ema_params)
   _assert_trees_equal(resumed.opt_state, full.opt_state)
+
+
+_KILLED_RUN = """
+import os, signal, sys, time
+sys.path.insert(0, {tests!r})
+from conftest import tiny_config
+from mixflow_jax import train
+from mixflow_jax.data import sources
+
+config, dataset, workdir = tiny_config(), sources.synthetic(), sys.argv[1]
+config.objective.name = "mixflow"
+
+def batches():
+  for step, batch in enumerate(dataset.train_batches(config.data.batch_size, config.seed), 1):
+    if step == 7:  # the checkpoint of step 4 is written: die as a preempted job would
+      while not os.path.isdir(os.path.join(workdir, "checkpoints", "4")):
+        time.sleep(0.05)
+      os.kill(os.getpid(), signal.SIGKILL)
+    yield batch
+
+train.train(config, workdir, dataset=dataset, batches=batches())
+"""
+
+
+def test_run_killed_after_checkpoint_resumes_to_same_params(config, synthetic_dataset,
+                                                            tmp_path):
+  tests = os.path.dirname(os.path.abspath(__file__))
+  killed = subprocess.run([sys.executable, "-c", _KILLED_RUN.format(tests=tests),
+                           str(tmp_path / "killed")], capture_output=True, text=True,
+                          timeout=300)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  config.objective.name = "mixflow"
+  resumed = train.train(config, str(tmp_path / "killed"), dataset=synthetic_dataset)
+  full = train.train(config, str(tmp_path / "full"), dataset=synthetic_dataset)
+  _assert_trees_equal(resumed, full)
 
 
 def test_interrupt_saves_the_last_finished_step(config, synthetic_dataset, tmp_path):
