@@ -79,9 +79,9 @@ class Evaluator:
     self.model = Classifier(dataset.num_classes)
     self.params = self._load_or_train(eval_config, cache_dir)
     self._apply = jax.jit(lambda p, x: self.model.apply({"params": p}, x))
-    self.heldout_features = self.features(dataset.heldout_images)[0]
-    accuracy = np.mean(self.features(dataset.heldout_images)[1] == dataset.heldout_labels)
-    logging.info("Evaluation classifier: held-out accuracy %.4f.", accuracy)
+    self.heldout_features, predicted = self.features(dataset.heldout_images)
+    logging.info("Evaluation classifier: held-out accuracy %.4f.",
+                 np.mean(predicted == dataset.heldout_labels))
 
   def _load_or_train(self, eval_config, cache_dir: str) -> dict:
     settings = {"dataset": self.dataset.name, "steps": eval_config.classifier_steps,
