@@ -105,7 +105,9 @@ _zeros = nn.initializers.zeros
 
 
 def _layer_norm() -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False)
+  # Two-pass variance, as PyTorch computes it: the one-pass form loses digits to
+  # cancellation when activations are large.
+  return nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, use_fast_variance=False)
 
 
 class Attention(nn.Module):

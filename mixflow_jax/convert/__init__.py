@@ -1,0 +1,1 @@
+"""PyTorch -> Flax weight conversion."""

@@ -1,0 +1,122 @@
+"""Official PyTorch SiT / DiT state_dicts -> Flax params of ``models.sit.SiT``.
+
+Flax paths mirror the state_dict keys with every numeric part joined to the part before
+it (``blocks.3.adaLN_modulation.1.weight`` -> ``blocks_3/adaLN_modulation_1/kernel``).
+Linear weights (out, in) become kernels (in, out); the patch-embedding Conv2d weight
+(D, C, p, p) becomes a Conv kernel (p, p, C, D); LayerNorms have no parameters. The fixed
+``pos_embed`` is not a Flax parameter: it is checked against the one the model computes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mixflow_jax.models import sit
+
+_EMBEDDING_KEYS = ("y_embedder.embedding_table.weight",)
+_CONV_KEYS = ("x_embedder.proj.weight",)
+
+
+def flax_path(key: str) -> tuple[str, ...]:
+  """The Flax parameter path of a state_dict key (without the leaf transform)."""
+  path: list[str] = []
+  for part in key.split(".")[:-1]:
+    if part.isdigit() and path:
+      path[-1] = f"{path[-1]}_{part}"
+    else:
+      path.append(part)
+  leaf = key.rsplit(".", 1)[-1]
+  if key in _EMBEDDING_KEYS:
+    leaf = "embedding"
+  elif leaf == "weight":
+    leaf = "kernel"
+  return (*path, leaf)
+
+
+def _to_flax(key: str, value: np.ndarray) -> np.ndarray:
+  if key in _CONV_KEYS:
+    return value.transpose(2, 3, 1, 0)       # (D, C, p, p) -> (p, p, C, D)
+  if key.endswith(".weight") and key not in _EMBEDDING_KEYS:
+    return value.T                           # Linear (out, in) -> (in, out)
+  return value
+
+
+def infer_config(state_dict: Mapping[str, np.ndarray], num_heads: int | None = None,
+                 class_dropout_prob: float = 0.1) -> sit.SiTConfig:
+  """What the weights determine: depth, width, patch, channels, input size, classes,
+  ``learn_sigma`` and the MLP ratio. The head count is not in the weights: pass it, or it
+  is taken from the named size of the same depth and width (head width 64 or 72).
+
+  The label table is taken to hold a null class as its last row (``class_dropout_prob``
+  > 0, as in every official model).
+  """
+  width, channels, patch, _ = state_dict["x_embedder.proj.weight"].shape
+  depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
+  tokens = state_dict["pos_embed"].shape[1]
+  out_dim = state_dict["final_layer.linear.weight"].shape[0]
+  if num_heads is None:
+    named = {(d, w): h for d, w, h in sit.SIZES.values()}
+    if (depth, width) not in named:
+      raise ValueError(f"Cannot infer the head count of a depth-{depth}, width-{width} SiT: "
+                       "it is not a named size; pass num_heads.")
+    num_heads = named[depth, width]
+  return sit.SiTConfig(
+      input_size=math.isqrt(tokens) * patch, patch_size=patch, in_channels=channels,
+      hidden_size=width, depth=depth, num_heads=num_heads,
+      mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / width,
+      num_classes=state_dict["y_embedder.embedding_table.weight"].shape[0] - 1,
+      class_dropout_prob=class_dropout_prob,
+      learn_sigma=out_dim == 2 * channels * patch * patch)
+
+
+def convert_state_dict(state_dict: Mapping[str, Any], config: sit.SiTConfig
+                       ) -> tuple[dict, list[str]]:
+  """Flax params of ``SiT(config)`` from a PyTorch state_dict (arrays or tensors).
+
+  Returns (params, ignored keys). Raises ValueError naming the key and both shapes at the
+  first mismatch, a key the model needs but the state_dict lacks, or a ``pos_embed`` that
+  is not the fixed sin-cos embedding.
+  """
+  arrays = {k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v)
+            for k, v in state_dict.items()}
+  s = config.input_size
+  expected = flax.traverse_util.flatten_dict(jax.eval_shape(
+      sit.SiT(config).init, jax.random.key(0),
+      jax.ShapeDtypeStruct((1, s, s, config.in_channels), jnp.float32),
+      jax.ShapeDtypeStruct((1,), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.int32)
+  )["params"])
+
+  params, ignored = {}, []
+  for key, value in arrays.items():
+    path = flax_path(key)
+    if key == "pos_embed":
+      want = sit.sincos_pos_embed_2d(config.hidden_size, s // config.patch_size)[None]
+      if value.shape != want.shape:
+        raise ValueError(f"State_dict key 'pos_embed' has shape {value.shape}; the model "
+                         f"needs {want.shape}.")
+      if not np.allclose(value, want, atol=1e-5):
+        raise ValueError("State_dict key 'pos_embed' is not the fixed 2-D sin-cos "
+                         "embedding that SiT uses.")
+      continue
+    if path not in expected:
+      ignored.append(key)
+      continue
+    value = _to_flax(key, value)
+    if value.shape != expected[path].shape:
+      raise ValueError(f"State_dict key {key!r} has shape {arrays[key].shape} (as Flax "
+                       f"{value.shape}); the model needs {expected[path].shape} at "
+                       f"{'/'.join(path)}.")
+    params[path] = jnp.asarray(value, jnp.float32)
+  missing = [path for path in expected if path not in params]
+  if missing:
+    raise ValueError(f"The state_dict lacks {len(missing)} parameter(s) the model needs, "
+                     f"first {'/'.join(missing[0])!r}.")
+  return flax.traverse_util.unflatten_dict(params), ignored
+
