@@ -1,7 +1,9 @@
-"""The command line: ``mixflow train|sample|evaluate|demo --config=... --workdir=DIR``.
+"""The command line: ``mixflow train|sample|evaluate|demo --config=... --workdir=DIR``
+and ``mixflow convert --checkpoint=PATH --out=DIR [--model=SiT-XL/2] [--weights=ema]``.
 
 Flags only; the work is done by importable functions (``train.train``,
-``generate.sample_job``, ``evaluate.evaluate_job``, ``demo.run_demo``).
+``generate.sample_job``, ``evaluate.evaluate_job``, ``demo.run_demo``,
+``convert.export.convert_checkpoint``).
 """
 
 import logging as py_logging
@@ -10,11 +12,18 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ("train", "sample", "evaluate", "demo")
+COMMANDS = ("train", "sample", "evaluate", "demo", "convert")
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "configs", "digits.py")
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, outputs).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "convert: the PyTorch checkpoint "
+                                  "(.pt state_dict or train.py dict, or .safetensors).")
+_OUT = flags.DEFINE_string("out", None, "convert: the output folder.")
+_MODEL = flags.DEFINE_string("model", None, "convert: the named size to check against "
+                             "(e.g. SiT-XL/2); by default inferred from the weights.")
+_WEIGHTS = flags.DEFINE_enum("weights", "ema", ["ema", "model"],
+                             "convert: which weights of a train.py checkpoint.")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", _DEFAULT_CONFIG, "Config file (configs/<name>.py[:variant]); fields can be "
     "overridden with --config.<field>=<value>.", lock_config=True)
@@ -32,9 +41,17 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Usage: mixflow {{{'|'.join(COMMANDS)}}} --workdir=DIR "
                          f"[--config=configs/<file>.py] [--config.<field>=<value> ...]; "
                          f"got {argv[1:]}.")
+  logging.get_absl_handler().addFilter(_QuietOrbax())
+  if argv[1] == "convert":
+    if _CHECKPOINT.value is None or _OUT.value is None:
+      raise app.UsageError("Usage: mixflow convert --checkpoint=PATH --out=DIR "
+                           "[--model=SiT-XL/2] [--weights=ema|model].")
+    from mixflow_jax.convert.export import convert_checkpoint
+    config = convert_checkpoint(_CHECKPOINT.value, _OUT.value, _MODEL.value, _WEIGHTS.value)
+    print(f"Wrote {_OUT.value}: {config}")
+    return
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required.")
-  logging.get_absl_handler().addFilter(_QuietOrbax())
   command, config, workdir = argv[1], _CONFIG.value, _WORKDIR.value
 
   from mixflow_jax import configuration  # Heavy imports after flag parsing.

@@ -120,3 +120,18 @@ def convert_state_dict(state_dict: Mapping[str, Any], config: sit.SiTConfig
                      f"first {'/'.join(missing[0])!r}.")
   return flax.traverse_util.unflatten_dict(params), ignored
 
+
+
+def resolve_config(state_dict: Mapping[str, np.ndarray], model: str | None = None
+                   ) -> sit.SiTConfig:
+  """The config of a checkpoint: inferred from its weights; with ``model`` (a named size,
+  e.g. 'SiT-XL/2') also checked against that size, naming the first field that differs."""
+  if model is None:
+    return infer_config(state_dict)
+  named = sit.SiTConfig.named(model)
+  config = infer_config(state_dict, num_heads=named.num_heads)
+  for field in ("depth", "hidden_size", "patch_size", "mlp_ratio"):
+    if getattr(config, field) != getattr(named, field):
+      raise ValueError(f"The checkpoint is not a {model}: its {field} is "
+                       f"{getattr(config, field)}, {model} has {getattr(named, field)}.")
+  return config

@@ -1,0 +1,59 @@
+"""Reading PyTorch checkpoints without executing pickled code.
+
+Accepted: a plain state_dict ``.pt`` (e.g. the released ``SiT-XL-2-256x256.pt``), a
+checkpoint dict written by the official SiT or REPA ``train.py`` (keys ``model``, ``ema``,
+``opt``, ``args``), and ``.safetensors``. ``.pt`` files are read with
+``torch.load(weights_only=True)``, allowing only ``argparse.Namespace`` (the ``args``
+entry) beyond tensors; PyTorch is needed for them, safetensors for the last format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import numpy as np
+
+WEIGHTS = ("ema", "model")
+
+
+def _from_torch(state_dict: dict) -> dict[str, np.ndarray]:
+  return {k: v.detach().cpu().float().numpy() for k, v in state_dict.items()}
+
+
+def load_state_dict(path: str, weights: str = "ema") -> dict[str, np.ndarray]:
+  """The state_dict in ``path`` as float32 arrays; from a train.py checkpoint, its
+  ``weights`` entry ('ema', the default, or 'model')."""
+  if weights not in WEIGHTS:
+    raise ValueError(f"weights={weights!r}; expected one of {WEIGHTS}.")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"No checkpoint file at {path!r}.")
+  if path.endswith(".safetensors"):
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+    try:
+      return {k: v.astype(np.float32) for k, v in load_file(path).items()}
+    except SafetensorError as e:
+      raise ValueError(f"Cannot read {path!r} as safetensors ({e}): is it truncated?") from e
+
+  import torch
+  try:
+    with torch.serialization.safe_globals([argparse.Namespace]):
+      obj = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # torch raises several types for corrupt or foreign files.
+    raise ValueError(f"Cannot read {path!r} as a PyTorch checkpoint ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0] if str(e) else ''}): is it truncated, or "
+                     "not a checkpoint?") from e
+  if not isinstance(obj, dict):
+    raise ValueError(f"{path!r} holds a {type(obj).__name__}, not a state_dict.")
+  if "model" in obj and isinstance(obj["model"], dict):  # an official train.py checkpoint
+    if weights not in obj:
+      raise ValueError(f"{path!r} is a train.py checkpoint without {weights!r}; it holds "
+                       f"{sorted(obj)}.")
+    obj = obj[weights]
+  tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+  if len(tensors) != len(obj):
+    other = sorted(set(obj) - set(tensors))
+    raise ValueError(f"{path!r} is neither a state_dict nor a train.py checkpoint: "
+                     f"entries {other[:5]} are not tensors.")
+  return _from_torch(tensors)
