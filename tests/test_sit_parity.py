@@ -117,6 +117,9 @@ def test_shape_mismatch_names_key_and_shapes():
   state = ref.state_dict()
   state["projectors.0.0.weight"] = torch.zeros(3, 3)  # e.g. a REPA head
   assert convert_state_dict(state, config)[1] == ["projectors.0.0.weight"]
+  state["blocks.0.attn.q_norm.weight"] = torch.ones(16)  # qk-norm: not in our SiT
+  with pytest.raises(ValueError, match=r"'blocks\.0\.attn\.q_norm\.weight' has no counterpart"):
+    convert_state_dict(state, config)
 
 
 @pytest.mark.parametrize("name", sit.NAMED_MODELS)

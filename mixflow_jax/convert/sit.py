@@ -22,6 +22,7 @@ from mixflow_jax.models import sit
 
 _EMBEDDING_KEYS = ("y_embedder.embedding_table.weight",)
 _CONV_KEYS = ("x_embedder.proj.weight",)
+_BACKBONE_MODULES = ("x_embedder", "t_embedder", "y_embedder", "blocks", "final_layer")
 
 
 def flax_path(key: str) -> tuple[str, ...]:
@@ -80,9 +81,10 @@ def convert_state_dict(state_dict: Mapping[str, Any], config: sit.SiTConfig
                        ) -> tuple[dict, list[str]]:
   """Flax params of ``SiT(config)`` from a PyTorch state_dict (arrays or tensors).
 
-  Returns (params, ignored keys). Raises ValueError naming the key and both shapes at the
-  first mismatch, a key the model needs but the state_dict lacks, or a ``pos_embed`` that
-  is not the fixed sin-cos embedding.
+  Returns (params, ignored keys): keys outside the SiT backbone, such as REPA's projector
+  heads, are ignored. Raises ValueError naming the key (and both shapes) at the first
+  mismatch, a backbone key the model lacks, a key the model needs but the state_dict
+  lacks, or a ``pos_embed`` that is not the fixed sin-cos embedding.
   """
   arrays = {k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v)
             for k, v in state_dict.items()}
@@ -106,8 +108,10 @@ def convert_state_dict(state_dict: Mapping[str, Any], config: sit.SiTConfig
                          "embedding that SiT uses.")
       continue
     if path not in expected:
-      ignored.append(key)
-      continue
+      if key.split(".")[0] in _BACKBONE_MODULES:  # e.g. qk-norm weights we do not model
+        raise ValueError(f"State_dict key {key!r} has no counterpart in the Flax SiT.")
+      ignored.append(key)                        # heads outside the backbone (REPA's
+      continue                                   # projectors)
     value = _to_flax(key, value)
     if value.shape != expected[path].shape:
       raise ValueError(f"State_dict key {key!r} has shape {arrays[key].shape} (as Flax "
