@@ -21,13 +21,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
   """A SiT-T/2-shaped train.py checkpoint with random EMA weights."""
-  ref = torch_sit.SiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=4,
-                      num_heads=4, num_classes=10).eval()
-  generator = torch.Generator().manual_seed(0)
-  with torch.no_grad():
-    for name, p in ref.named_parameters():
-      if name != "pos_embed":
-        p.copy_(0.1 * torch.randn(p.shape, generator=generator))
+  ref = torch_sit.random_sit(input_size=8, patch_size=2, in_channels=4, hidden_size=64,
+                             depth=4, num_heads=4, num_classes=10)
   path = tmp_path_factory.mktemp("torch") / "ckpt.pt"
   torch.save({"model": ref.state_dict(), "ema": ref.state_dict(), "opt": {}}, path)
   return ref, path

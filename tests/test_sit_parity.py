@@ -15,19 +15,8 @@ from tests import torch_sit
 ATOL = 1e-5
 
 
-def _randomize(module: torch.nn.Module, seed: int = 0) -> None:
-  """Random values in every parameter (the official init zeroes adaLN and the output
-  layer, which would hide conversion bugs); the fixed pos_embed is kept."""
-  generator = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in module.named_parameters():
-      if name != "pos_embed":
-        p.copy_(0.1 * torch.randn(p.shape, generator=generator))
-
-
 def _pair(seed=0, **kwargs):
-  ref = torch_sit.SiT(**kwargs).eval()
-  _randomize(ref, seed)
+  ref = torch_sit.random_sit(seed, **kwargs)
   config = infer_config(ref.state_dict(), num_heads=kwargs["num_heads"])
   params, ignored = convert_state_dict(ref.state_dict(), config)
   assert not ignored

@@ -15,14 +15,8 @@ from tests import torch_sit
 
 
 def _reference(seed):
-  ref = torch_sit.SiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1,
-                      num_heads=2, num_classes=5).eval()
-  generator = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in ref.named_parameters():
-      if name != "pos_embed":
-        p.copy_(0.1 * torch.randn(p.shape, generator=generator))
-  return ref
+  return torch_sit.random_sit(seed, input_size=8, patch_size=2, in_channels=4,
+                              hidden_size=32, depth=1, num_heads=2, num_classes=5)
 
 
 @pytest.fixture(scope="module")

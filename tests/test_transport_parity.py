@@ -16,13 +16,8 @@ from tests import torch_sit, torch_transport
 
 @pytest.fixture(scope="module")
 def models():
-  ref = torch_sit.SiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2,
-                      num_heads=2, num_classes=5).eval()
-  generator = torch.Generator().manual_seed(0)
-  with torch.no_grad():
-    for name, p in ref.named_parameters():
-      if name != "pos_embed":
-        p.copy_(0.1 * torch.randn(p.shape, generator=generator))
+  ref = torch_sit.random_sit(input_size=8, patch_size=2, in_channels=4, hidden_size=32,
+                             depth=2, num_heads=2, num_classes=5)
   config = infer_config(ref.state_dict(), num_heads=2)
   return ref, sit.SiT(config), convert_state_dict(ref.state_dict(), config)[0]
 

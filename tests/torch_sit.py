@@ -160,3 +160,16 @@ class SiT(nn.Module):
     cond, uncond = torch.split(eps, len(eps) // 2, dim=0)
     guided = uncond + cfg_scale * (cond - uncond)
     return torch.cat([torch.cat([guided, guided], dim=0), rest], dim=1)
+
+
+def random_sit(seed: int = 0, scale: float = 0.1, **kwargs) -> SiT:
+  """A reference SiT in eval mode with N(0, scale^2) values in every parameter but the
+  fixed pos_embed (the official init zeroes adaLN and the output layer, which would hide
+  conversion bugs)."""
+  model = SiT(**kwargs).eval()
+  generator = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name != "pos_embed":
+        p.copy_(scale * torch.randn(p.shape, generator=generator))
+  return model
