@@ -90,11 +90,12 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
         images[np.argsort(labels[:100], kind="stable")], 10, 10)
 
   loss_curves = {}
-  for name, (stage_config, run_dir) in stages.items():
+  for name, (_, run_dir) in stages.items():
     steps, losses = report.read_scalar(run_dir, "loss")
-    offset = 0 if name == "base" else config.demo.pretrain_steps
-    loss_curves[f"{name} ({stage_config.objective.name})" if name == "base" else name] = (
-        steps + offset, losses)
+    if name == "base":
+      loss_curves["base (pretraining)"] = (steps, losses)
+    else:  # post-training continues the base run's step axis
+      loss_curves[name] = (steps + config.demo.pretrain_steps, losses)
   wall = time.perf_counter() - start
   result = {
       "metric": "classifier_fd: Fréchet distance in the features of a small classifier "

@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -89,11 +88,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], config: sit.SiTConfig
   arrays = {k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v)
             for k, v in state_dict.items()}
   s = config.input_size
-  expected = flax.traverse_util.flatten_dict(jax.eval_shape(
-      sit.SiT(config).init, jax.random.key(0),
-      jax.ShapeDtypeStruct((1, s, s, config.in_channels), jnp.float32),
-      jax.ShapeDtypeStruct((1,), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.int32)
-  )["params"])
+  expected = flax.traverse_util.flatten_dict(sit.abstract_params(config))
 
   params, ignored = {}, []
   for key, value in arrays.items():
@@ -123,7 +118,6 @@ def convert_state_dict(state_dict: Mapping[str, Any], config: sit.SiTConfig
     raise ValueError(f"The state_dict lacks {len(missing)} parameter(s) the model needs, "
                      f"first {'/'.join(missing[0])!r}.")
   return flax.traverse_util.unflatten_dict(params), ignored
-
 
 
 def resolve_config(state_dict: Mapping[str, np.ndarray], model: str | None = None

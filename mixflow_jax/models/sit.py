@@ -254,17 +254,21 @@ class SiT(nn.Module):
     return x[..., :cfg.in_channels]
 
 
+def abstract_params(config: SiTConfig) -> dict:
+  """The parameter tree of ``SiT(config)`` as ShapeDtypeStructs, without allocating."""
+  s = config.input_size
+  return jax.eval_shape(
+      SiT(config).init, jax.random.key(0),
+      jax.ShapeDtypeStruct((1, s, s, config.in_channels), jnp.float32),
+      jax.ShapeDtypeStruct((1,), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.int32)
+  )["params"]
+
+
 def param_count(config: SiTConfig) -> int:
   """Number of parameters as the official model counts them, without allocating.
 
   The official ``pos_embed`` is an ``nn.Parameter`` (frozen) and so part of its count;
   here it is a constant, so its T * D entries are added.
   """
-  model = SiT(config)
-  s = config.input_size
-  shapes = jax.eval_shape(
-      model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, s, s, config.in_channels),
-                                                          jnp.float32),
-      jax.ShapeDtypeStruct((1,), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.int32))
-  n = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes))
+  n = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(abstract_params(config)))
   return n + config.num_tokens * config.hidden_size
