@@ -1,18 +1,25 @@
 """orbax checkpoints of the train state: save, resume, warm start, and shape checks.
 
 A run's checkpoints live in ``<workdir>/checkpoints/<step>``; each holds the whole
-``TrainState`` (step, params, EMA params, optimizer state).
+``TrainState`` (step, params, EMA params, optimizer state). ``<workdir>/model.json``
+records the architecture (a ``SiTConfig``), written by training and by ``mixflow convert``,
+so that sampling needs no data and a warm start can check it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from mixflow_jax.models.sit import SiTConfig
+
 CHECKPOINT_DIR = "checkpoints"
+MODEL_JSON = "model.json"
 
 
 def checkpoint_dir(run_dir: str) -> str:
@@ -21,6 +28,32 @@ def checkpoint_dir(run_dir: str) -> str:
   if os.path.basename(run_dir) == CHECKPOINT_DIR:
     return run_dir
   return os.path.join(run_dir, CHECKPOINT_DIR)
+
+
+def run_root(run_dir: str) -> str:
+  """The run folder of ``run_dir`` (which may be its ``checkpoints`` folder)."""
+  return os.path.dirname(checkpoint_dir(run_dir))
+
+
+def write_model_config(run_dir: str, config: SiTConfig, **extra: Any) -> None:
+  """Writes ``run_dir/model.json``: the fields of ``config`` plus ``extra`` notes."""
+  os.makedirs(run_root(run_dir), exist_ok=True)
+  with open(os.path.join(run_root(run_dir), MODEL_JSON), "w") as f:
+    json.dump(dataclasses.asdict(config) | extra, f, indent=2)
+
+
+def read_model_config(run_dir: str) -> SiTConfig | None:
+  """The ``SiTConfig`` in ``run_dir/model.json``, or None if the run has none."""
+  path = os.path.join(run_root(run_dir), MODEL_JSON)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    stored = json.load(f)
+  fields = [f.name for f in dataclasses.fields(SiTConfig)]
+  missing = [name for name in fields if name not in stored and name != "time_convention"]
+  if missing:
+    raise ValueError(f"{path} lacks the model field(s) {missing}.")
+  return SiTConfig(**{name: stored[name] for name in fields if name in stored})
 
 
 def make_manager(run_dir: str, save_every: int = 1, keep: int = 3,

@@ -7,6 +7,8 @@ rejects unknown fields; ``validate`` rejects impossible values, naming the field
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -37,6 +39,9 @@ def default_config() -> ml_collections.ConfigDict:
       mlp_ratio=4.0,
       class_dropout_prob=0.1,
       learn_sigma=False,
+      # The convention the weights were trained in: noise_to_data (SiT, ours: t = 0 noise)
+      # or data_to_noise (REPA, RAE); the latter is used through a flipped t and -v.
+      time_convention="noise_to_data",
       dtype="float32",
   ))
 
@@ -82,7 +87,8 @@ def model_config(config: ml_collections.ConfigDict, image_shape: tuple[int, int,
   m = config.model
   common = dict(input_size=image_shape[0], in_channels=image_shape[2],
                 num_classes=num_classes, mlp_ratio=m.mlp_ratio,
-                class_dropout_prob=m.class_dropout_prob, learn_sigma=m.learn_sigma)
+                class_dropout_prob=m.class_dropout_prob, learn_sigma=m.learn_sigma,
+                time_convention=m.time_convention)
   if m.name == "custom":
     return sit.SiTConfig(depth=m.depth, hidden_size=m.hidden_size, num_heads=m.num_heads,
                          patch_size=m.patch_size, **common)
@@ -91,6 +97,26 @@ def model_config(config: ml_collections.ConfigDict, image_shape: tuple[int, int,
 
 class ConfigError(ValueError):
   """An impossible config value; the message names the field."""
+
+
+# The config field that sets each SiTConfig field.
+_CONFIG_FIELD = dict(
+    input_size="data.name (its image size)", in_channels="data.name (its channels)",
+    num_classes="data.name (its classes)",
+    **{f: f"model.name, or model.{f} with model.name='custom'," for f in (
+        "depth", "hidden_size", "num_heads", "patch_size")})
+
+
+def check_model(model: sit.SiTConfig, stored: sit.SiTConfig, source: str) -> None:
+  """Raises ConfigError naming the config field whose model differs from ``stored`` (the
+  architecture of the checkpoint ``source``)."""
+  for field in dataclasses.fields(sit.SiTConfig):
+    ours, theirs = getattr(model, field.name), getattr(stored, field.name)
+    if ours != theirs:
+      setting = _CONFIG_FIELD.get(field.name, f"model.{field.name}")
+      raise ConfigError(f"The config's model has {field.name}={ours!r}, but {source} holds "
+                        f"a model with {field.name}={theirs!r}: set config.{setting} to "
+                        "match.")
 
 
 def _check(ok: bool, field: str, value, expected: str) -> None:
@@ -125,6 +151,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
            f"a divisor of model.hidden_size={m.hidden_size}")
   _check(0 <= m.class_dropout_prob < 1, "model.class_dropout_prob", m.class_dropout_prob,
          "a probability in [0, 1)")
+  _check(m.time_convention in sit.TIME_CONVENTIONS, "model.time_convention",
+         m.time_convention, f"one of {sit.TIME_CONVENTIONS}")
   _check(m.dtype in DTYPES, "model.dtype", m.dtype, f"one of {DTYPES}")
 
   _check(o.name in objectives.OBJECTIVES, "objective.name", o.name,

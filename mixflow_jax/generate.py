@@ -7,13 +7,15 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 
-from mixflow_jax import checkpoints, sampling, train
+from mixflow_jax import checkpoints, configuration, sampling, train
 from mixflow_jax.data import ImageDataset, load_dataset
 from mixflow_jax.interpolants import get_path
+from mixflow_jax.models.sit import SiT, SiTConfig, abstract_params
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -25,23 +27,35 @@ def from_uint8(pixels: np.ndarray) -> np.ndarray:
   return (pixels.astype(np.float32) - 127.5) / 127.5
 
 
-def sample_run(config: ml_collections.ConfigDict, run_dir: str, dataset: ImageDataset, *,
-               num_steps: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def run_model_config(config: ml_collections.ConfigDict, run_dir: str,
+                     dataset: ImageDataset | None = None) -> SiTConfig:
+  """The architecture of the run in ``run_dir``: its ``model.json`` (written by training
+  and by ``mixflow convert``), else ``config.model`` on the data's shape."""
+  stored = checkpoints.read_model_config(run_dir)
+  if stored is not None:
+    return stored
+  dataset = dataset or load_dataset(config.data.name, config.data.heldout_fraction)
+  return configuration.model_config(config, dataset.image_shape, dataset.num_classes)
+
+
+def sample_run(config: ml_collections.ConfigDict, run_dir: str,
+               dataset: ImageDataset | None = None, *, num_steps: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
   """Samples ``config.sample.num_samples`` images (balanced labels) from the latest
   checkpoint of ``run_dir``. Returns (images (N, H, W, C) in [-1, 1], labels (N,))."""
   s = config.sample
-  model = train.make_model(config, dataset)
-  abstract = jax.eval_shape(
-      lambda: train.init_params(model, dataset.image_shape, jax.random.key(0)))
-  params, step = checkpoints.load_params(run_dir, abstract,
+  model_config = run_model_config(config, run_dir, dataset)
+  model = SiT(model_config, dtype=jnp.dtype(config.model.dtype))
+  params, step = checkpoints.load_params(run_dir, abstract_params(model_config),
                                          "ema_params" if s.use_ema else "params")
-  labels = sampling.balanced_labels(s.num_samples, dataset.num_classes)
+  labels = sampling.balanced_labels(s.num_samples, model_config.num_classes)
   num_steps = num_steps or s.num_steps
+  shape = (model_config.input_size, model_config.input_size, model_config.in_channels)
   start = time.perf_counter()
   images = sampling.generate(
-      train.make_apply_fn(model), params, labels, dataset.image_shape,
+      train.make_apply_fn(model), params, labels, shape,
       jax.random.key(config.seed), batch_size=s.batch_size, method=s.sampler,
-      num_steps=num_steps, cfg_scale=s.cfg_scale, null_class=dataset.num_classes,
+      num_steps=num_steps, cfg_scale=s.cfg_scale, null_class=model_config.num_classes,
       guided_channels=s.guided_channels,
       interval=get_path(config.objective.path).sample_interval)
   images = np.asarray(images)
@@ -61,8 +75,7 @@ def samples_path(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 def sample_job(config: ml_collections.ConfigDict, workdir: str) -> str:
   """``mixflow sample``: samples the run in ``workdir``, writes and returns the .npz path."""
-  dataset = load_dataset(config.data.name, config.data.heldout_fraction)
-  images, labels = sample_run(config, workdir, dataset)
+  images, labels = sample_run(config, workdir)
   path = samples_path(config, workdir)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   np.savez(path, arr_0=to_uint8(images), arr_1=labels)

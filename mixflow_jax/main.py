@@ -1,5 +1,6 @@
 """The command line: ``mixflow train|sample|evaluate|demo --config=... --workdir=DIR``
-and ``mixflow convert --checkpoint=PATH --out=DIR [--model=SiT-XL/2] [--weights=ema]``.
+and ``mixflow convert --checkpoint=PATH --out=DIR [--model=SiT-XL/2] [--weights=ema]
+[--time_convention=data_to_noise]``.
 
 Flags only; the work is done by importable functions (``train.train``,
 ``generate.sample_job``, ``evaluate.evaluate_job``, ``demo.run_demo``,
@@ -24,6 +25,11 @@ _MODEL = flags.DEFINE_string("model", None, "convert: the named size to check ag
                              "(e.g. SiT-XL/2); by default inferred from the weights.")
 _WEIGHTS = flags.DEFINE_enum("weights", "ema", ["ema", "model"],
                              "convert: which weights of a train.py checkpoint.")
+_TIME_CONVENTION = flags.DEFINE_enum(
+    "time_convention", None, ["noise_to_data", "data_to_noise"],
+    "convert: the time convention the weights were trained in (t = 0 noise: SiT; t = 0 "
+    "data: REPA, RAE). By default data_to_noise for REPA checkpoints (projector heads), "
+    "else noise_to_data.")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", _DEFAULT_CONFIG, "Config file (configs/<name>.py[:variant]); fields can be "
     "overridden with --config.<field>=<value>.", lock_config=True)
@@ -45,9 +51,11 @@ def main(argv: list[str]) -> None:
   if argv[1] == "convert":
     if _CHECKPOINT.value is None or _OUT.value is None:
       raise app.UsageError("Usage: mixflow convert --checkpoint=PATH --out=DIR "
-                           "[--model=SiT-XL/2] [--weights=ema|model].")
+                           "[--model=SiT-XL/2] [--weights=ema|model] "
+                           "[--time_convention=noise_to_data|data_to_noise].")
     from mixflow_jax.convert.export import convert_checkpoint
-    config = convert_checkpoint(_CHECKPOINT.value, _OUT.value, _MODEL.value, _WEIGHTS.value)
+    config = convert_checkpoint(_CHECKPOINT.value, _OUT.value, _MODEL.value, _WEIGHTS.value,
+                                _TIME_CONVENTION.value)
     print(f"Wrote {_OUT.value}: {config}")
     return
   if _WORKDIR.value is None:

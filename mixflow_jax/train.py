@@ -138,6 +138,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract_state, state_shardings)
 
+  for run_dir in (workdir, config.train.init_from):
+    stored = run_dir and checkpoints.read_model_config(run_dir)
+    if stored:
+      configuration.check_model(model.config, stored, f"{run_dir!r} (its model.json)")
+  if jax.process_index() == 0:
+    checkpoints.write_model_config(workdir, model.config)
   manager = checkpoints.make_manager(workdir, config.train.checkpoint_every,
                                      config.train.keep_checkpoints)
   if manager.latest_step() is not None:

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from mixflow_jax import checkpoints, train
+from mixflow_jax import checkpoints, configuration, train
 from mixflow_jax.report import read_scalar
 
 
@@ -129,9 +129,27 @@ def test_resume_with_other_model_config_names_parameter_and_shapes(
   config.train.steps = 4
   train.train(config, str(tmp_path), dataset=synthetic_dataset)
   config.model.hidden_size = 48
+  with pytest.raises(configuration.ConfigError, match=r"hidden_size=48, but .* holds a model "
+                     r"with hidden_size=32: set config.model.name, or model.hidden_size"):
+    train.train(config, str(tmp_path), dataset=synthetic_dataset)
+  os.remove(tmp_path / "model.json")  # Without the record, the shapes still tell.
   with pytest.raises(ValueError, match=r"'params/blocks_0/adaLN_modulation_1/bias' has shape "
                                        r"\(192,\) in the checkpoint but \(288,\)"):
     train.train(config, str(tmp_path), dataset=synthetic_dataset)
+
+
+def test_model_json_guards_what_shapes_cannot(config, synthetic_dataset, tmp_path):
+  """A warm start from a REPA-convention checkpoint with a config that does not say so would
+  load (same shapes) and silently train a time-reversed model: model.json refuses it."""
+  config.train.steps = 1
+  config.model.time_convention = "data_to_noise"
+  train.train(config, str(tmp_path / "repa"), dataset=synthetic_dataset)
+  assert checkpoints.read_model_config(str(tmp_path / "repa")).time_convention == (
+      "data_to_noise")
+  config.model.time_convention = "noise_to_data"
+  config.train.init_from = str(tmp_path / "repa")
+  with pytest.raises(configuration.ConfigError, match=r"config\.model\.time_convention"):
+    train.train(config, str(tmp_path / "post"), dataset=synthetic_dataset)
 
 
 def test_warm_start_loads_ema_params_and_fresh_optimizer(config, synthetic_dataset, tmp_path):

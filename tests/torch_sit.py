@@ -162,11 +162,37 @@ class SiT(nn.Module):
     return torch.cat([torch.cat([guided, guided], dim=0), rest], dim=1)
 
 
-def random_sit(seed: int = 0, scale: float = 0.1, **kwargs) -> SiT:
-  """A reference SiT in eval mode with N(0, scale^2) values in every parameter but the
-  fixed pos_embed (the official init zeroes adaLN and the output layer, which would hide
-  conversion bugs)."""
-  model = SiT(**kwargs).eval()
+class RepaSiT(SiT):
+  """REPA's SiT (sihyun-yu/REPA models/sit.py, from its published description): the SiT
+  backbone without learned sigma, plus MLP projector heads (D -> projector_dim ->
+  projector_dim -> z_dim, SiLU between) applied to the tokens after block
+  ``encoder_depth``. Trained with t = 0 data. forward -> (velocity, [z (N, T, z_dim)])."""
+
+  def __init__(self, encoder_depth=2, projector_dim=16, z_dims=(8,), **kwargs):
+    super().__init__(learn_sigma=False, **kwargs)
+    self.encoder_depth = encoder_depth
+    dim = self.x_embedder.proj.out_channels
+    self.projectors = nn.ModuleList([
+        nn.Sequential(nn.Linear(dim, projector_dim), nn.SiLU(),
+                      nn.Linear(projector_dim, projector_dim), nn.SiLU(),
+                      nn.Linear(projector_dim, z_dim)) for z_dim in z_dims])
+
+  def forward(self, x, t, y):
+    x = self.x_embedder(x) + self.pos_embed
+    c = self.t_embedder(t) + self.y_embedder(y)
+    zs = []
+    for i, block in enumerate(self.blocks):
+      x = block(x, c)
+      if i + 1 == self.encoder_depth:
+        zs = [projector(x) for projector in self.projectors]
+    return self.unpatchify(self.final_layer(x, c)), zs
+
+
+def random_sit(seed: int = 0, scale: float = 0.1, repa: bool = False, **kwargs) -> SiT:
+  """A reference SiT (``repa``: a RepaSiT) in eval mode with N(0, scale^2) values in every
+  parameter but the fixed pos_embed (the official init zeroes adaLN and the output layer,
+  which would hide conversion bugs)."""
+  model = (RepaSiT if repa else SiT)(**kwargs).eval()
   generator = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for name, p in model.named_parameters():

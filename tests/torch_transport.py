@@ -38,3 +38,24 @@ def velocity_loss(model, x1, y, x0, u, path: str) -> torch.Tensor:
   x_t = alpha * x1 + sigma * x0
   target = d_alpha * x1 + d_sigma * x0
   return ((model(x_t, t, y) - target) ** 2).mean(dim=(1, 2, 3))
+
+
+def repa_denoising_loss(model, x1, y, x0, s) -> torch.Tensor:
+  """REPA's denoising loss (sihyun-yu/REPA loss.py, 'linear' path, v prediction), in its
+  convention: s = 0 data; x_s = (1 - s) x1 + s x0; target x0 - x1; the model returns
+  (velocity, projector features). Per example: mean over (C, H, W)."""
+  s4 = s[:, None, None, None]
+  output, _ = model((1 - s4) * x1 + s4 * x0, s, y)
+  return ((output - (x0 - x1)) ** 2).mean(dim=(1, 2, 3))
+
+
+def published_mixflow_loss(model, x1, y, x0, u, v, gamma) -> torch.Tensor:
+  """The published MixFlow snippet (a diff to RAE's transport, RAE's convention: s = 0
+  data), Linear path: s = 1 - sqrt(u) from a uniform u (Beta(2, 1) in t = 1 - s), the
+  slowed time m = s + v gamma (1 - s) from a uniform v (towards noise), the input is the
+  interpolation at m, the network is told s, the target is the path velocity at s (x0 - x1
+  for Linear)."""
+  s = 1 - torch.sqrt(u)
+  m4 = (s + v * gamma * (1 - s))[:, None, None, None]
+  output, _ = model((1 - m4) * x1 + m4 * x0, s, y)
+  return ((output - (x0 - x1)) ** 2).mean(dim=(1, 2, 3))

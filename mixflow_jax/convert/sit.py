@@ -5,6 +5,13 @@ it (``blocks.3.adaLN_modulation.1.weight`` -> ``blocks_3/adaLN_modulation_1/kern
 Linear weights (out, in) become kernels (in, out); the patch-embedding Conv2d weight
 (D, C, p, p) becomes a Conv kernel (p, p, C, D); LayerNorms have no parameters. The fixed
 ``pos_embed`` is not a Flax parameter: it is checked against the one the model computes.
+
+REPA checkpoints (sihyun-yu/REPA) are a SiT backbone plus projector heads
+``projectors.k.{0,2,4}`` taken after block ``encoder_depth``; the heads are ignored (and
+listed). REPA trains in the opposite time convention, so a checkpoint with projector heads
+is marked ``time_convention='data_to_noise'`` (see ``models.sit``). Older REPA checkpoints
+name the blocks after ``encoder_depth`` ``decoder_blocks.j``: they become
+``blocks.{j + encoder_depth}``.
 """
 
 from __future__ import annotations
@@ -40,6 +47,29 @@ def flax_path(key: str) -> tuple[str, ...]:
   return (*path, leaf)
 
 
+def detect_time_convention(state_dict: Mapping[str, Any]) -> str:
+  """'data_to_noise' for a REPA checkpoint (it has projector heads), else 'noise_to_data'.
+
+  RAE and other checkpoints trained with t = 0 data carry no such mark: pass
+  ``time_convention`` explicitly for them."""
+  if any(k.startswith("projectors.") for k in state_dict):
+    return "data_to_noise"
+  return "noise_to_data"
+
+
+def renumber_decoder_blocks(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+  """Older REPA naming: ``decoder_blocks.j.*`` -> ``blocks.{j + encoder_depth}.*``, where
+  ``encoder_depth`` is the number of ``blocks.i`` in the state_dict. Other keys unchanged."""
+  encoder_depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
+  renamed = {}
+  for key, value in state_dict.items():
+    if key.startswith("decoder_blocks."):
+      _, j, rest = key.split(".", 2)
+      key = f"blocks.{int(j) + encoder_depth}.{rest}"
+    renamed[key] = value
+  return renamed
+
+
 def _to_flax(key: str, value: np.ndarray) -> np.ndarray:
   if key in _CONV_KEYS:
     return value.transpose(2, 3, 1, 0)       # (D, C, p, p) -> (p, p, C, D)
@@ -49,13 +79,15 @@ def _to_flax(key: str, value: np.ndarray) -> np.ndarray:
 
 
 def infer_config(state_dict: Mapping[str, np.ndarray], num_heads: int | None = None,
-                 class_dropout_prob: float = 0.1) -> sit.SiTConfig:
+                 class_dropout_prob: float = 0.1, time_convention: str | None = None
+                 ) -> sit.SiTConfig:
   """What the weights determine: depth, width, patch, channels, input size, classes,
   ``learn_sigma`` and the MLP ratio. The head count is not in the weights: pass it, or it
   is taken from the named size of the same depth and width (head width 64 or 72).
 
   The label table is taken to hold a null class as its last row (``class_dropout_prob``
-  > 0, as in every official model).
+  > 0, as in every official model). ``time_convention`` defaults to
+  ``detect_time_convention``.
   """
   width, channels, patch, _ = state_dict["x_embedder.proj.weight"].shape
   depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
@@ -73,7 +105,8 @@ def infer_config(state_dict: Mapping[str, np.ndarray], num_heads: int | None = N
       mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / width,
       num_classes=state_dict["y_embedder.embedding_table.weight"].shape[0] - 1,
       class_dropout_prob=class_dropout_prob,
-      learn_sigma=out_dim == 2 * channels * patch * patch)
+      learn_sigma=out_dim == 2 * channels * patch * patch,
+      time_convention=time_convention or detect_time_convention(state_dict))
 
 
 def convert_state_dict(state_dict: Mapping[str, Any], config: sit.SiTConfig
@@ -120,14 +153,15 @@ def convert_state_dict(state_dict: Mapping[str, Any], config: sit.SiTConfig
   return flax.traverse_util.unflatten_dict(params), ignored
 
 
-def resolve_config(state_dict: Mapping[str, np.ndarray], model: str | None = None
-                   ) -> sit.SiTConfig:
+def resolve_config(state_dict: Mapping[str, np.ndarray], model: str | None = None,
+                   time_convention: str | None = None) -> sit.SiTConfig:
   """The config of a checkpoint: inferred from its weights; with ``model`` (a named size,
   e.g. 'SiT-XL/2') also checked against that size, naming the first field that differs."""
   if model is None:
-    return infer_config(state_dict)
+    return infer_config(state_dict, time_convention=time_convention)
   named = sit.SiTConfig.named(model)
-  config = infer_config(state_dict, num_heads=named.num_heads)
+  config = infer_config(state_dict, num_heads=named.num_heads,
+                        time_convention=time_convention)
   for field in ("depth", "hidden_size", "patch_size", "mlp_ratio"):
     if getattr(config, field) != getattr(named, field):
       raise ValueError(f"The checkpoint is not a {model}: its {field} is "

@@ -6,6 +6,10 @@ paths follow the official state_dict keys, a numeric key part joined to the one 
 conversion is a rename plus transposes.
 Images are NHWC: x (B, H, W, C); t (B,) in [0, 1] (t = 0 noise, t = 1 data); y (B,) int
 class ids, ``num_classes`` being the null class used for classifier-free guidance.
+
+A network trained in the opposite convention (REPA, RAE: x_s = (1 - s) x1 + s x0, s = 0
+data, target x0 - x1) is used here through ``time_convention='data_to_noise'``: it is told
+s = 1 - t and its output is negated, which gives our velocity u(x, t) = -v(x, 1 - t).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ SIZES = {
     "XL": (28, 1152, 16),
 }
 PATCH_SIZES = (2, 4, 8)
+# 'noise_to_data': ours and SiT's (t = 0 noise); 'data_to_noise': REPA's and RAE's.
+TIME_CONVENTIONS = ("noise_to_data", "data_to_noise")
 NAMED_MODELS = tuple(f"SiT-{s}/{p}" for s in SIZES for p in PATCH_SIZES)
 
 
@@ -47,6 +53,12 @@ class SiTConfig:
   num_classes: int = 1000
   class_dropout_prob: float = 0.1
   learn_sigma: bool = True
+  time_convention: str = "noise_to_data"  # the convention the weights were trained in
+
+  def __post_init__(self):
+    if self.time_convention not in TIME_CONVENTIONS:
+      raise ValueError(f"time_convention={self.time_convention!r}; expected one of "
+                       f"{TIME_CONVENTIONS}.")
 
   @classmethod
   def named(cls, name: str, **kwargs) -> SiTConfig:
@@ -225,7 +237,8 @@ class SiT(nn.Module):
   """u_theta(x, t, y): x (B, H, W, C), t (B,), y (B,) -> velocity (B, H, W, C).
 
   With ``learn_sigma`` the network has 2C output channels and, as in the official
-  forward, the second half is discarded.
+  forward, the second half is discarded. With ``time_convention='data_to_noise'`` the
+  network sees 1 - t and its output is negated (see the module docstring).
   """
 
   config: SiTConfig
@@ -237,6 +250,9 @@ class SiT(nn.Module):
     p, d = cfg.patch_size, cfg.hidden_size
     b, height, width, _ = x.shape
     h, w = height // p, width // p
+    flipped = cfg.time_convention == "data_to_noise"
+    if flipped:
+      t = 1.0 - t
 
     x = PatchEmbed(p, d, self.dtype, name="x_embedder")(x)
     x = x + sincos_pos_embed_2d(d, h)                                    # (B, T, D)
@@ -251,7 +267,8 @@ class SiT(nn.Module):
 
     x = x.reshape(b, h, w, p, p, cfg.out_channels).transpose(0, 1, 3, 2, 4, 5)
     x = x.reshape(b, height, width, cfg.out_channels).astype(jnp.float32)  # (B, H, W, o)
-    return x[..., :cfg.in_channels]
+    x = x[..., :cfg.in_channels]
+    return -x if flipped else x
 
 
 def abstract_params(config: SiTConfig) -> dict:
