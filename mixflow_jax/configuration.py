@@ -27,7 +27,13 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
 
-  c.data = dict(name="digits", heldout_fraction=0.2, batch_size=128)
+  c.data = ml_collections.ConfigDict(dict(
+      name="digits",            # digits | synthetic | arrays (images.npy + labels.npy)
+      path="",                  # arrays: the folder holding images.npy and labels.npy
+      num_classes=config_dict.placeholder(int),  # arrays: default largest label + 1
+      heldout_fraction=0.2,
+      batch_size=128,
+  ))
 
   c.model = ml_collections.ConfigDict(dict(
       # A named size (SiT-{T,S,B,L,XL}/{2,4,8}) or 'custom', which reads the four fields below.
@@ -129,6 +135,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   d, m, o, opt, tr, s = (config.data, config.model, config.objective, config.optim,
                          config.train, config.sample)
   _check(d.name in SOURCES, "data.name", d.name, f"one of {sorted(SOURCES)}")
+  if d.name == "arrays":
+    _check(bool(d.path), "data.path", d.path, "the folder of images.npy and labels.npy "
+           "(data.name='arrays' reads it)")
+  _check(d.num_classes is None or d.num_classes > 0, "data.num_classes", d.num_classes,
+         "a positive integer")
   _check(0 < d.heldout_fraction < 1, "data.heldout_fraction", d.heldout_fraction,
          "a fraction in (0, 1)")
   _check(d.batch_size > 0, "data.batch_size", d.batch_size, "a positive integer")

@@ -66,7 +66,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the demo in ``workdir``; returns what it writes to ``metrics.json``."""
   start = time.perf_counter()
   os.makedirs(workdir, exist_ok=True)
-  dataset = load_dataset(config.data.name, config.data.heldout_fraction)
+  dataset = load_dataset(config.data)
   stages = stage_configs(config, workdir)
   for name, (stage_config, run_dir) in stages.items():
     print(f"[demo] training {name}: {stage_config.objective.name}, "

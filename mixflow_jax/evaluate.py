@@ -144,7 +144,7 @@ def evaluate_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, f
     pixels, labels = f["arr_0"], f["arr_1"]
   if pixels.dtype != np.uint8:
     raise ValueError(f"{path}: arr_0 has dtype {pixels.dtype}; expected uint8 pixels.")
-  dataset = load_dataset(config.data.name, config.data.heldout_fraction)
+  dataset = load_dataset(config.data)
   evaluator = Evaluator(dataset, config.eval, workdir)
   result = evaluator(generate.from_uint8(pixels), labels)
   with open(path.replace(".npz", ".metrics.json"), "w") as f:

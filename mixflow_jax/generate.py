@@ -34,7 +34,7 @@ def run_model_config(config: ml_collections.ConfigDict, run_dir: str,
   stored = checkpoints.read_model_config(run_dir)
   if stored is not None:
     return stored
-  dataset = dataset or load_dataset(config.data.name, config.data.heldout_fraction)
+  dataset = dataset or load_dataset(config.data)
   return configuration.model_config(config, dataset.image_shape, dataset.num_classes)
 
 

@@ -125,7 +125,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   """
   mesh = sharding.make_mesh(config.train.num_fsdp)
   configuration.validate(config, mesh.size)
-  dataset = dataset or load_dataset(config.data.name, config.data.heldout_fraction)
+  dataset = dataset or load_dataset(config.data)
   model = make_model(config, dataset)
   apply_fn, objective = make_apply_fn(model), make_objective(config, model)
   tx = make_optimizer(config.optim)

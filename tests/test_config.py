@@ -26,6 +26,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("optim.lr", 0.0, "config.optim.lr=0.0"),
     ("train.steps", 0, "config.train.steps=0"),
     ("sample.sampler", "dopri5", "config.sample.sampler='dopri5'"),
+    ("model.time_convention", "backwards", "config.model.time_convention='backwards'"),
+    ("data.num_classes", 0, "config.data.num_classes=0"),
 ])
 def test_impossible_value_names_field(config, field, value, message):
   section, name = field.split(".")
@@ -79,14 +81,30 @@ def test_cli_rejects_unknown_field_and_bad_value(tmp_path):
   assert not os.listdir(tmp_path)  # failed before writing anything
 
 
-def test_digits_variants_validate():
+def _config_module(name):
   sys.path.insert(0, os.path.join(REPO, "configs"))
   try:
-    import digits
+    return __import__(name)
   finally:
     sys.path.pop(0)
+
+
+def test_digits_variants_validate():
+  digits = _config_module("digits")
   for variant in ("pretrain", "mixflow", "standard"):
     configuration.validate(digits.get_config(variant))
   assert digits.get_config("mixflow").objective.t_law == "beta21"
   with pytest.raises(ValueError, match="'post'"):
     digits.get_config("post")
+
+
+def test_imagenet_variants_validate_once_given_data():
+  imagenet = _config_module("imagenet_sit")
+  for variant in ("sit_xl2", "sit_b2", "repa_xl2"):
+    config = imagenet.get_config(variant)
+    with pytest.raises(configuration.ConfigError, match=r"config\.data\.path=''"):
+      configuration.validate(config)
+    config.data.path = "/data/imagenet256_latents"
+    configuration.validate(config)
+  repa = imagenet.get_config("repa_xl2")
+  assert (repa.model.time_convention, repa.model.learn_sigma) == ("data_to_noise", False)

@@ -35,7 +35,8 @@ class ImageDataset:
     epoch, index = divmod(step, per_epoch)
     order = np.random.default_rng([seed, epoch]).permutation(n)
     rows = order[index * batch_size:(index + 1) * batch_size]
-    return {"image": self.train_images[rows], "label": self.train_labels[rows]}
+    return {"image": np.asarray(self.train_images[rows], np.float32),
+            "label": self.train_labels[rows]}
 
   def train_batches(self, batch_size: int, seed: int, start_step: int = 0) -> Iterator[Batch]:
     """Yields the batches of steps ``start_step, start_step + 1, ...`` forever."""

@@ -1,9 +1,12 @@
-"""Bundled and synthetic sources; nothing here downloads anything."""
+"""Bundled, synthetic and on-disk array sources; nothing here downloads anything."""
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Callable
 
+import ml_collections
 import numpy as np
 
 from mixflow_jax.data.arrays import ImageDataset, split
@@ -35,11 +38,42 @@ def synthetic(heldout_fraction: float = 0.2, num_examples: int = 512, image_size
   return split("synthetic", np.clip(images, -1, 1), labels, num_classes, heldout_fraction)
 
 
-SOURCES: dict[str, Callable[..., ImageDataset]] = {"digits": digits, "synthetic": synthetic}
+def arrays(path: str, heldout_fraction: float = 0.2, num_classes: int | None = None
+           ) -> ImageDataset:
+  """``path/images.npy`` (N, H, W, C) float (images in [-1, 1], or VAE latents already
+  multiplied by 0.18215) and ``path/labels.npy`` (N,) int, memory-mapped: batches read only
+  their rows. The held-out part is the last ceil(fraction * N) rows (shuffle the files if
+  they are sorted by class). ``num_classes`` defaults to the largest label + 1.
+  """
+  files = {name: os.path.join(path, f"{name}.npy") for name in ("images", "labels")}
+  for name, file in files.items():
+    if not os.path.isfile(file):
+      raise FileNotFoundError(f"data.path={path!r} has no {name}.npy ({file}).")
+  images = np.load(files["images"], mmap_mode="r")
+  labels = np.load(files["labels"]).astype(np.int32)
+  if images.ndim != 4 or len(labels) != len(images) or labels.ndim != 1:
+    raise ValueError(f"{files['images']} has shape {images.shape} and {files['labels']} "
+                     f"{labels.shape}; expected (N, H, W, C) and (N,).")
+  if not np.issubdtype(images.dtype, np.floating):
+    raise ValueError(f"{files['images']} holds {images.dtype}; expected floats in [-1, 1] "
+                     "or scaled latents.")
+  num_classes = num_classes or int(labels.max()) + 1
+  if labels.min() < 0 or labels.max() >= num_classes:
+    raise ValueError(f"{files['labels']} has labels in [{labels.min()}, {labels.max()}], "
+                     f"outside [0, data.num_classes={num_classes}).")
+  n_train = len(images) - math.ceil(heldout_fraction * len(images))
+  return ImageDataset("arrays", images[:n_train], labels[:n_train], images[n_train:],
+                      labels[n_train:], num_classes)
 
 
-def load_dataset(name: str, heldout_fraction: float) -> ImageDataset:
-  """Loads the source ``name`` (a key of ``SOURCES``)."""
-  if name not in SOURCES:
-    raise ValueError(f"Unknown data.name={name!r}; expected one of {sorted(SOURCES)}.")
-  return SOURCES[name](heldout_fraction=heldout_fraction)
+SOURCES: dict[str, Callable[..., ImageDataset]] = {
+    "digits": digits, "synthetic": synthetic, "arrays": arrays}
+
+
+def load_dataset(data: ml_collections.ConfigDict) -> ImageDataset:
+  """Loads the source ``data.name`` (a key of ``SOURCES``) as ``config.data`` describes."""
+  if data.name not in SOURCES:
+    raise ValueError(f"Unknown data.name={data.name!r}; expected one of {sorted(SOURCES)}.")
+  if data.name == "arrays":
+    return arrays(data.path, data.heldout_fraction, data.num_classes)
+  return SOURCES[data.name](heldout_fraction=data.heldout_fraction)
