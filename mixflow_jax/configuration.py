@@ -81,6 +81,7 @@ def default_config() -> ml_collections.ConfigDict:
       num_samples=1000,
       batch_size=500,
       use_ema=True,
+      vae="",                   # a converted VAE (mixflow convert --vae) for latent models
   )
 
   c.eval = dict(classifier_steps=1500, classifier_lr=1e-3, classifier_batch_size=128)

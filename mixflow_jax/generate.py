@@ -59,11 +59,31 @@ def sample_run(config: ml_collections.ConfigDict, run_dir: str,
       guided_channels=s.guided_channels,
       interval=get_path(config.objective.path).sample_interval)
   images = np.asarray(images)
+  if s.vae:
+    images = decode_latents(s.vae, images, s.batch_size)
   elapsed = time.perf_counter() - start
   logging.info("Sampled %d images from %s (step %d, %s, %d steps, cfg %.2f) at %.0f "
                "samples/s.", len(images), run_dir, step, s.sampler, num_steps, s.cfg_scale,
                len(images) / elapsed)
   return images, np.asarray(labels)
+
+
+def decode_latents(vae_dir: str, latents: np.ndarray, batch_size: int) -> np.ndarray:
+  """Scaled VAE latents (N, h, w, c) -> images (N, f h, f w, 3) in about [-1, 1], decoded
+  by the VAE converted into ``vae_dir`` (``mixflow convert --vae``), ``batch_size`` at a
+  time."""
+  from mixflow_jax.convert.vae import load_vae  # Only latent models need it.
+  from mixflow_jax.models.vae import AutoencoderKL
+
+  vae_config, vae_params = load_vae(vae_dir)
+  if latents.shape[-1] != vae_config.latent_channels:
+    raise configuration.ConfigError(
+        f"config.sample.vae={vae_dir!r} decodes {vae_config.latent_channels}-channel "
+        f"latents, but the model samples {latents.shape[-1]} channels.")
+  decode = jax.jit(lambda z: AutoencoderKL(vae_config).apply(
+      {"params": vae_params}, z, method="decode"))
+  return np.concatenate([np.asarray(decode(latents[i:i + batch_size]))
+                         for i in range(0, len(latents), batch_size)])
 
 
 def samples_path(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -74,7 +94,13 @@ def samples_path(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 def sample_job(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """``mixflow sample``: samples the run in ``workdir``, writes and returns the .npz path."""
+  """``mixflow sample``: samples the run in ``workdir``, writes and returns the .npz path.
+  Latent models (neither 1 nor 3 channels) need ``config.sample.vae`` to decode them."""
+  channels = run_model_config(config, workdir).in_channels
+  if channels not in (1, 3) and not config.sample.vae:
+    raise configuration.ConfigError(
+        f"The model in {workdir!r} samples {channels}-channel latents: set "
+        "config.sample.vae to a VAE converted with `mixflow convert --vae` to decode them.")
   images, labels = sample_run(config, workdir)
   path = samples_path(config, workdir)
   os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -1,6 +1,6 @@
 """The command line: ``mixflow train|sample|evaluate|demo --config=... --workdir=DIR``
 and ``mixflow convert --checkpoint=PATH --out=DIR [--model=SiT-XL/2] [--weights=ema]
-[--time_convention=data_to_noise]``.
+[--time_convention=data_to_noise]``, and ``mixflow convert --vae=PATH --out=DIR``.
 
 Flags only; the work is done by importable functions (``train.train``,
 ``generate.sample_job``, ``evaluate.evaluate_job``, ``demo.run_demo``,
@@ -20,6 +20,8 @@ _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(_
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, outputs).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "convert: the PyTorch checkpoint "
                                   "(.pt state_dict or train.py dict, or .safetensors).")
+_VAE = flags.DEFINE_string("vae", None, "convert: an SD-VAE (diffusers AutoencoderKL) "
+                          "state_dict (.safetensors, .bin or .pt) instead of a SiT.")
 _OUT = flags.DEFINE_string("out", None, "convert: the output folder.")
 _MODEL = flags.DEFINE_string("model", None, "convert: the named size to check against "
                              "(e.g. SiT-XL/2); by default inferred from the weights.")
@@ -49,10 +51,15 @@ def main(argv: list[str]) -> None:
                          f"got {argv[1:]}.")
   logging.get_absl_handler().addFilter(_QuietOrbax())
   if argv[1] == "convert":
-    if _CHECKPOINT.value is None or _OUT.value is None:
+    if (_CHECKPOINT.value is None) == (_VAE.value is None) or _OUT.value is None:
       raise app.UsageError("Usage: mixflow convert --checkpoint=PATH --out=DIR "
                            "[--model=SiT-XL/2] [--weights=ema|model] "
-                           "[--time_convention=noise_to_data|data_to_noise].")
+                           "[--time_convention=noise_to_data|data_to_noise], or "
+                           "mixflow convert --vae=PATH --out=DIR.")
+    if _VAE.value is not None:
+      from mixflow_jax.convert.vae import convert_vae_checkpoint
+      print(f"Wrote {_OUT.value}: {convert_vae_checkpoint(_VAE.value, _OUT.value)}")
+      return
     from mixflow_jax.convert.export import convert_checkpoint
     config = convert_checkpoint(_CHECKPOINT.value, _OUT.value, _MODEL.value, _WEIGHTS.value,
                                 _TIME_CONVENTION.value)
