@@ -1,5 +1,6 @@
 """`mixflow convert`: PyTorch checkpoint -> orbax -> load -> the PyTorch module's outputs."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -8,12 +9,14 @@ import sys
 import jax
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 
-from mixflow_jax import checkpoints
+from mixflow_jax import checkpoints, configuration, generate
 from mixflow_jax.convert.export import convert_checkpoint
+from mixflow_jax.convert.vae import convert_vae_checkpoint
 from mixflow_jax.models import sit
-from tests import torch_sit
+from tests import torch_sit, torch_vae
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,9 +41,7 @@ def test_convert_command_round_trip(checkpoint, tmp_path):
   described = json.loads((out / "model.json").read_text())
   assert (described["depth"], described["hidden_size"], described["learn_sigma"]) == (
       4, 64, True)
-  config = sit.SiTConfig(**{k: described[k] for k in (
-      "input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads",
-      "mlp_ratio", "num_classes", "class_dropout_prob", "learn_sigma")})
+  config = checkpoints.read_model_config(str(out))
   model = sit.SiT(config)
   params, step = checkpoints.load_params(str(out), sit.abstract_params(config))
   assert step == 0
@@ -62,3 +63,64 @@ def test_convert_errors_name_the_problem(checkpoint, tmp_path):
   convert_checkpoint(str(path), str(tmp_path / "once"))
   with pytest.raises(FileExistsError, match="already holds a checkpoint"):
     convert_checkpoint(str(path), str(tmp_path / "once"))
+
+
+@pytest.fixture(scope="module")
+def latent_checkpoints(tmp_path_factory):
+  """A latent SiT (8x8x4, 10 classes) in the four formats users bring, and a converted
+  diffusers VAE (2x upsampling: 16x16 images)."""
+  root = tmp_path_factory.mktemp("byo")
+  dims = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=4,
+              num_heads=4, num_classes=10)
+  ref, repa = torch_sit.random_sit(4, **dims), torch_sit.random_sit(5, repa=True, **dims)
+  paths = {kind: root / f"{kind}.pt" for kind in ("plain", "train", "repa")}
+  paths["safetensors"] = root / "w.safetensors"
+  torch.save(ref.state_dict(), paths["plain"])
+  torch.save({"model": ref.state_dict(), "ema": ref.state_dict(), "opt": {},
+              "args": argparse.Namespace(model="SiT-T/2")}, paths["train"])
+  torch.save({"model": repa.state_dict(), "ema": repa.state_dict(), "opt": {}}, paths["repa"])
+  safetensors.torch.save_file(ref.state_dict(), paths["safetensors"])
+  vae_file = root / "vae.safetensors"
+  safetensors.torch.save_file(torch_vae.random_vae(0, (32, 64), 1, 8).state_dict(), vae_file)
+  return paths, vae_file
+
+
+def _sample_config(vae_dir):
+  config = configuration.default_config()
+  config.sample.update(num_samples=6, batch_size=6, num_steps=2, vae=str(vae_dir))
+  return config
+
+
+def test_every_format_converts_to_a_checkpoint_that_samples(latent_checkpoints, tmp_path):
+  paths, vae_file = latent_checkpoints
+  convert_vae_checkpoint(str(vae_file), str(tmp_path / "vae"))
+  samples = {}
+  for kind, path in paths.items():
+    config = convert_checkpoint(str(path), str(tmp_path / kind))
+    assert config.time_convention == ("data_to_noise" if kind == "repa" else "noise_to_data")
+    with np.load(generate.sample_job(_sample_config(tmp_path / "vae"),
+                                     str(tmp_path / kind))) as npz:
+      samples[kind] = npz["arr_0"]
+      assert npz["arr_0"].shape == (6, 16, 16, 3) and npz["arr_0"].dtype == np.uint8
+      np.testing.assert_array_equal(npz["arr_1"], [0, 1, 2, 3, 4, 5])
+  for kind in ("train", "safetensors"):  # The same weights: the same samples.
+    np.testing.assert_array_equal(samples[kind], samples["plain"])
+  assert not np.array_equal(samples["repa"], samples["plain"])
+  with pytest.raises(configuration.ConfigError, match=r"config\.sample\.vae"):
+    generate.sample_job(_sample_config(""), str(tmp_path / "plain"))
+
+
+def test_convert_vae_then_sample_command_line(latent_checkpoints, tmp_path):
+  paths, vae_file = latent_checkpoints
+  convert_checkpoint(str(paths["plain"]), str(tmp_path / "sit"))
+  run = lambda *args: subprocess.run([sys.executable, "-m", "mixflow_jax", *args], cwd=REPO,
+                                     capture_output=True, text=True, timeout=300)
+  result = run("convert", f"--vae={vae_file}", f"--out={tmp_path / 'vae'}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert json.loads((tmp_path / "vae" / "vae.json").read_text())["block_out_channels"] == [
+      32, 64]
+  result = run("sample", f"--workdir={tmp_path / 'sit'}", "--config.sample.num_samples=4",
+               "--config.sample.num_steps=2", f"--config.sample.vae={tmp_path / 'vae'}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  with np.load(tmp_path / "sit" / "samples" / "ema_euler2_cfg1_n4.npz") as npz:
+    assert npz["arr_0"].shape == (4, 16, 16, 3)

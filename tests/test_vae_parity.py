@@ -3,7 +3,6 @@
 and in SD's shapes; conversion reads every key style, round-trips through a checkpoint
 on disk, and names the key when it fails."""
 
-import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +11,7 @@ import torch
 
 from mixflow_jax.convert import vae as convert
 from mixflow_jax.models import vae
+from tests import torch_vae
 
 REL_TOL = 1e-4
 CONFIGS = {  # name: (diffusers kwargs, image (H, W))
@@ -20,27 +20,6 @@ CONFIGS = {  # name: (diffusers kwargs, image (H, W))
     "sd": (dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
                 norm_num_groups=32), (32, 32)),
 }
-
-
-def _random_reference(seed: int, block_out_channels, layers_per_block, norm_num_groups
-                      ) -> diffusers.AutoencoderKL:
-  """A diffusers AutoencoderKL with random values in every parameter: the default init
-  (unit GroupNorm scales, zero biases) would hide a swapped scale / bias or a lost bias."""
-  n = len(block_out_channels)
-  torch.manual_seed(seed)
-  ref = diffusers.AutoencoderKL(
-      in_channels=3, out_channels=3, latent_channels=4, block_out_channels=block_out_channels,
-      down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-      layers_per_block=layers_per_block, norm_num_groups=norm_num_groups)
-  with torch.no_grad():
-    for name, p in ref.named_parameters():
-      if p.ndim >= 2:
-        p.normal_(0.0, 1.0 / np.sqrt(p[0].numel()))
-      elif name.endswith("weight"):  # GroupNorm scales
-        p.normal_(1.0, 0.3)
-      else:
-        p.normal_(0.0, 0.2)
-  return ref.eval()
 
 
 def _state_dict(ref) -> dict[str, np.ndarray]:
@@ -63,7 +42,7 @@ def _assert_same_params(a, b):
 def pair(request):
   """(name, diffusers model, its state_dict, VAEConfig, Flax module, Flax params)."""
   kwargs, _ = CONFIGS[request.param]
-  ref = _random_reference(0, **kwargs)
+  ref = torch_vae.random_vae(0, **kwargs)
   state = _state_dict(ref)
   config = convert.infer_vae_config(state, norm_num_groups=kwargs["norm_num_groups"])
   return request.param, ref, state, config, vae.AutoencoderKL(config), \
@@ -127,7 +106,7 @@ def test_infer_config_reads_the_weights(pair):
 
 
 def test_posterior_sample_is_mean_plus_std_times_noise():
-  ref = _random_reference(3, **CONFIGS["reduced"][0])
+  ref = torch_vae.random_vae(3, **CONFIGS["reduced"][0])
   state = _state_dict(ref)
   config = convert.infer_vae_config(state, norm_num_groups=8)
   model, params = vae.AutoencoderKL(config), convert.convert_vae_state_dict(state, config)
@@ -147,7 +126,7 @@ def test_posterior_sample_is_mean_plus_std_times_noise():
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
 def test_checkpoint_round_trip(tmp_path, suffix):
-  ref = _random_reference(7, **CONFIGS["reduced"][0])
+  ref = torch_vae.random_vae(7, **CONFIGS["reduced"][0])
   path = str(tmp_path / f"vae{suffix}")
   if suffix == ".safetensors":
     from safetensors.torch import save_file
@@ -168,7 +147,7 @@ def test_checkpoint_round_trip(tmp_path, suffix):
 def test_legacy_attention_keys_give_the_same_params():
   """Older diffusers files (sd-vae-ft-ema's .bin) name the attention query / key / value /
   proj_attn; LDM-style files store those weights as 1 x 1 convs (C, C, 1, 1)."""
-  state = _state_dict(_random_reference(8, **CONFIGS["reduced"][0]))
+  state = _state_dict(torch_vae.random_vae(8, **CONFIGS["reduced"][0]))
   config = convert.infer_vae_config(state, norm_num_groups=8)
   want = convert.convert_vae_state_dict(state, config)
   names = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
@@ -235,7 +214,7 @@ def test_ldm_layout_gives_the_same_params(pair):
 
 
 def test_conversion_errors_name_the_key():
-  state = _state_dict(_random_reference(9, **CONFIGS["reduced"][0]))
+  state = _state_dict(torch_vae.random_vae(9, **CONFIGS["reduced"][0]))
   config = convert.infer_vae_config(state, norm_num_groups=8)
   bad = dict(state, **{"decoder.up_blocks.1.resnets.0.conv1.weight": np.zeros((32, 48, 3, 3))})
   with pytest.raises(ValueError, match=r"'decoder\.up_blocks\.1\.resnets\.0\.conv1\.weight' "
