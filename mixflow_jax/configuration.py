@@ -12,13 +12,11 @@ import dataclasses
 import ml_collections
 from ml_collections import config_dict
 
-from mixflow_jax import objectives, timesteps
+from mixflow_jax import objectives, sampling, timesteps
 from mixflow_jax.data import SOURCES
 from mixflow_jax.interpolants import PATHS
 from mixflow_jax.models import sit
 
-SAMPLERS = ("euler", "heun")
-GUIDED_CHANNELS = ("all", "first3")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -73,18 +71,38 @@ def default_config() -> ml_collections.ConfigDict:
       num_fsdp=1,               # size of the mesh's 'fsdp' axis (1: pure data parallel)
   )
 
-  c.sample = dict(
-      sampler="euler",
-      num_steps=10,             # integration steps on linspace(0, 1, num_steps + 1)
+  c.sample = ml_collections.ConfigDict(dict(
+      sampler="euler",          # euler | heun | dopri5 | sde (see sampling.py)
+      num_steps=10,             # integration steps (official --num-sampling-steps N: N - 1)
       cfg_scale=1.0,            # 1.0: no guidance
       guided_channels="all",    # all | first3 (the official SiT rule)
+      cfg_interval=(0.0, 1.0),  # guide only where lo <= t <= hi
+      atol=1e-6, rtol=1e-3,     # dopri5 tolerances (the official defaults)
+      last_step_size=0.04,      # sde: the noise-free 'Mean' step ends the trajectory
+      diffusion_norm=1.0,       # sde: w_t = diffusion_norm * sigma_t
+      # Epsilon scaling (ADM-ES): predicted noise / (eps_scale + eps_scale_slope (1 - t)).
+      eps_scale=1.0,
+      eps_scale_slope=0.0,
+      # Time-shift sampler (TS-DPM), euler/heun: 0 disables; see sampling.Sampler.
+      time_shift_window=0.0,
+      time_shift_cutoff=1.0,
+      data_var=1.0,             # variance of the data, for the time shift's expected variance
       num_samples=1000,
       batch_size=500,
       use_ema=True,
       vae="",                   # a converted VAE (mixflow convert --vae) for latent models
-  )
+  ))
 
-  c.eval = dict(classifier_steps=1500, classifier_lr=1e-3, classifier_batch_size=128)
+  c.eval = dict(
+      classifier_steps=1500, classifier_lr=1e-3, classifier_batch_size=128,
+      # ADM metrics (IS, FID, sFID, precision, recall) instead of the classifier metric: an
+      # ADM reference batch .npz (mu, sigma, mu_s, sigma_s, arr_0), or a samples .npz /
+      # image folder whose statistics are computed. Empty: the embedded classifier metric.
+      reference="",
+      # With reference: the path of pytorch-fid's FID Inception weights
+      # (pt_inception-2015-12-05-6726825d.pth); nothing is downloaded.
+      inception="",
+  )
   return c
 
 
@@ -191,11 +209,25 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _check(num_devices % tr.num_fsdp == 0, "train.num_fsdp", tr.num_fsdp,
            f"a divisor of the device count {num_devices}")
 
-  _check(s.sampler in SAMPLERS, "sample.sampler", s.sampler, f"one of {SAMPLERS}")
+  _check(s.sampler in sampling.METHODS, "sample.sampler", s.sampler,
+         f"one of {sampling.METHODS}")
   _check(s.num_steps > 0, "sample.num_steps", s.num_steps, "a positive integer")
   _check(s.cfg_scale >= 0, "sample.cfg_scale", s.cfg_scale, ">= 0")
-  _check(s.guided_channels in GUIDED_CHANNELS, "sample.guided_channels", s.guided_channels,
-         f"one of {GUIDED_CHANNELS}")
+  _check(s.guided_channels in sampling.GUIDED_CHANNELS, "sample.guided_channels",
+         s.guided_channels, f"one of {sampling.GUIDED_CHANNELS}")
+  _check(len(s.cfg_interval) == 2 and 0 <= s.cfg_interval[0] <= s.cfg_interval[1] <= 1,
+         "sample.cfg_interval", s.cfg_interval, "(lo, hi) with 0 <= lo <= hi <= 1")
+  _check(s.atol > 0 and s.rtol > 0, "sample.atol", (s.atol, s.rtol),
+         "positive tolerances (atol, rtol)")
+  _check(0 < s.last_step_size < 1, "sample.last_step_size", s.last_step_size, "in (0, 1)")
+  _check(s.diffusion_norm >= 0, "sample.diffusion_norm", s.diffusion_norm, ">= 0")
+  _check(s.eps_scale > 0, "sample.eps_scale", s.eps_scale, "> 0 (1.0 disables it)")
+  _check(s.time_shift_window >= 0, "sample.time_shift_window", s.time_shift_window,
+         ">= 0 (0 disables the time shift)")
+  if s.time_shift_window > 0:
+    _check(s.sampler in ("euler", "heun"), "sample.sampler", s.sampler,
+           "'euler' or 'heun' with the time shift (sample.time_shift_window > 0)")
+  _check(s.data_var > 0, "sample.data_var", s.data_var, "> 0")
   _check(s.num_samples > 0, "sample.num_samples", s.num_samples, "a positive integer")
   _check(s.batch_size > 0, "sample.batch_size", s.batch_size, "a positive integer")
   if s.cfg_scale != 1.0:

@@ -14,7 +14,6 @@ from absl import logging
 
 from mixflow_jax import checkpoints, configuration, sampling, train
 from mixflow_jax.data import ImageDataset, load_dataset
-from mixflow_jax.interpolants import get_path
 from mixflow_jax.models.sit import SiT, SiTConfig, abstract_params
 
 
@@ -53,11 +52,9 @@ def sample_run(config: ml_collections.ConfigDict, run_dir: str,
   shape = (model_config.input_size, model_config.input_size, model_config.in_channels)
   start = time.perf_counter()
   images = sampling.generate(
-      train.make_apply_fn(model), params, labels, shape,
-      jax.random.key(config.seed), batch_size=s.batch_size, method=s.sampler,
-      num_steps=num_steps, cfg_scale=s.cfg_scale, null_class=model_config.num_classes,
-      guided_channels=s.guided_channels,
-      interval=get_path(config.objective.path).sample_interval)
+      train.make_apply_fn(model), params, labels, shape, jax.random.key(config.seed),
+      batch_size=s.batch_size, null_class=model_config.num_classes,
+      sampler=sampling.Sampler.from_config(s, config.objective.path, num_steps))
   images = np.asarray(images)
   if s.vae:
     images = decode_latents(s.vae, images, s.batch_size)

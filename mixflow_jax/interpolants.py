@@ -65,6 +65,29 @@ class Path(abc.ABC):
     t = _expand(t, x1)
     return self.d_alpha(t) * x1 + self.d_sigma(t) * x0
 
+  def score_from_velocity(self, t: Array, x: Array, v: Array) -> Array:
+    """The score of x_t implied by a velocity v, in the official SiT form
+    (alpha / alpha' v - x) / (sigma^2 - alpha / alpha' sigma' sigma), which is
+    (t v - x) / (1 - t) for Linear.  t: (B,), x, v: (B, ...) -> (B, ...)."""
+    t = _expand(t, x)
+    ratio = self.alpha(t) / self.d_alpha(t)
+    sigma = self.sigma(t)
+    return (ratio * v - x) / (sigma**2 - ratio * self.d_sigma(t) * sigma)
+
+  def noise_from_velocity(self, t: Array, x: Array, v: Array) -> Array:
+    """The noise x0 implied by x_t = x and u = v (two linear equations in x0, x1):
+    (alpha' x - alpha v) / (alpha' sigma - alpha sigma'); x - t v for Linear."""
+    t = _expand(t, x)
+    a, s, da, ds = self.alpha(t), self.sigma(t), self.d_alpha(t), self.d_sigma(t)
+    return (da * x - a * v) / (da * s - a * ds)
+
+  def velocity_from_noise(self, t: Array, x: Array, x0: Array) -> Array:
+    """The velocity alpha' x1 + sigma' x0 with x1 = (x - sigma x0) / alpha (needs
+    alpha(t) > 0, i.e. t > 0); (x - x0) / t for Linear."""
+    t = _expand(t, x)
+    x1 = (x - self.sigma(t) * x0) / self.alpha(t)
+    return self.d_alpha(t) * x1 + self.d_sigma(t) * x0
+
 
 @dataclasses.dataclass(frozen=True)
 class Linear(Path):

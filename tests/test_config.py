@@ -25,7 +25,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("optim.ema_decay", 1.0, "config.optim.ema_decay=1.0"),
     ("optim.lr", 0.0, "config.optim.lr=0.0"),
     ("train.steps", 0, "config.train.steps=0"),
-    ("sample.sampler", "dopri5", "config.sample.sampler='dopri5'"),
+    ("sample.sampler", "ddim", "config.sample.sampler='ddim'"),
+    ("sample.cfg_interval", (0.8, 0.2), "config.sample.cfg_interval=(0.8, 0.2)"),
+    ("sample.eps_scale", 0.0, "config.sample.eps_scale=0.0"),
     ("model.time_convention", "backwards", "config.model.time_convention='backwards'"),
     ("data.num_classes", 0, "config.data.num_classes=0"),
 ])
@@ -108,3 +110,9 @@ def test_imagenet_variants_validate_once_given_data():
     configuration.validate(config)
   repa = imagenet.get_config("repa_xl2")
   assert (repa.model.time_convention, repa.model.learn_sigma) == ("data_to_noise", False)
+
+
+def test_time_shift_needs_a_fixed_grid(config):
+  config.sample.sampler, config.sample.time_shift_window = "dopri5", 0.1
+  with pytest.raises(configuration.ConfigError, match=r"config\.sample\.sampler='dopri5'"):
+    configuration.validate(config)

@@ -8,27 +8,30 @@ import pytest
 from mixflow_jax import sampling
 
 
-@pytest.mark.parametrize("method", ["euler", "heun"])
+@pytest.mark.parametrize("method", ["euler", "heun", "dopri5"])
 def test_straight_flow_is_integrated_exactly(method):
   """For the Linear path with a known endpoint, u(x, t) = (x1 - x) / (1 - t) is constant
-  along the path; any fixed-grid sampler lands on x1."""
+  along the path; any sampler lands on x1."""
   x1 = jax.random.normal(jax.random.key(0), (4, 3))
   x0 = jax.random.normal(jax.random.key(1), (4, 3))
   u = lambda x, t: jnp.broadcast_to(x1 - x0, x.shape)
-  out = sampling.integrate(u, x0, method=method, num_steps=7)
+  out = sampling.integrate(u, x0, sampling.Sampler(method, num_steps=7))
   np.testing.assert_allclose(out, x1, rtol=1e-5, atol=1e-5)
 
 
-def test_heun_is_second_order_euler_first():
+def test_heun_is_second_order_euler_first_dopri5_meets_its_tolerance():
   """dx/dt = x: x(1) = e x(0); halving the step cuts the error ~2x (Euler), ~4x (Heun)."""
   x0 = jnp.ones((1, 1))
   u = lambda x, t: x
 
-  def error(method, n):
-    return abs(float(sampling.integrate(u, x0, method=method, num_steps=n)[0, 0]) - np.e)
+  def error(method, n, **kwargs):
+    out = sampling.integrate(u, x0, sampling.Sampler(method, num_steps=n, **kwargs))
+    return abs(float(out[0, 0]) - np.e)
 
   assert 1.8 < error("euler", 10) / error("euler", 20) < 2.2
   assert 3.6 < error("heun", 10) / error("heun", 20) < 4.4
+  assert error("dopri5", 1) < 1e-3 * np.e
+  assert error("dopri5", 1, rtol=1e-6) < error("dopri5", 1) / 10
 
 
 def test_heun_step_matches_trapezoid():
@@ -36,7 +39,89 @@ def test_heun_step_matches_trapezoid():
   x, t, dt = jnp.array([[0.3, -1.0]]), jnp.array([0.2]), 0.1
   k1 = u(x, t)
   k2 = u(x + dt * k1, t + dt)
-  np.testing.assert_allclose(sampling.heun_step(u, x, t, dt), x + dt / 2 * (k1 + k2))
+  np.testing.assert_allclose(sampling.heun_step(u, x, t, t + dt), x + dt / 2 * (k1 + k2),
+                             rtol=1e-6)
+
+
+def _gaussian_velocity(scale):
+  """The exact velocity of the Linear path for data ~ N(0, scale^2 I): with
+  v_t = t^2 scale^2 + (1 - t)^2, E[x1 | x_t] = t scale^2 x / v_t and
+  u = (E[x1 | x] - x) / (1 - t)."""
+  def u(x, t):
+    t = t[:, None]
+    var = t**2 * scale**2 + (1 - t) ** 2
+    return (t * scale**2 - (1 - t)) * x / var
+  return u
+
+
+@pytest.mark.parametrize("method, num_steps", [("heun", 50), ("dopri5", 1), ("sde", 400)])
+def test_samplers_reach_the_data_distribution(method, num_steps):
+  """With the exact velocity of Gaussian data (std 0.5), every sampler's output has the data's
+  standard deviation: a wrong sign in the SDE's score or diffusion term would not."""
+  sampler = sampling.Sampler(method, num_steps=num_steps)
+  x0 = jax.random.normal(jax.random.key(0), (4000, 8))
+  noise = lambda i: jax.random.normal(jax.random.fold_in(jax.random.key(1), i), x0.shape)
+  out = jax.jit(lambda x: sampling.integrate(_gaussian_velocity(0.5), x, sampler, noise))(x0)
+  assert abs(float(jnp.std(out)) - 0.5) < 0.01
+  assert abs(float(jnp.mean(out))) < 0.01
+
+
+def test_sde_grid_and_mean_last_step():
+  """The official grid: num_steps Euler-Maruyama steps on linspace(0, 1 - 0.04, .) and a
+  noise-free last step of 0.04: with u = 0 and no noise, x shrinks by the score term only."""
+  sampler = sampling.Sampler("sde", num_steps=3, diffusion_norm=0.0)
+  np.testing.assert_allclose(sampler.grid, [0.0, 0.32, 0.64, 0.96], rtol=1e-6)
+  x0 = jnp.ones((2, 3))
+  out = sampling.integrate(lambda x, t: jnp.zeros_like(x), x0, sampler,
+                           lambda i: jnp.zeros_like(x0))
+  np.testing.assert_allclose(out, x0)  # zero diffusion: only the (zero) velocity moves x
+
+
+def test_epsilon_scaling_rescales_the_implied_noise():
+  """Linear: eps = x - t v and v' = (x - eps / lambda) / t; lambda = 1 changes nothing and
+  t = 0 is left alone."""
+  path = sampling.Sampler().path
+  u = lambda x, t: jnp.sin(x) + t[:, None]
+  x, t = jnp.array([[0.3, -1.0], [2.0, 0.5], [1.0, 1.0]]), jnp.array([0.25, 0.8, 0.0])
+  lam = 1.004
+  got = sampling.epsilon_scaled(u, path, lam)(x, t)
+  v = u(x, t)
+  eps = x - t[:, None] * v
+  want = (x - eps / lam) / jnp.where(t > 0, t, 1)[:, None]
+  np.testing.assert_allclose(got[:2], want[:2], rtol=1e-5)
+  np.testing.assert_array_equal(got[2], v[2])
+  np.testing.assert_allclose(sampling.epsilon_scaled(u, path, 1.0)(x, t)[:2], v[:2],
+                             rtol=1e-5)
+  slope = sampling.epsilon_scaled(u, path, 1.0, slope=0.01)(x, t)
+  lam_t = 1.0 + 0.01 * (1 - t[:2, None])
+  np.testing.assert_allclose(slope[:2], (x[:2] - eps[:2] / lam_t) / t[:2, None], rtol=1e-5)
+
+
+def test_time_shift_picks_the_time_whose_variance_matches():
+  """A state whose variance is that of time 0.45 (data variance 0.25), seen at nominal
+  time 0.5 with a window of 0.1, is moved to ~0.45; outside the window it stops at the edge."""
+  sampler = sampling.Sampler("euler", time_shift_window=0.1, data_var=0.25)
+  target = lambda s: (1 - s) ** 2 + s**2 * 0.25
+  z = jax.random.normal(jax.random.key(0), (2, 20000))
+  z = (z - z.mean(1, keepdims=True)) / z.std(1, keepdims=True)
+  x = z * jnp.sqrt(jnp.array([target(0.45), target(0.2)]))[:, None]
+  got = sampling.shifted_time(x, jnp.array([0.5, 0.5]), sampler)
+  np.testing.assert_allclose(got, [0.45, 0.4], atol=0.003)
+
+
+def test_time_shift_only_after_the_first_step_and_below_the_cutoff():
+  """The time the network is told: nominal on the first step and above the cutoff."""
+  told = []
+  sampler = sampling.Sampler("euler", num_steps=4, time_shift_window=0.2,
+                             time_shift_cutoff=0.5, data_var=100.0)
+
+  def u(x, t):
+    jax.debug.callback(lambda tt: told.append(float(tt[0])), t)
+    return jnp.zeros_like(x)
+
+  sampling.integrate(u, jnp.ones((1, 64)), sampler)
+  # Variance 0 of a constant state is closest to the window's low end at every shift.
+  np.testing.assert_allclose(told, [0.0, 0.05, 0.3, 0.75], atol=1e-6)
 
 
 def _fake_apply(params, x, t, y):
@@ -62,19 +147,33 @@ def test_cfg_formula_and_channel_rule():
   np.testing.assert_array_equal(u_plain(x, t), cond)
 
 
-def test_generate_is_deterministic_and_batch_independent(tiny_model):
+def test_cfg_interval_guides_only_inside():
+  x = jax.random.normal(jax.random.key(0), (2, 2, 2, 4))
+  t, y = jnp.array([0.2, 0.6]), jnp.array([1, 2])
+  u = sampling.guided_velocity(_fake_apply, None, y, cfg_scale=3.0, null_class=7,
+                               cfg_interval=(0.5, 1.0))
+  out, cond = u(x, t), _fake_apply(None, x, t, y)
+  uncond = _fake_apply(None, x, t, jnp.full_like(y, 7))
+  np.testing.assert_allclose(out[0], cond[0], rtol=1e-6)
+  np.testing.assert_allclose(out[1], uncond[1] + 3.0 * (cond[1] - uncond[1]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["heun", "sde"])
+def test_generate_is_deterministic_and_batch_independent(tiny_model, method):
+  """Sample j's noise comes from its global index: batch size and where a job starts do
+  not change it."""
   model, params = tiny_model
   apply = lambda p, x, t, y: model.apply({"params": p}, x, t, y)
   labels = sampling.balanced_labels(10, 4)
   np.testing.assert_array_equal(labels, [0, 1, 2, 3, 0, 1, 2, 3, 0, 1])
-  kwargs = dict(method="heun", num_steps=3, cfg_scale=2.0, null_class=4)
-  a = sampling.generate(apply, params, labels, (8, 8, 1), jax.random.key(0), batch_size=5,
-                        **kwargs)
-  b = sampling.generate(apply, params, labels, (8, 8, 1), jax.random.key(0), batch_size=5,
-                        **kwargs)
+  kwargs = dict(sampler=sampling.Sampler(method, num_steps=3, cfg_scale=2.0), null_class=4)
+  key = jax.random.key(0)
+  a = sampling.generate(apply, params, labels, (8, 8, 1), key, batch_size=5, **kwargs)
+  b = sampling.generate(apply, params, labels, (8, 8, 1), key, batch_size=5, **kwargs)
   assert a.shape == (10, 8, 8, 1)
   np.testing.assert_array_equal(a, b)
-  # The first batch does not depend on what else is sampled.
-  c = sampling.generate(apply, params, labels[:5], (8, 8, 1), jax.random.key(0),
-                        batch_size=5, **kwargs)
-  np.testing.assert_array_equal(a[:5], c)
+  c = sampling.generate(apply, params, labels, (8, 8, 1), key, batch_size=4, **kwargs)
+  np.testing.assert_allclose(a, c, atol=1e-5)
+  d = sampling.generate(apply, params, labels[6:], (8, 8, 1), key, batch_size=4,
+                        first_index=6, **kwargs)
+  np.testing.assert_allclose(a[6:], d, atol=1e-5)

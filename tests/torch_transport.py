@@ -1,6 +1,7 @@
 """A PyTorch reference of the official SiT transport's velocity training loss, written
 from its published formulas (shared/REFERENCE.md), for parity tests only."""
 
+import itertools
 import math
 
 import torch
@@ -59,3 +60,46 @@ def published_mixflow_loss(model, x1, y, x0, u, v, gamma) -> torch.Tensor:
   m4 = (s + v * gamma * (1 - s))[:, None, None, None]
   output, _ = model((1 - m4) * x1 + m4 * x0, s, y)
   return ((output - (x0 - x1)) ** 2).mean(dim=(1, 2, 3))
+
+
+def official_ode_sample(model_fn, x0, method: str, num_sampling_steps: int) -> torch.Tensor:
+  """The official SiT fixed-grid ODE sampler for a Linear velocity model, as its published
+  semantics describe it: the grid torch.linspace(0, 1, N) (N points, N - 1 steps), torchdiffeq
+  'euler' (x + dt f(t, x)) or 'heun2' (x + dt/2 (f(t, x) + f(t + dt, x + dt f(t, x)))); the
+  sample is the last point. ``model_fn(x, t (N,))``."""
+  grid = torch.linspace(0, 1, num_sampling_steps)
+  x = x0
+  for t, t_next in itertools.pairwise(grid):
+    dt = t_next - t
+    tt = torch.full((x.shape[0],), float(t))
+    k1 = model_fn(x, tt)
+    if method == "euler":
+      x = x + dt * k1
+    else:
+      k2 = model_fn(x + dt * k1, torch.full((x.shape[0],), float(t_next)))
+      x = x + dt * 0.5 * (k1 + k2)
+  return x
+
+
+def official_sde_sample(model_fn, x0, noises, num_sampling_steps: int,
+                        last_step_size: float = 0.04) -> torch.Tensor:
+  """The official SiT Euler-Maruyama sampler for a Linear velocity model with diffusion form
+  'sigma' (w_t = 1 - t) and last step 'Mean': grid torch.linspace(0, 1 - last_step_size, N);
+  for each of its first N - 1 points, drift = v + w_t s with s = (t v - x) / (1 - t),
+  x_mean = x + drift dt, x = x_mean + sqrt(2 w_t) (noise sqrt(dt)); then
+  x + drift(x, 1 - last_step_size) last_step_size. ``noises[i]``: step i's normal draw."""
+  grid = torch.linspace(0, 1 - last_step_size, num_sampling_steps)
+  dt = grid[1] - grid[0]
+
+  def drift(x, t):
+    tt = torch.full((x.shape[0],), float(t))
+    v = model_fn(x, tt)
+    w = 1 - t
+    return v + w * (t * v - x) / (1 - t), w
+
+  x = x0
+  for i, t in enumerate(grid[:-1]):
+    d, w = drift(x, t)
+    x = x + d * dt + torch.sqrt(2 * w) * (noises[i] * torch.sqrt(dt))
+  d, _ = drift(x, grid[-1])
+  return x + d * last_step_size
