@@ -1,10 +1,25 @@
-"""The sampling job: a run's EMA params -> samples, written in the ADM ``.npz`` layout
-(``arr_0`` uint8 (N, H, W, C), ``arr_1`` int labels)."""
+"""The sampling job: a run's (EMA) params -> samples in the ADM ``.npz`` layout (``arr_0``
+uint8 (N, H, W, 3), ``arr_1`` int labels).
+
+``mixflow sample`` splits the batch over every device of the mesh, writes one shard per
+batch (``samples/<name>.shards/shard_<i>.npz``, each written atomically), resumes at the
+first missing shard when relaunched, and merges the shards into ``samples/<name>.npz``
+at the end. Sample j's noise depends only on the seed and j (``sampling``), so an
+interrupted and resumed job writes the same file as an uninterrupted one, on any number
+of devices.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import glob
+import hashlib
+import json
 import os
+import shutil
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -12,9 +27,16 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mixflow_jax import checkpoints, configuration, sampling, train
+from mixflow_jax import checkpoints, configuration, sampling, sharding, train
 from mixflow_jax.data import ImageDataset, load_dataset
 from mixflow_jax.models.sit import SiT, SiTConfig, abstract_params
+
+# Sample settings that do not change what sample j is (they are left out of the name).
+_NOT_IN_NAME = ("num_samples", "batch_size", "vae")
+# The defaults of the inference-time options; only changed ones enter the name's hash.
+_BASELINE_DEFAULTS = dict(cfg_interval=(0.0, 1.0), atol=1e-6, rtol=1e-3, last_step_size=0.04,
+                          diffusion_norm=1.0, eps_scale=1.0, eps_scale_slope=0.0,
+                          time_shift_window=0.0, time_shift_cutoff=1.0, data_var=1.0)
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -37,69 +59,189 @@ def run_model_config(config: ml_collections.ConfigDict, run_dir: str,
   return configuration.model_config(config, dataset.image_shape, dataset.num_classes)
 
 
-def sample_run(config: ml_collections.ConfigDict, run_dir: str,
-               dataset: ImageDataset | None = None, *, num_steps: int | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
-  """Samples ``config.sample.num_samples`` images (balanced labels) from the latest
-  checkpoint of ``run_dir``. Returns (images (N, H, W, C) in [-1, 1], labels (N,))."""
+@dataclasses.dataclass(frozen=True)
+class BatchSampler:
+  """Samples of one run: ``__call__(first_index, labels)`` -> images (B, H, W, 3 or C) in
+  about [-1, 1] (decoded by the VAE for latent models), B = len(labels) <= batch_size."""
+
+  fn: Callable[..., jax.Array]  # (params, vae_params, indices, labels) -> images
+  params: Any
+  vae_params: Any
+  batch_size: int
+  num_classes: int
+  step: int
+  mesh: jax.sharding.Mesh
+
+  def __call__(self, first_index: int, labels: np.ndarray) -> np.ndarray:
+    n = len(labels)
+    if n > self.batch_size:
+      raise ValueError(f"{n} labels exceed the batch size {self.batch_size}.")
+    indices = first_index + np.arange(self.batch_size, dtype=np.int32)
+    padded = np.concatenate([labels, np.zeros(self.batch_size - n, labels.dtype)])
+    batch = sharding.shard_batch({"i": indices, "y": padded.astype(np.int32)}, self.mesh)
+    return np.asarray(self.fn(self.params, self.vae_params, batch["i"], batch["y"]))[:n]
+
+
+def make_batch_sampler(config: ml_collections.ConfigDict, run_dir: str,
+                       dataset: ImageDataset | None = None, num_steps: int | None = None
+                       ) -> BatchSampler:
+  """Loads the latest checkpoint of ``run_dir`` (EMA params unless ``sample.use_ema`` is
+  off), replicated over the mesh, and compiles its sampler (+ VAE decoder)."""
   s = config.sample
   model_config = run_model_config(config, run_dir, dataset)
+  mesh = sharding.make_mesh()
+  if s.batch_size % mesh.size:
+    raise configuration.ConfigError(f"config.sample.batch_size={s.batch_size} is not a "
+                                    f"multiple of the device count {mesh.size}.")
   model = SiT(model_config, dtype=jnp.dtype(config.model.dtype))
   params, step = checkpoints.load_params(run_dir, abstract_params(model_config),
                                          "ema_params" if s.use_ema else "params")
-  labels = sampling.balanced_labels(s.num_samples, model_config.num_classes)
-  num_steps = num_steps or s.num_steps
+  params = jax.device_put(params, sharding.replicated(mesh))
+  sampler = sampling.Sampler.from_config(s, config.objective.path, num_steps)
   shape = (model_config.input_size, model_config.input_size, model_config.in_channels)
-  start = time.perf_counter()
-  images = sampling.generate(
-      train.make_apply_fn(model), params, labels, shape, jax.random.key(config.seed),
-      batch_size=s.batch_size, null_class=model_config.num_classes,
-      sampler=sampling.Sampler.from_config(s, config.objective.path, num_steps))
-  images = np.asarray(images)
-  if s.vae:
-    images = decode_latents(s.vae, images, s.batch_size)
-  elapsed = time.perf_counter() - start
-  logging.info("Sampled %d images from %s (step %d, %s, %d steps, cfg %.2f) at %.0f "
-               "samples/s.", len(images), run_dir, step, s.sampler, num_steps, s.cfg_scale,
-               len(images) / elapsed)
-  return images, np.asarray(labels)
+  decode, vae_params = _vae_decoder(s.vae, model_config.in_channels, mesh)
+  key = jax.random.key(config.seed)
+  apply_fn = train.make_apply_fn(model)
+
+  @jax.jit
+  def fn(params, vae_params, indices, y):
+    return decode(vae_params, sampling.sample(
+        apply_fn, params, indices, y, key, sampler=sampler, shape=shape,
+        null_class=model_config.num_classes))
+
+  return BatchSampler(fn, params, vae_params, s.batch_size, model_config.num_classes, step,
+                      mesh)
 
 
-def decode_latents(vae_dir: str, latents: np.ndarray, batch_size: int) -> np.ndarray:
-  """Scaled VAE latents (N, h, w, c) -> images (N, f h, f w, 3) in about [-1, 1], decoded
-  by the VAE converted into ``vae_dir`` (``mixflow convert --vae``), ``batch_size`` at a
-  time."""
+def _vae_decoder(vae_dir: str, channels: int, mesh: jax.sharding.Mesh
+                 ) -> tuple[Callable[[Any, jax.Array], jax.Array], Any]:
+  """``(decode(vae_params, z), vae_params)``: scaled latents (B, h, w, c) -> images
+  (B, f h, f w, 3) by the VAE converted into ``vae_dir`` (``mixflow convert --vae``); the
+  identity (and no params) when ``vae_dir`` is empty."""
+  if not vae_dir:
+    return (lambda _, z: z), None
   from mixflow_jax.convert.vae import load_vae  # Only latent models need it.
   from mixflow_jax.models.vae import AutoencoderKL
 
   vae_config, vae_params = load_vae(vae_dir)
-  if latents.shape[-1] != vae_config.latent_channels:
+  if channels != vae_config.latent_channels:
     raise configuration.ConfigError(
         f"config.sample.vae={vae_dir!r} decodes {vae_config.latent_channels}-channel "
-        f"latents, but the model samples {latents.shape[-1]} channels.")
-  decode = jax.jit(lambda z: AutoencoderKL(vae_config).apply(
-      {"params": vae_params}, z, method="decode"))
-  return np.concatenate([np.asarray(decode(latents[i:i + batch_size]))
-                         for i in range(0, len(latents), batch_size)])
+        f"latents, but the model samples {channels} channels.")
+  vae = AutoencoderKL(vae_config)
+  decode = lambda p, z: vae.apply({"params": p}, z, method="decode")
+  return decode, jax.device_put(vae_params, sharding.replicated(mesh))
+
+
+def sample_run(config: ml_collections.ConfigDict, run_dir: str,
+               dataset: ImageDataset | None = None, *, num_steps: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+  """Samples ``config.sample.num_samples`` images (balanced labels) in memory. Returns
+  (images (N, H, W, C) in about [-1, 1], labels (N,))."""
+  s = config.sample
+  batch_sampler = make_batch_sampler(config, run_dir, dataset, num_steps)
+  labels = np.asarray(sampling.balanced_labels(s.num_samples, batch_sampler.num_classes))
+  start = time.perf_counter()
+  images = np.concatenate([batch_sampler(i, labels[i:i + s.batch_size])
+                           for i in range(0, len(labels), s.batch_size)])
+  logging.info("Sampled %d images from %s (step %d, %s, %d steps, cfg %g) at %.1f "
+               "samples/s.", len(images), run_dir, batch_sampler.step, s.sampler,
+               num_steps or s.num_steps, s.cfg_scale,
+               len(images) / (time.perf_counter() - start))
+  return images, labels
+
+
+def samples_name(config: ml_collections.ConfigDict) -> str:
+  """``{ema|raw}_{sampler}{steps}_cfg{scale}_n{N}``, plus ``_seed{k}`` for a seed other
+  than 0 and a hash of the inference-time options that differ from their defaults."""
+  s = config.sample
+  name = (f"{'ema' if s.use_ema else 'raw'}_{s.sampler}{s.num_steps}_cfg{s.cfg_scale:g}"
+          f"_n{s.num_samples}")
+  if s.guided_channels != "all":
+    name += f"_{s.guided_channels}"
+  if config.seed:
+    name += f"_seed{config.seed}"
+  changed = {k: s[k] for k, v in _BASELINE_DEFAULTS.items()
+             if (tuple(s[k]) if isinstance(v, tuple) else s[k]) != v}
+  if changed:
+    name += "_" + hashlib.sha1(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8]
+  return name
 
 
 def samples_path(config: ml_collections.ConfigDict, workdir: str) -> str:
-  s = config.sample
-  weights = "ema" if s.use_ema else "raw"
-  return os.path.join(workdir, "samples", f"{weights}_{s.sampler}{s.num_steps}"
-                      f"_cfg{s.cfg_scale:g}_n{s.num_samples}.npz")
+  """Where ``mixflow sample`` writes (and ``mixflow evaluate`` reads) the samples."""
+  return os.path.join(workdir, "samples", samples_name(config) + ".npz")
+
+
+def _write_atomically(path: str, **arrays: np.ndarray) -> None:
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
 
 
 def sample_job(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """``mixflow sample``: samples the run in ``workdir``, writes and returns the .npz path.
-  Latent models (neither 1 nor 3 channels) need ``config.sample.vae`` to decode them."""
+  """``mixflow sample``: samples the run in ``workdir`` in resumable shards, merges them
+  into ``samples_path(config, workdir)`` and returns that path. Latent models (neither 1
+  nor 3 channels) need ``config.sample.vae`` to decode them."""
+  s = config.sample
+  path = samples_path(config, workdir)
+  if os.path.exists(path):
+    logging.info("%s exists; nothing to sample.", path)
+    return path
   channels = run_model_config(config, workdir).in_channels
-  if channels not in (1, 3) and not config.sample.vae:
+  if channels not in (1, 3) and not s.vae:
     raise configuration.ConfigError(
         f"The model in {workdir!r} samples {channels}-channel latents: set "
         "config.sample.vae to a VAE converted with `mixflow convert --vae` to decode them.")
-  images, labels = sample_run(config, workdir)
-  path = samples_path(config, workdir)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  np.savez(path, arr_0=to_uint8(images), arr_1=labels)
+  batch_sampler = make_batch_sampler(config, workdir)
+  labels = np.asarray(sampling.balanced_labels(s.num_samples, batch_sampler.num_classes))
+  shard_dir = path[:-len(".npz")] + ".shards"
+  _check_or_write_job(shard_dir, config, batch_sampler.step)
+
+  starts = range(0, s.num_samples, s.batch_size)
+  todo = [i for i, _ in enumerate(starts)
+          if not os.path.exists(os.path.join(shard_dir, f"shard_{i:05d}.npz"))]
+  if len(todo) < len(starts):
+    logging.info("Resuming %s: %d of %d shards done.", shard_dir, len(starts) - len(todo),
+                 len(starts))
+  t_start, done, last_log = time.perf_counter(), 0, 0.0
+  for shard in todo:
+    first = starts[shard]
+    images = batch_sampler(first, labels[first:first + s.batch_size])
+    _write_atomically(os.path.join(shard_dir, f"shard_{shard:05d}.npz"),
+                      arr_0=to_uint8(images), arr_1=labels[first:first + len(images)])
+    done += len(images)
+    elapsed = time.perf_counter() - t_start
+    if elapsed - last_log > 30 or shard == todo[-1]:
+      last_log = elapsed
+      left = s.num_samples - first - len(images)
+      logging.info("Sampled shard %d/%d: %.1f samples/s, ETA %.0f s.", shard + 1,
+                   len(starts), done / elapsed, left * elapsed / done)
+
+  shards = [np.load(os.path.join(shard_dir, f"shard_{i:05d}.npz")) for i in range(len(starts))]
+  _write_atomically(path, arr_0=np.concatenate([z["arr_0"] for z in shards]),
+                    arr_1=np.concatenate([z["arr_1"] for z in shards]))
+  shutil.rmtree(shard_dir)
   return path
+
+
+def _check_or_write_job(shard_dir: str, config: ml_collections.ConfigDict, step: int) -> None:
+  """Shards of one job only: a relaunch must sample the same checkpoint step with the same
+  settings, or its shards would mix two jobs."""
+  job = {"step": step, "seed": config.seed, "objective.path": config.objective.path,
+         "sample": {k: v for k, v in config.sample.to_dict().items() if k != "vae"}}
+  job = json.loads(json.dumps(job))  # tuples -> lists, as read back
+  job_file = os.path.join(shard_dir, "job.json")
+  if os.path.exists(job_file):
+    with open(job_file) as f:
+      stored = json.load(f)
+    if stored != job:
+      differs = sorted(k for k in set(stored) | set(job) if stored.get(k) != job.get(k))
+      raise ValueError(f"{shard_dir} holds shards of another job ({', '.join(differs)} "
+                       f"differ: {stored} vs {job}); delete it to start over.")
+    return
+  if glob.glob(os.path.join(shard_dir, "shard_*.npz")):
+    raise ValueError(f"{shard_dir} holds shards but no job.json; delete it to start over.")
+  os.makedirs(shard_dir, exist_ok=True)
+  with open(job_file, "w") as f:
+    json.dump(job, f, indent=2)

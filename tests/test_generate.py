@@ -1,0 +1,116 @@
+"""`mixflow sample`: resumable shards (an interrupted job writes the same file as an
+uninterrupted one), a relaunch never mixes two jobs, and 1 device equals 8."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from mixflow_jax import generate, train
+from tests.conftest import tiny_config
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def _config(sampler="heun"):
+  config = tiny_config()
+  config.optim.lr, config.optim.ema_decay, config.train.steps = 1e-2, 0.0, 4
+  config.sample.update(sampler=sampler, num_steps=3, num_samples=20, batch_size=8,
+                       cfg_scale=1.5)
+  return config
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  """A trained tiny run (EMA = params, away from the zero init)."""
+  path = str(tmp_path_factory.mktemp("run"))
+  train.train(_config(), path)
+  return path
+
+
+def test_interrupted_job_resumes_to_the_same_file(run_dir, tmp_path, monkeypatch):
+  config = _config("sde")
+  whole = generate.sample_job(config, run_dir)
+  with np.load(whole) as npz:
+    expected = {k: npz[k] for k in ("arr_0", "arr_1")}
+  assert expected["arr_0"].shape == (20, 8, 8, 1) and expected["arr_0"].dtype == np.uint8
+  os.rename(whole, str(tmp_path / "whole.npz"))
+
+  calls = []
+  real_call = generate.BatchSampler.__call__
+
+  def crash_on_third(self, first_index, labels):
+    calls.append(first_index)
+    if len(calls) == 3:
+      raise KeyboardInterrupt
+    return real_call(self, first_index, labels)
+
+  monkeypatch.setattr(generate.BatchSampler, "__call__", crash_on_third)
+  with pytest.raises(KeyboardInterrupt):
+    generate.sample_job(config, run_dir)
+  shards = whole[:-len(".npz")] + ".shards"
+  assert sorted(f for f in os.listdir(shards) if f.startswith("shard")) == [
+      "shard_00000.npz", "shard_00001.npz"]
+  monkeypatch.setattr(generate.BatchSampler, "__call__", real_call)
+
+  resumed = generate.sample_job(config, run_dir)
+  assert resumed == whole and not os.path.exists(shards)
+  with np.load(resumed) as npz:
+    np.testing.assert_array_equal(npz["arr_0"], expected["arr_0"])
+    np.testing.assert_array_equal(npz["arr_1"], expected["arr_1"])
+
+
+def test_relaunch_with_another_checkpoint_refuses_to_mix_shards(run_dir, tmp_path):
+  config = _config()
+  shards = generate.samples_path(config, run_dir)[:-len(".npz")] + ".shards"
+  os.makedirs(shards)
+  with open(os.path.join(shards, "job.json"), "w") as f:
+    f.write('{"step": 999}')
+  with pytest.raises(ValueError, match=r"holds shards of another job \(objective.path, "
+                                       r"sample, seed, step differ"):
+    generate.sample_job(config, run_dir)
+
+
+def test_name_tells_samplers_and_baselines_apart():
+  config = _config()
+  base = generate.samples_name(config)
+  assert base == "ema_heun3_cfg1.5_n20"
+  config.sample.eps_scale = 1.004
+  scaled = generate.samples_name(config)
+  assert scaled.startswith(base + "_") and scaled != base
+  config.sample.eps_scale, config.seed = 1.0, 3
+  assert generate.samples_name(config) == base + "_seed3"
+
+
+_EIGHT_DEVICES = textwrap.dedent("""
+    import sys
+    import jax
+    sys.path.insert(0, {repo!r})
+    from tests.test_generate import _config
+    from mixflow_jax import generate
+    assert jax.device_count() == 8
+    config = _config("sde")
+    config.seed = 5
+    print(generate.sample_job(config, {run_dir!r}))
+""")
+
+
+def test_one_device_equals_eight(run_dir):
+  config = _config("sde")
+  config.seed = 5
+  one = generate.sample_job(config, run_dir)
+  with np.load(one) as npz:
+    expected = npz["arr_0"]
+  os.remove(one)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  result = subprocess.run(
+      [sys.executable, "-c", _EIGHT_DEVICES.format(repo=os.path.dirname(TESTS),
+                                                   run_dir=run_dir)],
+      env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with np.load(result.stdout.strip().splitlines()[-1]) as npz:
+    np.testing.assert_array_equal(npz["arr_0"], expected)
