@@ -1,10 +1,12 @@
 """The command line: ``mixflow train|sample|evaluate|demo --config=... --workdir=DIR``
 and ``mixflow convert --checkpoint=PATH --out=DIR [--model=SiT-XL/2] [--weights=ema]
-[--time_convention=data_to_noise]``, and ``mixflow convert --vae=PATH --out=DIR``.
+[--time_convention=data_to_noise]``, and ``mixflow convert --vae=PATH --out=DIR``, and
+``mixflow encode --images=DIR --vae=DIR --out=DIR [--image_size=256]`` (ImageFolder ->
+``arrays`` folder of VAE latents).
 
 Flags only; the work is done by importable functions (``train.train``,
 ``generate.sample_job``, ``evaluate.evaluate_job``, ``demo.run_demo``,
-``convert.export.convert_checkpoint``).
+``convert.export.convert_checkpoint``, ``data.encode.encode_folder``).
 """
 
 import logging as py_logging
@@ -13,7 +15,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ("train", "sample", "evaluate", "demo", "convert")
+COMMANDS = ("train", "sample", "evaluate", "demo", "convert", "encode")
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "configs", "digits.py")
 
@@ -21,8 +23,14 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, log
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "convert: the PyTorch checkpoint "
                                   "(.pt state_dict or train.py dict, or .safetensors).")
 _VAE = flags.DEFINE_string("vae", None, "convert: an SD-VAE (diffusers AutoencoderKL) "
-                          "state_dict (.safetensors, .bin or .pt) instead of a SiT.")
-_OUT = flags.DEFINE_string("out", None, "convert: the output folder.")
+                          "state_dict (.safetensors, .bin or .pt) instead of a SiT; encode: "
+                          "the VAE folder written by `mixflow convert --vae`.")
+_OUT = flags.DEFINE_string("out", None, "convert: the output folder; encode: the arrays "
+                          "folder to write (images.npy, labels.npy; rerun to resume).")
+_IMAGES = flags.DEFINE_string("images", None, "encode: the ImageFolder to encode (one "
+                             "subfolder per class, e.g. ImageNet's train/).")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 256, "encode: the side of the ADM center "
+                                   "crop (latents are image_size / 8 for SD's VAE).")
 _MODEL = flags.DEFINE_string("model", None, "convert: the named size to check against "
                              "(e.g. SiT-XL/2); by default inferred from the weights.")
 _WEIGHTS = flags.DEFINE_enum("weights", "ema", ["ema", "model"],
@@ -64,6 +72,14 @@ def main(argv: list[str]) -> None:
     config = convert_checkpoint(_CHECKPOINT.value, _OUT.value, _MODEL.value, _WEIGHTS.value,
                                 _TIME_CONVENTION.value)
     print(f"Wrote {_OUT.value}: {config}")
+    return
+  if argv[1] == "encode":
+    if _IMAGES.value is None or _VAE.value is None or _OUT.value is None:
+      raise app.UsageError("Usage: mixflow encode --images=DIR --vae=DIR --out=DIR "
+                           "[--image_size=256].")
+    from mixflow_jax.data.encode import encode_folder
+    rows = encode_folder(_IMAGES.value, _VAE.value, _OUT.value, _IMAGE_SIZE.value)
+    print(f"Wrote {_OUT.value}: {rows} rows of latents (images.npy, labels.npy).")
     return
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required.")
