@@ -1,11 +1,12 @@
-"""The command line: ``mixflow train|sample|evaluate|demo --config=... --workdir=DIR``
-and ``mixflow convert --checkpoint=PATH --out=DIR [--model=SiT-XL/2] [--weights=ema]
+"""The command line: ``mixflow train|sample|evaluate|demo --config=... --workdir=DIR``,
+``mixflow slowflow --workdir=DIR [--compare=DIR2,...] [--calibrate]``, and ``mixflow convert --checkpoint=PATH --out=DIR [--model=SiT-XL/2] [--weights=ema]
 [--time_convention=data_to_noise]``, and ``mixflow convert --vae=PATH --out=DIR``, and
 ``mixflow encode --images=DIR --vae=DIR --out=DIR [--image_size=256]`` (ImageFolder ->
 ``arrays`` folder of VAE latents).
 
 Flags only; the work is done by importable functions (``train.train``,
-``generate.sample_job``, ``evaluate.evaluate_job``, ``demo.run_demo``,
+``generate.sample_job``, ``evaluate.evaluate_job``, ``slowflow.slowflow_job``,
+``demo.run_demo``,
 ``convert.export.convert_checkpoint``, ``data.encode.encode_folder``).
 """
 
@@ -15,7 +16,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ("train", "sample", "evaluate", "demo", "convert", "encode")
+COMMANDS = ("train", "sample", "evaluate", "slowflow", "demo", "convert", "encode")
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "configs", "digits.py")
 
@@ -40,6 +41,10 @@ _TIME_CONVENTION = flags.DEFINE_enum(
     "convert: the time convention the weights were trained in (t = 0 noise: SiT; t = 0 "
     "data: REPA, RAE). By default data_to_noise for REPA checkpoints (projector heads), "
     "else noise_to_data.")
+_COMPARE = flags.DEFINE_list("compare", [], "slowflow: more run folders to measure and "
+                             "plot next to --workdir's.")
+_CALIBRATE = flags.DEFINE_bool("calibrate", False, "slowflow: also propose MixFlow's gamma "
+                               "from --workdir's Slow Flow (written to DIR/gamma.json).")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", _DEFAULT_CONFIG, "Config file (configs/<name>.py[:variant]); fields can be "
     "overridden with --config.<field>=<value>.", lock_config=True)
@@ -101,6 +106,13 @@ def main(argv: list[str]) -> None:
     from mixflow_jax import evaluate
     for name, value in evaluate.evaluate_job(config, workdir).items():
       print(f"{name}: {value:.4f}")
+  elif command == "slowflow":
+    from mixflow_jax import slowflow
+    result = slowflow.slowflow_job(config, workdir, tuple(_COMPARE.value), _CALIBRATE.value)
+    print(f"Wrote {os.path.join(workdir, 'slowflow.png')} and slowflow.json")
+    if "gamma" in result:
+      print(f"Proposed gamma: {result['gamma']:.3f} (written to "
+            f"{os.path.join(workdir, 'gamma.json')})")
   elif command == "demo":
     from mixflow_jax import demo
     if "demo" not in config:

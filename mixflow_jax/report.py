@@ -77,3 +77,21 @@ def write_report(path: str, *, loss_curves: dict[str, tuple[np.ndarray, np.ndarr
   fig.suptitle(title)
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+def plot_slowflow(summaries: dict[str, dict], path: str, title: str = "Slow Flow") -> None:
+  """t on x, the nearest ground-truth time s on y (median line, band shaded), the diagonal
+  s = t drawn; one curve per model."""
+  fig, ax = plt.subplots(figsize=(5, 5))
+  ax.plot([0, 1], [0, 1], "k--", lw=1, label="s = t (no slowdown)")
+  for name, summary in summaries.items():
+    t = np.asarray(summary["t"])
+    line, = ax.plot(t, summary["median"], lw=1.5, label=name)
+    ax.fill_between(t, summary["lo"], summary["hi"], color=line.get_color(), alpha=0.2)
+  lo, hi = next(iter(summaries.values()))["band"]
+  ax.set(xlabel="sampling time t", ylabel="nearest ground-truth time s",
+         title=f"{title} (median, {lo:.0%}-{hi:.0%} band)", xlim=(0, 1), ylim=(0, 1))
+  ax.legend(loc="upper left", fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

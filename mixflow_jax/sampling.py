@@ -190,18 +190,45 @@ def shifted_time(x: Array, t: Array, sampler: Sampler, num_candidates: int = 41)
   return jnp.take_along_axis(candidates, best[:, None], axis=1)[:, 0]
 
 
-def _fixed_grid(u: VelocityFn, x0: Array, sampler: Sampler) -> Array:
-  grid, step = sampler.grid, STEPPERS[sampler.method]
-  batch = x0.shape[0]
+def _grid_step(u: VelocityFn, sampler: Sampler, noise: NoiseFn | None
+               ) -> Callable[[Array, Array], Array]:
+  """``step(i, x)``: step i of a fixed-grid method, from grid[i] to grid[i + 1]."""
+  grid = sampler.grid
 
-  def body(i, x):
-    t, t_next = jnp.full((batch,), grid[i]), jnp.full((batch,), grid[i + 1])
+  if sampler.method == "sde":
+    dt = grid[1] - grid[0]
+
+    def sde_step(i, x):
+      drift, w = _sde_drift(u, sampler, x, jnp.full((x.shape[0],), grid[i]))
+      return x + drift * dt + jnp.sqrt(2 * w) * (noise(i) * jnp.sqrt(dt))
+
+    return sde_step
+
+  step = STEPPERS[sampler.method]
+
+  def ode_step(i, x):
+    t, t_next = jnp.full((x.shape[0],), grid[i]), jnp.full((x.shape[0],), grid[i + 1])
     if sampler.time_shift_window > 0:
       shift = (i >= 1) & (grid[i] <= sampler.time_shift_cutoff)
       t = jnp.where(shift, shifted_time(x, t, sampler), t)
     return step(u, x, t, t_next)
 
-  return jax.lax.fori_loop(0, sampler.num_steps, body, x0)
+  return ode_step
+
+
+def _sde_drift(u: VelocityFn, sampler: Sampler, x: Array, t: Array) -> tuple[Array, Array]:
+  """(drift v + w_t score, w_t) of the official SDE, diffusion form 'sigma'."""
+  v = u(x, t)
+  w = sampler.diffusion_norm * sampler.path.sigma(_expand(t, x))
+  return v + w * sampler.path.score_from_velocity(t, x, v), w
+
+
+def _finish(u: VelocityFn, sampler: Sampler, x: Array) -> Array:
+  """The SDE's noise-free 'Mean' last step from the end of its grid; identity for ODEs."""
+  if sampler.method != "sde":
+    return x
+  drift, _ = _sde_drift(u, sampler, x, jnp.full((x.shape[0],), sampler.grid[-1]))
+  return x + drift * sampler.last_step_size
 
 
 def _dopri5(u: VelocityFn, x0: Array, sampler: Sampler) -> Array:
@@ -216,36 +243,33 @@ def _dopri5(u: VelocityFn, x0: Array, sampler: Sampler) -> Array:
   return solution.ys[0]
 
 
-def _euler_maruyama(u: VelocityFn, x0: Array, sampler: Sampler, noise: NoiseFn) -> Array:
-  grid, path = sampler.grid, sampler.path
-  dt = grid[1] - grid[0]
-  batch = x0.shape[0]
-
-  def drift_and_diffusion(x, t):
-    v = u(x, t)
-    w = sampler.diffusion_norm * path.sigma(_expand(t, x))
-    return v + w * path.score_from_velocity(t, x, v), w
-
-  def body(i, x):
-    drift, w = drift_and_diffusion(x, jnp.full((batch,), grid[i]))
-    return x + drift * dt + jnp.sqrt(2 * w) * (noise(i) * jnp.sqrt(dt))
-
-  x = jax.lax.fori_loop(0, sampler.num_steps, body, x0)
-  drift, _ = drift_and_diffusion(x, jnp.full((batch,), grid[-1]))
-  return x + drift * sampler.last_step_size                              # 'Mean' last step
-
-
 def integrate(u: VelocityFn, x0: Array, sampler: Sampler, noise: NoiseFn | None = None
               ) -> Array:
   """Integrates dx/dt = u(x, t) from noise x0 (B, ...) to data; ``noise(i)`` gives the
-  standard normal increments of SDE step i. Returns x at the end of the grid."""
+  standard normal increments of SDE step i. Returns the sample (B, ...)."""
   if sampler.method == "dopri5":
     return _dopri5(u, x0, sampler)
-  if sampler.method == "sde":
-    if noise is None:
-      raise ValueError("The SDE sampler needs a noise function.")
-    return _euler_maruyama(u, x0, sampler, noise)
-  return _fixed_grid(u, x0, sampler)
+  if sampler.method == "sde" and noise is None:
+    raise ValueError("The SDE sampler needs a noise function.")
+  x = jax.lax.fori_loop(0, sampler.num_steps, _grid_step(u, sampler, noise), x0)
+  return _finish(u, sampler, x)
+
+
+def trajectory(u: VelocityFn, x_start: Array, sampler: Sampler, noise: NoiseFn | None = None,
+               start_index: int = 0) -> tuple[Array, Array]:
+  """The states of a fixed-grid sampler started at ``grid[start_index]`` from ``x_start``
+  (B, ...): returns (states (T, B, ...) at ``grid[start_index:]``, the sample (B, ...));
+  for the SDE the sample is the 'Mean' step after the grid's last state."""
+  if sampler.method == "dopri5":
+    raise ValueError("Trajectories need a fixed grid: method 'euler', 'heun' or 'sde'.")
+  step = _grid_step(u, sampler, noise)
+
+  def body(x, i):
+    x = step(i, x)
+    return x, x
+
+  x, states = jax.lax.scan(body, x_start, jnp.arange(start_index, sampler.num_steps))
+  return jnp.concatenate([x_start[None], states]), _finish(u, sampler, x)
 
 
 def initial_noise(key: jax.Array, indices: Array, shape: tuple[int, ...]) -> Array:

@@ -1,0 +1,175 @@
+"""Slow Flow (the MixFlow paper's Figure 1): at each sampling time t, the ground-truth time s
+whose interpolation is nearest to the sampler's state x_t. Exposure bias shows as s < t:
+the generated state looks like a noisier ground-truth state.
+
+Ground truth is the path's interpolation x_s = alpha(s) x1 + sigma(s) x0 for a pair
+(x0, x1), chosen by ``mode``:
+
+- 'trajectory': x0 is the trajectory's own initial noise and x1 its own final sample; the
+  nearest s is then how far along its own straight (Linear) path the state is.
+- 'restart': x1 is a real held-out datum and x0 fresh noise; the sampler starts at the grid
+  time nearest ``restart_time`` from the ground-truth x_{restart_time} and runs to the end,
+  so that every later state is compared with the ground-truth path it started on.
+
+s is found per sample by minimising ||x_t - x_s||^2 over a grid of ``num_s`` times in
+[0, 1] (from the inner products of x_t, x0, x1, so any path works).
+
+``calibrate_gamma`` proposes MixFlow's gamma from the measured slowdown r(t) = 1 - s/t (no
+paper rule exists; the paper tunes gamma): MixFlow trains on m_t ~ U[(1 - gamma) t, t],
+whose mean is (1 - gamma / 2) t; gamma = 2 median_t r(t), over grid times t >= t_min, makes
+that mean the median measured s. Clipped to [0, 1].
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from mixflow_jax import checkpoints, generate, report, sampling, train
+from mixflow_jax.data import load_dataset
+from mixflow_jax.interpolants import Path
+from mixflow_jax.models.sit import SiT, abstract_params
+
+Array = jnp.ndarray
+MODES = ("trajectory", "restart")
+
+
+def nearest_time(path: Path, x: Array, x0: Array, x1: Array, num_s: int = 2001) -> Array:
+  """argmin_s ||x - alpha(s) x1 - sigma(s) x0||^2 over linspace(0, 1, num_s), per sample:
+  x, x0, x1 (B, ...) -> (B,)."""
+  flat = lambda a: a.reshape(a.shape[0], -1)
+  x, x0, x1 = flat(x), flat(x0), flat(x1)
+  dot = lambda a, b: jnp.sum(a * b, axis=1)[:, None]                     # (B, 1)
+  s = jnp.linspace(0.0, 1.0, num_s)[None]                                # (1, S)
+  a, g = path.alpha(s), path.sigma(s)
+  dist = (dot(x, x) - 2 * a * dot(x, x1) - 2 * g * dot(x, x0) + a**2 * dot(x1, x1)
+          + 2 * a * g * dot(x0, x1) + g**2 * dot(x0, x0))
+  return s[0, jnp.argmin(dist, axis=1)]
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "sampler", "shape", "null_class",
+                                             "mode", "start"))
+def _nearest_times(apply_fn, params, labels: Array, key: jax.Array, real: Array, *,
+                   sampler: sampling.Sampler, shape: tuple[int, ...], null_class: int,
+                   mode: str, start: int) -> Array:
+  """(T, B) nearest ground-truth times of the states at ``sampler.grid[start:]``."""
+  indices = jnp.arange(len(labels))
+  init_key, sde_key = jax.random.split(key)
+  x0 = sampling.initial_noise(init_key, indices, shape)
+  u = sampling.velocity_field(apply_fn, params, labels, sampler, null_class)
+  noise = lambda i: sampling.step_noise(sde_key, indices, i, shape)
+  if mode == "restart":
+    t0 = jnp.full((len(labels),), sampler.grid[start])
+    states, _ = sampling.trajectory(u, sampler.path.interpolate(t0, x0, real), sampler,
+                                    noise, start)
+    x1 = real
+  else:
+    states, x1 = sampling.trajectory(u, x0, sampler, noise)
+  return jax.vmap(lambda x: nearest_time(sampler.path, x, x0, x1))(states)
+
+
+def measure(apply_fn, params, labels: Array, key: jax.Array, *, sampler: sampling.Sampler,
+            shape: tuple[int, ...], null_class: int, mode: str = "trajectory",
+            real: Array | None = None, restart_time: float = 0.5
+            ) -> tuple[np.ndarray, np.ndarray]:
+  """Nearest ground-truth times of one batch (labels (B,)): returns (t (T,), s (B, T)).
+  ``real`` (B, *shape): the data of 'restart' mode, started at the grid time nearest
+  ``restart_time``."""
+  if mode not in MODES:
+    raise ValueError(f"Slow Flow mode {mode!r}; expected one of {MODES}.")
+  if mode == "restart" and real is None:
+    raise ValueError("Slow Flow mode 'restart' needs real data.")
+  grid = np.asarray(sampler.grid)
+  start = int(np.argmin(np.abs(grid - restart_time))) if mode == "restart" else 0
+  s = _nearest_times(apply_fn, params, labels, key,
+                     real if real is not None else jnp.zeros((len(labels), *shape)),
+                     sampler=sampler, shape=shape, null_class=null_class, mode=mode,
+                     start=start)
+  return grid[start:], np.asarray(s).T
+
+
+def summarize(t: np.ndarray, s: np.ndarray, band: tuple[float, float] = (0.1, 0.9)) -> dict:
+  """Per grid time: the median nearest time and a (band) quantile range over samples."""
+  lo, median, hi = np.quantile(s, [band[0], 0.5, band[1]], axis=0)
+  return {"t": t.tolist(), "median": median.tolist(), "lo": lo.tolist(), "hi": hi.tolist(),
+          "band": list(band), "num_samples": int(s.shape[0])}
+
+
+def calibrate_gamma(summary: dict, t_min: float = 0.1) -> float:
+  """gamma = 2 median_t (1 - s/t) over grid times t >= t_min (module docstring)."""
+  t, s = np.asarray(summary["t"]), np.asarray(summary["median"])
+  keep = t >= t_min
+  if not keep.any():
+    raise ValueError(f"No grid time is >= t_min={t_min}.")
+  return float(np.clip(2 * np.median(1 - s[keep] / t[keep]), 0.0, 1.0))
+
+
+def slowflow_run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
+  """Slow Flow of the run in ``run_dir`` with ``config.sample``'s sampler, over
+  ``config.slowflow.num_samples`` samples (balanced labels)."""
+  sf, s = config.slowflow, config.sample
+  model_config = generate.run_model_config(config, run_dir)
+  model = SiT(model_config, dtype=jnp.dtype(config.model.dtype))
+  params, step = checkpoints.load_params(run_dir, abstract_params(model_config),
+                                         "ema_params" if s.use_ema else "params")
+  sampler = sampling.Sampler.from_config(s, config.objective.path)
+  shape = (model_config.input_size, model_config.input_size, model_config.in_channels)
+  labels = np.asarray(sampling.balanced_labels(sf.num_samples, model_config.num_classes))
+  real = None
+  if sf.mode == "restart":
+    dataset = load_dataset(config.data)
+    if dataset.image_shape != shape:
+      raise ValueError(f"config.data.name={config.data.name!r} has images of shape "
+                       f"{dataset.image_shape}; the model in {run_dir!r} samples {shape}.")
+    rows = np.arange(sf.num_samples) % len(dataset.heldout_images)
+    real, labels = dataset.heldout_images[rows], dataset.heldout_labels[rows]
+  t, parts = None, []
+  for start in range(0, sf.num_samples, sf.batch_size):
+    batch = slice(start, start + sf.batch_size)
+    t, s_batch = measure(
+        train.make_apply_fn(model), params, jnp.asarray(labels[batch]),
+        jax.random.fold_in(jax.random.key(config.seed), start), sampler=sampler,
+        shape=shape, null_class=model_config.num_classes, mode=sf.mode,
+        real=None if real is None else jnp.asarray(real[batch]),
+        restart_time=sf.restart_time)
+    parts.append(s_batch)
+  summary = summarize(t, np.concatenate(parts), tuple(sf.band))
+  summary.update(run=os.path.abspath(run_dir), step=step, mode=sf.mode, sampler=s.sampler,
+                 num_steps=s.num_steps)
+  return summary
+
+
+def slowflow_job(config: ml_collections.ConfigDict, workdir: str, others: tuple[str, ...] = (),
+                 calibrate: bool = False) -> dict:
+  """``mixflow slowflow``: measures ``workdir`` (and the runs ``others``) and writes
+  ``workdir/slowflow.json`` and ``workdir/slowflow.png``; with ``calibrate`` also proposes
+  gamma (``calibrate_gamma``) for ``workdir``'s model and writes it to
+  ``workdir/gamma.json``."""
+  summaries = {}
+  for run_dir in (workdir, *others):
+    name = os.path.basename(os.path.normpath(run_dir))
+    summaries[name] = slowflow_run(config, run_dir)
+    logging.info("Slow Flow of %s: median s at t = %s: %s", name,
+                 np.round(summaries[name]["t"][::max(1, len(summaries[name]["t"]) // 5)], 2),
+                 np.round(summaries[name]["median"][::max(
+                     1, len(summaries[name]["t"]) // 5)], 3))
+  result = {"mode": config.slowflow.mode, "models": summaries}
+  if calibrate:
+    gamma = calibrate_gamma(next(iter(summaries.values())), config.slowflow.t_min)
+    result["gamma"] = gamma
+    with open(os.path.join(workdir, "gamma.json"), "w") as f:
+      json.dump({"gamma": gamma, "rule": "2 * median over t >= t_min of (1 - s/t)",
+                 "t_min": config.slowflow.t_min, "mode": config.slowflow.mode}, f, indent=2)
+  with open(os.path.join(workdir, "slowflow.json"), "w") as f:
+    json.dump(result, f, indent=2)
+  s = config.sample
+  report.plot_slowflow(summaries, os.path.join(workdir, "slowflow.png"),
+                       title=f"Slow Flow, {s.sampler} {s.num_steps} steps, {config.slowflow.mode}")
+  return result
