@@ -93,6 +93,15 @@ def default_config() -> ml_collections.ConfigDict:
       vae="",                   # a converted VAE (mixflow convert --vae) for latent models
   ))
 
+  c.slowflow = ml_collections.ConfigDict(dict(
+      mode="trajectory",        # trajectory | restart (see slowflow.py)
+      restart_time=0.5,         # restart: the grid time started from a real datum's x_t
+      num_samples=256,
+      batch_size=128,
+      band=(0.1, 0.9),          # quantiles of the shaded band
+      t_min=0.1,                # calibrate: grid times t >= t_min enter the gamma rule
+  ))
+
   c.eval = dict(
       classifier_steps=1500, classifier_lr=1e-3, classifier_batch_size=128,
       # ADM metrics (IS, FID, sFID, precision, recall) instead of the classifier metric: an
@@ -228,6 +237,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _check(s.sampler in ("euler", "heun"), "sample.sampler", s.sampler,
            "'euler' or 'heun' with the time shift (sample.time_shift_window > 0)")
   _check(s.data_var > 0, "sample.data_var", s.data_var, "> 0")
+  sf = config.slowflow
+  _check(sf.mode in ("trajectory", "restart"), "slowflow.mode", sf.mode,
+         "'trajectory' or 'restart'")
+  _check(0 <= sf.restart_time < 1, "slowflow.restart_time", sf.restart_time, "in [0, 1)")
+  _check(sf.num_samples > 0 and sf.batch_size > 0, "slowflow.num_samples",
+         (sf.num_samples, sf.batch_size), "positive (num_samples, batch_size)")
+  _check(len(sf.band) == 2 and 0 <= sf.band[0] < sf.band[1] <= 1, "slowflow.band", sf.band,
+         "(lo, hi) quantiles with 0 <= lo < hi <= 1")
   _check(s.num_samples > 0, "sample.num_samples", s.num_samples, "a positive integer")
   _check(s.batch_size > 0, "sample.batch_size", s.batch_size, "a positive integer")
   if s.cfg_scale != 1.0:
