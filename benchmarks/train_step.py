@@ -20,6 +20,7 @@ from absl import app, flags
 from mixflow_jax import configuration, train
 from mixflow_jax.data import ImageDataset
 from mixflow_jax.data.arrays import split
+from mixflow_jax.models.sit import make_apply_fn
 
 _SIZES = flags.DEFINE_list("sizes", ["SiT-T/2", "SiT-S/2"], "Named model sizes.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Alternating measurements per objective.")
@@ -41,7 +42,7 @@ def time_step(config, dataset: ImageDataset, steps: int):
   model = train.make_model(config, dataset)
   tx = train.make_optimizer(config.optim)
   step_fn = jax.jit(functools.partial(
-      train.train_step, apply_fn=train.make_apply_fn(model),
+      train.train_step, apply_fn=make_apply_fn(model),
       objective=train.make_objective(config, model), tx=tx,
       ema_decay=config.optim.ema_decay), donate_argnums=0)
   state = train.create_train_state(

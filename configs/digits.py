@@ -38,6 +38,7 @@ def get_config(variant: str = "pretrain") -> ml_collections.ConfigDict:
       gamma=0.8,                         # the paper's default for SiT
       sampler="euler",
       sample_steps=(5, 10, 25),          # few-step sampling: where exposure bias is largest
+      slowflow_steps=25,                 # the grid of the Slow Flow measurement
   )
 
   if variant == "pretrain":

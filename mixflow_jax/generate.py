@@ -27,9 +27,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mixflow_jax import checkpoints, configuration, sampling, sharding, train
+from mixflow_jax import checkpoints, configuration, sampling, sharding
 from mixflow_jax.data import ImageDataset, load_dataset
-from mixflow_jax.models.sit import SiT, SiTConfig, abstract_params
+from mixflow_jax.models.sit import SiT, SiTConfig, abstract_params, make_apply_fn
 
 # Sample settings that do not change what sample j is (they are left out of the name).
 _NOT_IN_NAME = ("num_samples", "batch_size", "vae")
@@ -101,7 +101,7 @@ def make_batch_sampler(config: ml_collections.ConfigDict, run_dir: str,
   shape = (model_config.input_size, model_config.input_size, model_config.in_channels)
   decode, vae_params = _vae_decoder(s.vae, model_config.in_channels, mesh)
   key = jax.random.key(config.seed)
-  apply_fn = train.make_apply_fn(model)
+  apply_fn = make_apply_fn(model)
 
   @jax.jit
   def fn(params, vae_params, indices, y):
@@ -184,15 +184,15 @@ def sample_job(config: ml_collections.ConfigDict, workdir: str) -> str:
   into ``samples_path(config, workdir)`` and returns that path. Latent models (neither 1
   nor 3 channels) need ``config.sample.vae`` to decode them."""
   s = config.sample
-  path = samples_path(config, workdir)
-  if os.path.exists(path):
-    logging.info("%s exists; nothing to sample.", path)
-    return path
   channels = run_model_config(config, workdir).in_channels
   if channels not in (1, 3) and not s.vae:
     raise configuration.ConfigError(
         f"The model in {workdir!r} samples {channels}-channel latents: set "
         "config.sample.vae to a VAE converted with `mixflow convert --vae` to decode them.")
+  path = samples_path(config, workdir)
+  if os.path.exists(path):
+    logging.info("%s exists; nothing to sample.", path)
+    return path
   batch_sampler = make_batch_sampler(config, workdir)
   labels = np.asarray(sampling.balanced_labels(s.num_samples, batch_sampler.num_classes))
   shard_dir = path[:-len(".npz")] + ".shards"

@@ -1,13 +1,16 @@
-"""The command line: ``mixflow train|sample|evaluate|demo --config=... --workdir=DIR``,
-``mixflow slowflow --workdir=DIR [--compare=DIR2,...] [--calibrate]``, and ``mixflow convert --checkpoint=PATH --out=DIR [--model=SiT-XL/2] [--weights=ema]
-[--time_convention=data_to_noise]``, and ``mixflow convert --vae=PATH --out=DIR``, and
-``mixflow encode --images=DIR --vae=DIR --out=DIR [--image_size=256]`` (ImageFolder ->
-``arrays`` folder of VAE latents).
+"""The command line:
+
+    mixflow train|sample|evaluate|demo --workdir=DIR [--config=...] [--config.<f>=<v>]
+    mixflow slowflow --workdir=DIR [--compare=DIR2,...] [--calibrate]
+    mixflow convert --checkpoint=PATH --out=DIR [--model=SiT-XL/2] [--weights=ema|model]
+        [--time_convention=noise_to_data|data_to_noise]
+    mixflow convert --vae=PATH --out=DIR
+    mixflow encode --images=DIR --vae=DIR --out=DIR [--image_size=256]
 
 Flags only; the work is done by importable functions (``train.train``,
 ``generate.sample_job``, ``evaluate.evaluate_job``, ``slowflow.slowflow_job``,
-``demo.run_demo``,
-``convert.export.convert_checkpoint``, ``data.encode.encode_folder``).
+``demo.run_demo``, ``convert.export.convert_checkpoint``, ``convert.vae.convert_vae_checkpoint``,
+``data.encode.encode_folder``).
 """
 
 import logging as py_logging

@@ -32,10 +32,10 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mixflow_jax import checkpoints, generate, report, sampling, train
+from mixflow_jax import checkpoints, generate, report, sampling
 from mixflow_jax.data import load_dataset
 from mixflow_jax.interpolants import Path
-from mixflow_jax.models.sit import SiT, abstract_params
+from mixflow_jax.models.sit import SiT, abstract_params, make_apply_fn
 
 Array = jnp.ndarray
 MODES = ("trajectory", "restart")
@@ -134,7 +134,7 @@ def slowflow_run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
   for start in range(0, sf.num_samples, sf.batch_size):
     batch = slice(start, start + sf.batch_size)
     t, s_batch = measure(
-        train.make_apply_fn(model), params, jnp.asarray(labels[batch]),
+        make_apply_fn(model), params, jnp.asarray(labels[batch]),
         jax.random.fold_in(jax.random.key(config.seed), start), sampler=sampler,
         shape=shape, null_class=model_config.num_classes, mode=sf.mode,
         real=None if real is None else jnp.asarray(real[batch]),

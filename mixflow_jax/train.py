@@ -10,7 +10,7 @@ compiled once with ``jax.jit`` over explicit shardings. The loop around it resum
 
 import functools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import flax
@@ -25,10 +25,8 @@ from clu import metric_writers, metrics, periodic_actions
 from mixflow_jax import checkpoints, configuration, sharding
 from mixflow_jax.data import ImageDataset, load_dataset
 from mixflow_jax.interpolants import get_path
-from mixflow_jax.models.sit import SiT
+from mixflow_jax.models.sit import ApplyFn, SiT, make_apply_fn
 from mixflow_jax.objectives import Objective
-
-ApplyFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 @flax.struct.dataclass
@@ -49,13 +47,6 @@ def make_model(config: ml_collections.ConfigDict, dataset: ImageDataset) -> SiT:
   model_config = configuration.model_config(config, dataset.image_shape,
                                             dataset.num_classes)
   return SiT(model_config, dtype=jnp.dtype(config.model.dtype))
-
-
-@functools.cache
-def make_apply_fn(model: SiT) -> ApplyFn:
-  """``(params, x, t, y) -> u``: the network as a function of its parameters. One function
-  per (hashable) model, so that jitted samplers taking it as a static argument compile once."""
-  return lambda params, x, t, y: model.apply({"params": params}, x, t, y)
 
 
 def make_objective(config: ml_collections.ConfigDict, model: SiT) -> Objective:

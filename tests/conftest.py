@@ -1,4 +1,11 @@
-"""Shared fixtures: tiny configs and data that run in seconds on one CPU core."""
+"""Shared fixtures: tiny configs and data that run in seconds on one CPU core.
+
+Compiled programs are cached on disk for the whole session (and for the command-line
+subprocesses the tests start): many tests compile the same tiny train step or sampler.
+"""
+
+import os
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +15,16 @@ import pytest
 from mixflow_jax import configuration
 from mixflow_jax.data import sources
 from mixflow_jax.models.sit import SiT, SiTConfig
+
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      tempfile.mkdtemp(prefix="mixflow_tests_jax_cache_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+jax.config.update("jax_persistent_cache_min_entry_size_bytes",
+                  int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
 
 
 def tiny_config() -> ml_collections.ConfigDict:

@@ -21,14 +21,18 @@ def _cli(*args):
 
 def test_demo_writes_report_metrics_and_table(tmp_path):
   result = _cli("demo", f"--workdir={tmp_path}", "--config.demo.pretrain_steps=30",
-                "--config.demo.posttrain_steps=10", "--config.demo.sample_steps=(2,4)", *FAST)
+                "--config.demo.posttrain_steps=10", "--config.demo.sample_steps=(2,4)",
+                "--config.demo.slowflow_steps=4", "--config.slowflow.num_samples=32", *FAST)
   assert (tmp_path / "report.png").stat().st_size > 10_000
+  assert (tmp_path / "slowflow.png").stat().st_size > 10_000
   metrics = json.loads((tmp_path / "metrics.json").read_text())
   assert set(metrics["models"]) == {"base", "standard", "mixflow"}
   for by_steps in metrics["models"].values():
     assert set(by_steps) == {"2", "4"}
     assert all(np.isfinite(m["classifier_fd"]) for m in by_steps.values())
   assert "not FID" in metrics["metric"]
+  assert len(metrics["slowflow"]["mixflow"]["median"]) == 5
+  assert 0 <= metrics["gamma_proposed_from_base"] <= 1
   assert "wall time" in result.stdout and "mixflow" in result.stdout
   for run in ("base", "standard", "mixflow"):
     assert (tmp_path / run / "checkpoints").is_dir()

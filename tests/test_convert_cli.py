@@ -12,7 +12,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from mixflow_jax import checkpoints, configuration, generate
+from mixflow_jax import checkpoints, configuration, generate, train
 from mixflow_jax.convert.export import convert_checkpoint
 from mixflow_jax.convert.vae import convert_vae_checkpoint
 from mixflow_jax.models import sit
@@ -124,3 +124,26 @@ def test_convert_vae_then_sample_command_line(latent_checkpoints, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   with np.load(tmp_path / "sit" / "samples" / "ema_euler2_cfg1_n4.npz") as npz:
     assert npz["arr_0"].shape == (4, 16, 16, 3)
+
+
+def test_converted_checkpoint_warm_starts_post_training(tmp_path):
+  """convert -> train --config.train.init_from: the post-training run starts from the
+  PyTorch weights; a config that disagrees with model.json is refused, naming the field."""
+  ref = torch_sit.random_sit(7, input_size=8, patch_size=2, in_channels=1, hidden_size=64,
+                             depth=4, num_heads=4, num_classes=10, learn_sigma=False)
+  torch.save(ref.state_dict(), tmp_path / "digits_sit.pt")
+  convert_checkpoint(str(tmp_path / "digits_sit.pt"), str(tmp_path / "base"))
+  config = configuration.default_config()  # digits, SiT-T/2, no learned sigma
+  config.train.update(steps=1, init_from=str(tmp_path / "base"))
+  config.optim.update(lr=1e-30, ema_decay=0.0)
+  state = train.train(config, str(tmp_path / "post"))
+  x = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)
+  t, y = np.array([0.3, 0.8], np.float32), np.array([1, 10])
+  with torch.no_grad():
+    expected = ref(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y)).numpy()
+  model = sit.SiT(checkpoints.read_model_config(str(tmp_path / "post")))
+  got = model.apply({"params": state.params}, x.transpose(0, 2, 3, 1), t, y)
+  np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), expected, atol=1e-5)
+  config.model.learn_sigma = True
+  with pytest.raises(configuration.ConfigError, match=r"config\.model\.learn_sigma"):
+    train.train(config, str(tmp_path / "post_sigma"))

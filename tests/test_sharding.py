@@ -15,6 +15,7 @@ _SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from conftest import tiny_config
     from mixflow_jax import sharding, train
+    from mixflow_jax.models.sit import make_apply_fn
     from mixflow_jax.data import sources
 
     assert jax.device_count() == 8, jax.devices()
@@ -22,7 +23,7 @@ _SCRIPT = textwrap.dedent("""
     dataset = sources.synthetic()
     model = train.make_model(config, dataset)
     tx = train.make_optimizer(config.optim)
-    step = functools.partial(train.train_step, apply_fn=train.make_apply_fn(model),
+    step = functools.partial(train.train_step, apply_fn=make_apply_fn(model),
                              objective=train.make_objective(config, model), tx=tx,
                              ema_decay=config.optim.ema_decay)
     params = train.init_params(model, dataset.image_shape, jax.random.key(0))
@@ -35,7 +36,7 @@ _SCRIPT = textwrap.dedent("""
     objective = train.make_objective(config, model)
 
     def grads(params, batch, key):
-      loss = lambda p: objective.loss(train.make_apply_fn(model), p, batch, key).mean()
+      loss = lambda p: objective.loss(make_apply_fn(model), p, batch, key).mean()
       return jax.grad(loss)(params)
 
     def run(devices):

@@ -15,7 +15,10 @@ s = 1 - t and its output is negated, which gives our velocity u(x, t) = -v(x, 1 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -269,6 +272,16 @@ class SiT(nn.Module):
     x = x.reshape(b, height, width, cfg.out_channels).astype(jnp.float32)  # (B, H, W, o)
     x = x[..., :cfg.in_channels]
     return -x if flipped else x
+
+
+ApplyFn = Callable[[Any, Array, Array, Array], Array]
+
+
+@functools.cache
+def make_apply_fn(model: SiT) -> ApplyFn:
+  """``(params, x, t, y) -> u``: the network as a function of its parameters. One function
+  per (hashable) model, so that jitted samplers taking it as a static argument compile once."""
+  return lambda params, x, t, y: model.apply({"params": params}, x, t, y)
 
 
 def abstract_params(config: SiTConfig) -> dict:
