@@ -89,8 +89,9 @@ def plot_slowflow(summaries: dict[str, dict], path: str, title: str = "Slow Flow
     line, = ax.plot(t, summary["median"], lw=1.5, label=name)
     ax.fill_between(t, summary["lo"], summary["hi"], color=line.get_color(), alpha=0.2)
   lo, hi = next(iter(summaries.values()))["band"]
-  ax.set(xlabel="sampling time t", ylabel="nearest ground-truth time s",
-         title=f"{title} (median, {lo:.0%}-{hi:.0%} band)", xlim=(0, 1), ylim=(0, 1))
+  ax.set(xlabel="sampling time t", ylabel="nearest ground-truth time s", xlim=(0, 1),
+         ylim=(0, 1))
+  ax.set_title(f"{title}\nmedian and {lo:.0%}-{hi:.0%} band over samples", fontsize=10)
   ax.legend(loc="upper left", fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
