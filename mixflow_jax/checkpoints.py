@@ -35,25 +35,37 @@ def run_root(run_dir: str) -> str:
   return os.path.dirname(checkpoint_dir(run_dir))
 
 
-def write_model_config(run_dir: str, config: SiTConfig, **extra: Any) -> None:
-  """Writes ``run_dir/model.json``: the fields of ``config`` plus ``extra`` notes."""
+def write_config(run_dir: str, filename: str, config: Any, **extra: Any) -> None:
+  """Writes ``run_dir/filename``: the fields of the dataclass ``config`` plus ``extra``."""
   os.makedirs(run_root(run_dir), exist_ok=True)
-  with open(os.path.join(run_root(run_dir), MODEL_JSON), "w") as f:
+  with open(os.path.join(run_root(run_dir), filename), "w") as f:
     json.dump(dataclasses.asdict(config) | extra, f, indent=2)
 
 
-def read_model_config(run_dir: str) -> SiTConfig | None:
-  """The ``SiTConfig`` in ``run_dir/model.json``, or None if the run has none."""
-  path = os.path.join(run_root(run_dir), MODEL_JSON)
+def read_config(run_dir: str, filename: str, cls: type, optional: tuple[str, ...] = ()
+                ) -> Any | None:
+  """The dataclass ``cls`` in ``run_dir/filename`` (None if there is no such file); every
+  field must be there but those in ``optional`` (added later: their defaults apply)."""
+  path = os.path.join(run_root(run_dir), filename)
   if not os.path.isfile(path):
     return None
   with open(path) as f:
     stored = json.load(f)
-  fields = [f.name for f in dataclasses.fields(SiTConfig)]
-  missing = [name for name in fields if name not in stored and name != "time_convention"]
+  fields = [f.name for f in dataclasses.fields(cls)]
+  missing = [name for name in fields if name not in stored and name not in optional]
   if missing:
-    raise ValueError(f"{path} lacks the model field(s) {missing}.")
-  return SiTConfig(**{name: stored[name] for name in fields if name in stored})
+    raise ValueError(f"{path} lacks the field(s) {missing} of {cls.__name__}.")
+  return cls(**{name: stored[name] for name in fields if name in stored})
+
+
+def write_model_config(run_dir: str, config: SiTConfig, **extra: Any) -> None:
+  """Writes ``run_dir/model.json``: the fields of ``config`` plus ``extra`` notes."""
+  write_config(run_dir, MODEL_JSON, config, **extra)
+
+
+def read_model_config(run_dir: str) -> SiTConfig | None:
+  """The ``SiTConfig`` in ``run_dir/model.json``, or None if the run has none."""
+  return read_config(run_dir, MODEL_JSON, SiTConfig, optional=("time_convention",))
 
 
 def make_manager(run_dir: str, save_every: int = 1, keep: int = 3,

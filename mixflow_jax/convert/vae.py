@@ -23,8 +23,6 @@ and the ``loss.*`` discriminator / LPIPS weights) is not read: export its ``stat
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -195,27 +193,13 @@ def convert_vae_state_dict(state_dict: Mapping[str, Any], config: vae.VAEConfig)
   return flax.traverse_util.unflatten_dict(params)
 
 
-def write_vae_config(out: str, config: vae.VAEConfig, **extra: Any) -> None:
-  """Writes ``out/vae.json``: the fields of ``config`` plus ``extra`` notes."""
-  root = checkpoints.run_root(out)
-  os.makedirs(root, exist_ok=True)
-  with open(os.path.join(root, VAE_JSON), "w") as f:
-    json.dump(dataclasses.asdict(config) | extra, f, indent=2)
-
-
 def read_vae_config(directory: str) -> vae.VAEConfig:
   """The ``VAEConfig`` in ``directory/vae.json``."""
-  path = os.path.join(checkpoints.run_root(directory), VAE_JSON)
-  if not os.path.isfile(path):
+  config = checkpoints.read_config(directory, VAE_JSON, vae.VAEConfig)
+  if config is None:
     raise FileNotFoundError(f"No {VAE_JSON} in {directory!r}: is it a converted VAE "
-                            "(convert_vae_checkpoint)?")
-  with open(path) as f:
-    stored = json.load(f)
-  fields = [f.name for f in dataclasses.fields(vae.VAEConfig)]
-  missing = [name for name in fields if name not in stored]
-  if missing:
-    raise ValueError(f"{path} lacks the VAE field(s) {missing}.")
-  return vae.VAEConfig(**{name: stored[name] for name in fields})
+                            "(mixflow convert --vae)?")
+  return config
 
 
 def convert_vae_checkpoint(path: str, out: str, norm_num_groups: int = 32,
@@ -232,7 +216,7 @@ def convert_vae_checkpoint(path: str, out: str, norm_num_groups: int = 32,
     if manager.latest_step() is not None:
       raise FileExistsError(f"{checkpoints.checkpoint_dir(out)} already holds a checkpoint.")
     checkpoints.save_state(manager, 0, {"params": params})
-  write_vae_config(out, config, source=os.path.abspath(path))
+  checkpoints.write_config(out, VAE_JSON, config, source=os.path.abspath(path))
   return config
 
 
