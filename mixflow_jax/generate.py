@@ -31,12 +31,12 @@ from mixflow_jax import checkpoints, configuration, sampling, sharding
 from mixflow_jax.data import ImageDataset, load_dataset
 from mixflow_jax.models.sit import SiT, SiTConfig, abstract_params, make_apply_fn
 
-# Sample settings that do not change what sample j is (they are left out of the name).
-_NOT_IN_NAME = ("num_samples", "batch_size", "vae")
-# The defaults of the inference-time options; only changed ones enter the name's hash.
-_BASELINE_DEFAULTS = dict(cfg_interval=(0.0, 1.0), atol=1e-6, rtol=1e-3, last_step_size=0.04,
-                          diffusion_norm=1.0, eps_scale=1.0, eps_scale_slope=0.0,
-                          time_shift_window=0.0, time_shift_cutoff=1.0, data_var=1.0)
+# The inference-time options that do not appear in the name itself; those changed from
+# their defaults (the ``sampling.Sampler`` field defaults) enter the name's hash.
+_HASHED_OPTIONS = ("cfg_interval", "atol", "rtol", "last_step_size", "diffusion_norm",
+                   "eps_scale", "eps_scale_slope", "time_shift_window", "time_shift_cutoff",
+                   "data_var")
+_SAMPLER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(sampling.Sampler)}
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -161,8 +161,9 @@ def samples_name(config: ml_collections.ConfigDict) -> str:
     name += f"_{s.guided_channels}"
   if config.seed:
     name += f"_seed{config.seed}"
-  changed = {k: s[k] for k, v in _BASELINE_DEFAULTS.items()
-             if (tuple(s[k]) if isinstance(v, tuple) else s[k]) != v}
+  changed = {k: s[k] for k in _HASHED_OPTIONS
+             if (tuple(s[k]) if isinstance(s[k], (list, tuple)) else s[k])
+             != _SAMPLER_DEFAULTS[k]}
   if changed:
     name += "_" + hashlib.sha1(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8]
   return name
