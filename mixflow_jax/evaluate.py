@@ -463,36 +463,6 @@ def inception_features(images: np.ndarray | ImageSet | Iterable[np.ndarray],
   return {key: np.concatenate(value) for key, value in outputs.items()}
 
 
-def adm_frechet_distance(features: np.ndarray, reference: metrics.FeatureStats,
-                         stats: metrics.FeatureStats | None = None) -> float:
-  """FID (on pool_3) or sFID (on spatial features) of sample ``features`` (N, D) against
-  ``reference`` statistics, as the ADM evaluator: ``metrics.frechet_distance(samples,
-  reference)`` with its ``scipy.linalg.sqrtm`` rules.
-
-  With fewer samples than dimensions (N <= D; ADM's protocol uses 50,000 samples) the
-  samples' covariance S1 = X^T X / (N - 1) (X the centred features) is singular, sqrtm of
-  S1 S2 is both slow (a D x D complex Schur form) and unreliable; tr sqrtm(S1 S2) is then
-  computed exactly as the sum of the square roots of the eigenvalues of the N x N matrix
-  X S2 X^T / (N - 1), which has the same non-zero eigenvalues as S1 S2. ``stats``: the
-  samples' ``metrics.feature_stats``, if already computed.
-  """
-  features = np.asarray(features, np.float64)
-  stats = stats if stats is not None else metrics.feature_stats(features)
-  n, dim = features.shape
-  if reference.mu.shape != (dim,):
-    raise ValueError(f"The samples' features have dimension {dim}, the reference's "
-                     f"statistics {reference.mu.shape[0]}.")
-  if n > dim:
-    return metrics.frechet_distance(stats, reference, method="sqrtm")
-  centred = features - stats.mu
-  inner = centred @ reference.sigma @ centred.T / (n - 1)
-  eigvals = np.linalg.eigvalsh((inner + inner.T) / 2)
-  tr_covmean = np.sum(np.sqrt(np.clip(eigvals, 0, None)))
-  diff = stats.mu - reference.mu
-  return float(diff @ diff + np.trace(stats.sigma) + np.trace(reference.sigma)
-               - 2 * tr_covmean)
-
-
 def metrics_from_features(features: dict[str, np.ndarray], stats: metrics.FeatureStats,
                           spatial_stats: metrics.FeatureStats,
                           reference_pool: np.ndarray | None = None) -> dict[str, Any]:
@@ -510,8 +480,8 @@ def metrics_from_features(features: dict[str, np.ndarray], stats: metrics.Featur
     raise ValueError(f"The ADM metrics need at least 2 samples; got {n}.")
   result: dict[str, Any] = {
       "inception_score": metrics.inception_score(logits),
-      "fid": adm_frechet_distance(pool, stats),
-      "sfid": adm_frechet_distance(spatial, spatial_stats),
+      "fid": metrics.adm_frechet_distance(pool, stats),
+      "sfid": metrics.adm_frechet_distance(spatial, spatial_stats),
   }
   if reference_pool is None:
     logging.warning("The reference has no images (arr_0): precision and recall skipped.")

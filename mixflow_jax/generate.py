@@ -4,7 +4,8 @@ uint8 (N, H, W, 3), ``arr_1`` int labels).
 ``mixflow sample`` splits the batch over every device of the mesh, writes one shard per
 batch (``samples/<name>.shards/shard_<i>.npz``, each written atomically), resumes at the
 first missing shard when relaunched, and merges the shards into ``samples/<name>.npz``
-at the end. Sample j's noise depends only on the seed and j (``sampling``), so an
+at the end. Across hosts every process samples its part of each batch and process 0
+writes the files. Sample j's noise depends only on the seed and j (``sampling``), so an
 interrupted and resumed job writes the same file as an uninterrupted one, on any number
 of devices.
 """
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from mixflow_jax import checkpoints, configuration, sampling, sharding
 from mixflow_jax.data import ImageDataset, load_dataset
@@ -79,7 +81,7 @@ class BatchSampler:
     indices = first_index + np.arange(self.batch_size, dtype=np.int32)
     padded = np.concatenate([labels, np.zeros(self.batch_size - n, labels.dtype)])
     batch = sharding.shard_batch({"i": indices, "y": padded.astype(np.int32)}, self.mesh)
-    return np.asarray(self.fn(self.params, self.vae_params, batch["i"], batch["y"]))[:n]
+    return sharding.gather(self.fn(self.params, self.vae_params, batch["i"], batch["y"]))[:n]
 
 
 def make_batch_sampler(config: ml_collections.ConfigDict, run_dir: str,
@@ -109,6 +111,8 @@ def make_batch_sampler(config: ml_collections.ConfigDict, run_dir: str,
         apply_fn, params, indices, y, key, sampler=sampler, shape=shape,
         null_class=model_config.num_classes))
 
+  logging.info("Sampling step %d of %s on %d devices (%d processes).", step, run_dir,
+               mesh.size, jax.process_count())
   return BatchSampler(fn, params, vae_params, s.batch_size, model_config.num_classes, step,
                       mesh)
 
@@ -191,26 +195,31 @@ def sample_job(config: ml_collections.ConfigDict, workdir: str) -> str:
         f"The model in {workdir!r} samples {channels}-channel latents: set "
         "config.sample.vae to a VAE converted with `mixflow convert --vae` to decode them.")
   path = samples_path(config, workdir)
-  if os.path.exists(path):
+  if sharding.decided_by_process_zero(lambda: np.array([os.path.exists(path)]), 1)[0]:
     logging.info("%s exists; nothing to sample.", path)
     return path
   batch_sampler = make_batch_sampler(config, workdir)
   labels = np.asarray(sampling.balanced_labels(s.num_samples, batch_sampler.num_classes))
   shard_dir = path[:-len(".npz")] + ".shards"
-  _check_or_write_job(shard_dir, config, batch_sampler.step)
-
   starts = range(0, s.num_samples, s.batch_size)
-  todo = [i for i, _ in enumerate(starts)
-          if not os.path.exists(os.path.join(shard_dir, f"shard_{i:05d}.npz"))]
+  shard_path = lambda i: os.path.join(shard_dir, f"shard_{i:05d}.npz")
+
+  def missing_shards() -> list[bool]:
+    _check_or_write_job(shard_dir, config, batch_sampler.step)
+    return [not os.path.exists(shard_path(i)) for i in range(len(starts))]
+
+  todo = np.flatnonzero(sharding.decided_by_process_zero(missing_shards, len(starts)))
   if len(todo) < len(starts):
     logging.info("Resuming %s: %d of %d shards done.", shard_dir, len(starts) - len(todo),
                  len(starts))
+  writes = jax.process_index() == 0
   t_start, done, last_log = time.perf_counter(), 0, 0.0
   for shard in todo:
     first = starts[shard]
     images = batch_sampler(first, labels[first:first + s.batch_size])
-    _write_atomically(os.path.join(shard_dir, f"shard_{shard:05d}.npz"),
-                      arr_0=to_uint8(images), arr_1=labels[first:first + len(images)])
+    if writes:
+      _write_atomically(shard_path(shard), arr_0=to_uint8(images),
+                        arr_1=labels[first:first + len(images)])
     done += len(images)
     elapsed = time.perf_counter() - t_start
     if elapsed - last_log > 30 or shard == todo[-1]:
@@ -219,10 +228,12 @@ def sample_job(config: ml_collections.ConfigDict, workdir: str) -> str:
       logging.info("Sampled shard %d/%d: %.1f samples/s, ETA %.0f s.", shard + 1,
                    len(starts), done / elapsed, left * elapsed / done)
 
-  shards = [np.load(os.path.join(shard_dir, f"shard_{i:05d}.npz")) for i in range(len(starts))]
-  _write_atomically(path, arr_0=np.concatenate([z["arr_0"] for z in shards]),
-                    arr_1=np.concatenate([z["arr_1"] for z in shards]))
-  shutil.rmtree(shard_dir)
+  if writes:
+    shards = [np.load(shard_path(i)) for i in range(len(starts))]
+    _write_atomically(path, arr_0=np.concatenate([z["arr_0"] for z in shards]),
+                      arr_1=np.concatenate([z["arr_1"] for z in shards]))
+    shutil.rmtree(shard_dir)
+  multihost_utils.sync_global_devices("mixflow sample: merged")
   return path
 
 

@@ -1,6 +1,7 @@
 """The command line:
 
     mixflow train|sample|evaluate|demo --workdir=DIR [--config=...] [--config.<f>=<v>]
+        [--distributed [--coordinator_address=H:P --num_processes=N --process_id=I]]
     mixflow slowflow --workdir=DIR [--compare=DIR2,...] [--calibrate]
     mixflow convert --checkpoint=PATH --out=DIR [--model=SiT-XL/2] [--weights=ema|model]
         [--time_convention=noise_to_data|data_to_noise]
@@ -48,6 +49,16 @@ _COMPARE = flags.DEFINE_list("compare", [], "slowflow: more run folders to measu
                              "plot next to --workdir's.")
 _CALIBRATE = flags.DEFINE_bool("calibrate", False, "slowflow: also propose MixFlow's gamma "
                                "from --workdir's Slow Flow (written to DIR/gamma.json).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Join a multi-process job with jax.distributed before any work: "
+    "run the same command on every host. TPU pods, SLURM and Open MPI are detected; "
+    "elsewhere give --coordinator_address, --num_processes and --process_id.")
+_COORDINATOR_ADDRESS = flags.DEFINE_string("coordinator_address", None,
+                                           "--distributed: host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "--distributed: the number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "--distributed: this process's index, 0 to n - 1.")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", _DEFAULT_CONFIG, "Config file (configs/<name>.py[:variant]); fields can be "
     "overridden with --config.<field>=<value>.", lock_config=True)
@@ -92,6 +103,10 @@ def main(argv: list[str]) -> None:
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required.")
   command, config, workdir = argv[1], _CONFIG.value, _WORKDIR.value
+  if _DISTRIBUTED.value:
+    import jax
+    jax.distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value,
+                               _PROCESS_ID.value)
 
   from mixflow_jax import configuration  # Heavy imports after flag parsing.
   try:

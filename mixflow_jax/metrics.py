@@ -190,6 +190,36 @@ def frechet_distance(a: FeatureStats | np.ndarray, b: FeatureStats | np.ndarray,
   return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2 * tr_covmean)
 
 
+def adm_frechet_distance(features: np.ndarray, reference: FeatureStats,
+                         stats: FeatureStats | None = None) -> float:
+  """FID (on pool_3) or sFID (on spatial features) of sample ``features`` (N, D) against
+  ``reference`` statistics, as the ADM evaluator: ``frechet_distance(samples,
+  reference)`` with its ``scipy.linalg.sqrtm`` rules.
+
+  With fewer samples than dimensions (N <= D; ADM's protocol uses 50,000 samples) the
+  samples' covariance S1 = X^T X / (N - 1) (X the centred features) is singular, sqrtm of
+  S1 S2 is both slow (a D x D complex Schur form) and unreliable; tr sqrtm(S1 S2) is then
+  computed exactly as the sum of the square roots of the eigenvalues of the N x N matrix
+  X S2 X^T / (N - 1), which has the same non-zero eigenvalues as S1 S2. ``stats``: the
+  samples' ``feature_stats``, if already computed.
+  """
+  features = np.asarray(features, np.float64)
+  stats = stats if stats is not None else feature_stats(features)
+  n, dim = features.shape
+  if reference.mu.shape != (dim,):
+    raise ValueError(f"The samples' features have dimension {dim}, the reference's "
+                     f"statistics {reference.mu.shape[0]}.")
+  if n > dim:
+    return frechet_distance(stats, reference, method="sqrtm")
+  centred = features - stats.mu
+  inner = centred @ reference.sigma @ centred.T / (n - 1)
+  eigvals = np.linalg.eigvalsh((inner + inner.T) / 2)
+  tr_covmean = np.sum(np.sqrt(np.clip(eigvals, 0, None)))
+  diff = stats.mu - reference.mu
+  return float(diff @ diff + np.trace(stats.sigma) + np.trace(reference.sigma)
+               - 2 * tr_covmean)
+
+
 def _split_bounds(n: int, num_splits: int | None, split_size: int | None
                   ) -> list[tuple[int, int]]:
   if num_splits is not None and split_size is not None:

@@ -5,14 +5,20 @@ parameters; size 1 until a model needs it). Batches are split over both axes, so
 global batch is divided over every device; the train state is replicated for now.
 Random numbers are drawn for the global batch inside jit (threefry is partitionable in
 this JAX), so a step gives the same numbers on 1 or N devices.
+
+Across hosts (``jax.distributed``), every process runs the same program on the same global
+batch; files that one job owns (sample shards) are written by process 0, which also makes
+the decisions that depend on them (``decided_by_process_zero``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -52,3 +58,27 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
         sharding, v[index * rows:(index + 1) * rows], v.shape)
 
   return {k: to_global(v) for k, v in batch.items()}
+
+
+def gather(x: jax.Array) -> np.ndarray:
+  """The whole of a (possibly multi-host) global array, on every process."""
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def decided_by_process_zero(decide: Callable[[], np.ndarray], size: int) -> np.ndarray:
+  """``decide()`` (an int vector of ``size``) evaluated on process 0 alone and given to
+  every process, so that all agree on what the files of process 0 say. An error in
+  ``decide`` is raised on process 0 and reported on the others (instead of a hang)."""
+  message = np.zeros(size + 1, np.int64)  # [failed, *decision]
+  error = None
+  if jax.process_index() == 0:
+    try:
+      message[1:] = decide()
+    except Exception as e:  # Re-raised below, once the others know.
+      error, message[0] = e, 1
+  message = multihost_utils.broadcast_one_to_all(message)
+  if error is not None:
+    raise error
+  if message[0]:
+    raise RuntimeError("Process 0 stopped with an error; see its log.")
+  return message[1:]

@@ -205,7 +205,7 @@ def test_statistics_match_scipy_on_the_same_features(files, jax_samples):
                                atol=1e-6 * np.abs(np.cov(feats, rowvar=False)).max())
     with np.load(files["paths"]["ref_batch"]) as f:
       ref_stats = metrics.FeatureStats(f[mu_key], f[sigma_key])
-    got = evaluate.adm_frechet_distance(jax_samples[key], ref_stats)
+    got = metrics.adm_frechet_distance(jax_samples[key], ref_stats)
     assert got == pytest.approx(_fid(feats, ref[key]), rel=1e-6)
   # The low-rank trace (N <= D) equals scipy's sqrtm where sqrtm is cheap (D = 40), and
   # with more samples than dimensions (D = 4) the ADM sqrtm rule is used as is.
@@ -214,7 +214,7 @@ def test_statistics_match_scipy_on_the_same_features(files, jax_samples):
     ref_stats = metrics.feature_stats(ref_feats)
     expected = metrics.frechet_distance(metrics.feature_stats(feats), ref_stats,
                                         method="sqrtm")
-    assert evaluate.adm_frechet_distance(feats, ref_stats) == pytest.approx(expected, rel=1e-6)
+    assert metrics.adm_frechet_distance(feats, ref_stats) == pytest.approx(expected, rel=1e-6)
 
 
 def test_folder_of_pngs_gives_the_npz_features(files, inception, jax_samples):

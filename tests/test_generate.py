@@ -1,7 +1,9 @@
 """`mixflow sample`: resumable shards (an interrupted job writes the same file as an
-uninterrupted one), a relaunch never mixes two jobs, and 1 device equals 8."""
+uninterrupted one), a relaunch never mixes two jobs, and one device equals two processes
+of four devices each."""
 
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -85,32 +87,59 @@ def test_name_tells_samplers_and_baselines_apart():
   assert generate.samples_name(config) == base + "_seed3"
 
 
-_EIGHT_DEVICES = textwrap.dedent("""
+_CONFIG_FILE = textwrap.dedent("""
     import sys
-    import jax
     sys.path.insert(0, {repo!r})
     from tests.test_generate import _config
-    from mixflow_jax import generate
-    assert jax.device_count() == 8
-    config = _config("sde")
-    config.seed = 5
-    print(generate.sample_job(config, {run_dir!r}))
+
+    def get_config():
+      config = _config("sde")
+      config.seed = 5
+      return config
 """)
 
 
-def test_one_device_equals_eight(run_dir):
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_one_device_equals_two_processes_of_four(run_dir, tmp_path, monkeypatch):
+  """`mixflow sample --distributed` on two processes with four CPU devices each (the
+  multi-host path: jax.distributed on localhost), resuming a one-device job interrupted
+  after its first shard, writes the file one device writes."""
   config = _config("sde")
   config.seed = 5
   one = generate.sample_job(config, run_dir)
   with np.load(one) as npz:
-    expected = npz["arr_0"]
+    expected = {k: npz[k] for k in ("arr_0", "arr_1")}
   os.remove(one)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  real_call = generate.BatchSampler.__call__
+
+  def crash_on_second(self, first_index, labels):
+    if first_index > 0:
+      raise KeyboardInterrupt
+    return real_call(self, first_index, labels)
+
+  monkeypatch.setattr(generate.BatchSampler, "__call__", crash_on_second)
+  with pytest.raises(KeyboardInterrupt):
+    generate.sample_job(config, run_dir)
+  config_file = tmp_path / "config.py"
+  config_file.write_text(_CONFIG_FILE.format(repo=os.path.dirname(TESTS)))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu")
-  result = subprocess.run(
-      [sys.executable, "-c", _EIGHT_DEVICES.format(repo=os.path.dirname(TESTS),
-                                                   run_dir=run_dir)],
-      env=env, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
-  with np.load(result.stdout.strip().splitlines()[-1]) as npz:
-    np.testing.assert_array_equal(npz["arr_0"], expected)
+  address = f"localhost:{_free_port()}"
+  processes = [subprocess.Popen(
+      [sys.executable, "-m", "mixflow_jax.main", "sample", f"--workdir={run_dir}",
+       f"--config={config_file}", "--distributed", f"--coordinator_address={address}",
+       "--num_processes=2", f"--process_id={i}"],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=300) for p in processes]
+  for p, (_, err) in zip(processes, outputs):
+    assert p.returncode == 0, err[-3000:]
+    assert "on 8 devices (2 processes)" in err and "1 of 3 shards done" in err
+  assert all(out.strip().endswith(f"Wrote {one}") for out, _ in outputs)
+  with np.load(one) as npz:
+    for k, v in expected.items():
+      np.testing.assert_array_equal(npz[k], v)
