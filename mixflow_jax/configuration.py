@@ -89,6 +89,9 @@ def default_config() -> ml_collections.ConfigDict:
       data_var=1.0,             # variance of the data, for the time shift's expected variance
       num_samples=1000,
       batch_size=500,
+      # balanced (0..K-1 repeated) | random (uniform from the seed) | comma-separated class
+      # ids (repeated to num_samples) | a .npy file of num_samples int labels
+      labels="balanced",
       use_ema=True,
       vae="",                   # a converted VAE (mixflow convert --vae) for latent models
   ))

@@ -39,6 +39,7 @@ _HASHED_OPTIONS = ("cfg_interval", "atol", "rtol", "last_step_size", "diffusion_
                    "eps_scale", "eps_scale_slope", "time_shift_window", "time_shift_cutoff",
                    "data_var")
 _SAMPLER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(sampling.Sampler)}
+_RANDOM_LABELS_STREAM = 1  # seeds 'random' labels apart from other draws of the same seed
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -137,14 +138,48 @@ def _vae_decoder(vae_dir: str, channels: int, mesh: jax.sharding.Mesh
   return decode, jax.device_put(vae_params, sharding.replicated(mesh))
 
 
+def sample_labels(spec: str, num_samples: int, num_classes: int, seed: int) -> np.ndarray:
+  """The (num_samples,) int32 class labels that ``config.sample.labels`` asks for:
+  'balanced' (0, 1, ..., K-1, 0, ...), 'random' (uniform and independent, drawn from
+  ``seed``, like the official sample_ddp.py's random labels, not its exact draws),
+  comma-separated class ids repeated to ``num_samples`` (e.g. '207,360,387'), or a ``.npy``
+  file of exactly ``num_samples`` integer labels."""
+  if spec == "balanced":
+    return np.asarray(sampling.balanced_labels(num_samples, num_classes))
+  if spec == "random":
+    return np.random.default_rng([seed, _RANDOM_LABELS_STREAM]).integers(
+        0, num_classes, num_samples).astype(np.int32)
+  if spec.endswith(".npy"):
+    if not os.path.isfile(spec):
+      raise configuration.ConfigError(f"config.sample.labels={spec!r}: no such file.")
+    labels = np.load(spec)
+    if labels.shape != (num_samples,) or not np.issubdtype(labels.dtype, np.integer):
+      raise configuration.ConfigError(
+          f"config.sample.labels={spec!r} holds {labels.dtype} {labels.shape}; expected "
+          f"({num_samples},) integer labels (config.sample.num_samples={num_samples}).")
+  else:
+    try:
+      labels = np.resize(np.array([int(c) for c in spec.split(",")]), num_samples)
+    except ValueError:
+      raise configuration.ConfigError(
+          f"config.sample.labels={spec!r}: expected 'balanced', 'random', comma-separated "
+          "class ids or a .npy file of labels.") from None
+  outside = labels[(labels < 0) | (labels >= num_classes)]
+  if outside.size:
+    raise configuration.ConfigError(
+        f"config.sample.labels={spec!r}: label {outside[0]} is outside the model's "
+        f"{num_classes} classes (0 to {num_classes - 1}).")
+  return labels.astype(np.int32)
+
+
 def sample_run(config: ml_collections.ConfigDict, run_dir: str,
                dataset: ImageDataset | None = None, *, num_steps: int | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
-  """Samples ``config.sample.num_samples`` images (balanced labels) in memory. Returns
-  (images (N, H, W, C) in about [-1, 1], labels (N,))."""
+  """Samples ``config.sample.num_samples`` images (``config.sample.labels``) in memory.
+  Returns (images (N, H, W, C) in about [-1, 1], labels (N,))."""
   s = config.sample
   batch_sampler = make_batch_sampler(config, run_dir, dataset, num_steps)
-  labels = np.asarray(sampling.balanced_labels(s.num_samples, batch_sampler.num_classes))
+  labels = sample_labels(s.labels, s.num_samples, batch_sampler.num_classes, config.seed)
   start = time.perf_counter()
   images = np.concatenate([batch_sampler(i, labels[i:i + s.batch_size])
                            for i in range(0, len(labels), s.batch_size)])
@@ -157,7 +192,8 @@ def sample_run(config: ml_collections.ConfigDict, run_dir: str,
 
 def samples_name(config: ml_collections.ConfigDict) -> str:
   """``{ema|raw}_{sampler}{steps}_cfg{scale}_n{N}``, plus ``_seed{k}`` for a seed other
-  than 0 and a hash of the inference-time options that differ from their defaults."""
+  than 0 and a hash of the inference-time options (and labels) that differ from their
+  defaults."""
   s = config.sample
   name = (f"{'ema' if s.use_ema else 'raw'}_{s.sampler}{s.num_steps}_cfg{s.cfg_scale:g}"
           f"_n{s.num_samples}")
@@ -168,6 +204,8 @@ def samples_name(config: ml_collections.ConfigDict) -> str:
   changed = {k: s[k] for k in _HASHED_OPTIONS
              if (tuple(s[k]) if isinstance(s[k], (list, tuple)) else s[k])
              != _SAMPLER_DEFAULTS[k]}
+  if s.labels != "balanced":
+    changed["labels"] = s.labels
   if changed:
     name += "_" + hashlib.sha1(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8]
   return name
@@ -189,7 +227,9 @@ def sample_job(config: ml_collections.ConfigDict, workdir: str) -> str:
   into ``samples_path(config, workdir)`` and returns that path. Latent models (neither 1
   nor 3 channels) need ``config.sample.vae`` to decode them."""
   s = config.sample
-  channels = run_model_config(config, workdir).in_channels
+  model_config = run_model_config(config, workdir)
+  labels = sample_labels(s.labels, s.num_samples, model_config.num_classes, config.seed)
+  channels = model_config.in_channels
   if channels not in (1, 3) and not s.vae:
     raise configuration.ConfigError(
         f"The model in {workdir!r} samples {channels}-channel latents: set "
@@ -199,7 +239,6 @@ def sample_job(config: ml_collections.ConfigDict, workdir: str) -> str:
     logging.info("%s exists; nothing to sample.", path)
     return path
   batch_sampler = make_batch_sampler(config, workdir)
-  labels = np.asarray(sampling.balanced_labels(s.num_samples, batch_sampler.num_classes))
   shard_dir = path[:-len(".npz")] + ".shards"
   starts = range(0, s.num_samples, s.batch_size)
   shard_path = lambda i: os.path.join(shard_dir, f"shard_{i:05d}.npz")

@@ -87,6 +87,34 @@ def test_name_tells_samplers_and_baselines_apart():
   assert generate.samples_name(config) == base + "_seed3"
 
 
+def test_given_labels_are_sampled_and_named(run_dir):
+  config = _config()
+  config.sample.update(labels="3,1", num_samples=5)
+  path = generate.sample_job(config, run_dir)
+  assert path != generate.samples_path(_config(), run_dir)
+  with np.load(path) as npz:
+    np.testing.assert_array_equal(npz["arr_1"], [3, 1, 3, 1, 3])
+
+
+def test_label_specs(tmp_path):
+  balanced = generate.sample_labels("balanced", 7, 3, seed=0)
+  np.testing.assert_array_equal(balanced, [0, 1, 2, 0, 1, 2, 0])
+  random = generate.sample_labels("random", 20_000, 10, seed=4)
+  np.testing.assert_array_equal(random, generate.sample_labels("random", 20_000, 10, seed=4))
+  assert not np.array_equal(random, generate.sample_labels("random", 20_000, 10, seed=5))
+  # Uniform over the classes: each count within 5 standard deviations of 2000.
+  assert np.all(np.abs(np.bincount(random, minlength=10) - 2000) < 5 * np.sqrt(2000 * 0.9))
+  np.save(tmp_path / "labels.npy", np.array([4, 0, 2]))
+  np.testing.assert_array_equal(
+      generate.sample_labels(str(tmp_path / "labels.npy"), 3, 5, seed=0), [4, 0, 2])
+  with pytest.raises(ValueError, match=r"labels.npy' holds int64 \(3,\); expected \(4,\)"):
+    generate.sample_labels(str(tmp_path / "labels.npy"), 4, 5, seed=0)
+  with pytest.raises(ValueError, match=r"label 4 is outside the model's 3 classes"):
+    generate.sample_labels(str(tmp_path / "labels.npy"), 3, 3, seed=0)
+  with pytest.raises(ValueError, match=r"config.sample.labels='cats': expected"):
+    generate.sample_labels("cats", 3, 3, seed=0)
+
+
 _CONFIG_FILE = textwrap.dedent("""
     import sys
     sys.path.insert(0, {repo!r})
