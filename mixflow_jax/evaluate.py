@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import time
@@ -515,8 +516,44 @@ def reference_features(reference: Reference, inception: inception_lib.InceptionV
       features["spatial"]), features["pool_3"])
 
 
+def _reference_cache_file(cache_dir: str, reference_path: str, inception_path: str) -> str:
+  """Where the features of a reference on an Inception file are kept: named after both
+  paths, sizes and modification times, so that a changed file is not served stale."""
+  key = [(os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns)
+         for p in (reference_path, inception_path)]
+  digest = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:12]
+  name = os.path.basename(os.path.normpath(reference_path)).removesuffix(".npz")
+  return os.path.join(cache_dir, "eval_cache", f"reference_{name}_{digest}.npz")
+
+
+def cached_reference_features(reference: Reference, inception_path: str,
+                              cache_dir: str | None, batch_size: int = INCEPTION_BATCH_SIZE
+                              ) -> tuple[metrics.FeatureStats, metrics.FeatureStats,
+                                         np.ndarray | None]:
+  """:func:`reference_features`, read from (or written to) ``cache_dir/eval_cache`` when
+  ``cache_dir`` is given: the reference's Inception pass runs once per reference file."""
+  cache = cache_dir and _reference_cache_file(cache_dir, reference.path, inception_path)
+  if cache and os.path.exists(cache):
+    with np.load(cache) as f:
+      logging.info("Reference features of %s from %s.", reference.path, cache)
+      return (metrics.FeatureStats(f["mu"], f["sigma"]),
+              metrics.FeatureStats(f["mu_s"], f["sigma_s"]),
+              f["pool_3"] if "pool_3" in f else None)
+  from mixflow_jax.convert.inception import load_inception  # Reads PyTorch files.
+
+  module, variables = load_inception(inception_path)
+  stats, spatial_stats, pool = reference_features(reference, module, variables, batch_size)
+  if cache:
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    generate.write_atomically(cache, mu=stats.mu, sigma=stats.sigma, mu_s=spatial_stats.mu,
+                              sigma_s=spatial_stats.sigma,
+                              **({} if pool is None else {"pool_3": pool}))
+  return stats, spatial_stats, pool
+
+
 def adm_metrics(sample_path: str, reference_path: str, inception_path: str,
-                batch_size: int = INCEPTION_BATCH_SIZE) -> dict[str, Any]:
+                batch_size: int = INCEPTION_BATCH_SIZE, cache_dir: str | None = None
+                ) -> dict[str, Any]:
   """The ADM evaluator's metrics of the samples at ``sample_path`` (an ADM ``.npz`` or an
   image folder, :func:`load_samples`) against ``reference_path`` (:func:`load_reference`),
   on the FID Inception converted from ``inception_path`` (pytorch-fid's
@@ -524,7 +561,8 @@ def adm_metrics(sample_path: str, reference_path: str, inception_path: str,
 
   Returns {inception_score, fid, sfid, precision, recall, num_samples} (precision / recall
   absent when the reference has no images). All inputs are checked before any feature is
-  computed; samples and reference images must have the same size.
+  computed; samples and reference images must have the same size. With ``cache_dir``, the
+  reference's features are kept there (:func:`cached_reference_features`).
   """
   samples = load_samples(sample_path)
   reference = load_reference(reference_path)
@@ -536,8 +574,8 @@ def adm_metrics(sample_path: str, reference_path: str, inception_path: str,
 
   module, variables = load_inception(inception_path)
   features = inception_features(samples, module, variables, batch_size, name=sample_path)
-  stats, spatial_stats, reference_pool = reference_features(reference, module, variables,
-                                                            batch_size)
+  stats, spatial_stats, reference_pool = cached_reference_features(
+      reference, inception_path, cache_dir, batch_size)
   return metrics_from_features(features, stats, spatial_stats, reference_pool)
 
 
@@ -570,7 +608,7 @@ def _adm_job(config: ml_collections.ConfigDict, workdir: str, path: str) -> dict
     num_classes = _run_num_classes(config, workdir)
     if num_classes is not None:
       check_labels(samples.labels, num_classes, path)
-  result = adm_metrics(path, config.eval.reference, inception_path)
+  result = adm_metrics(path, config.eval.reference, inception_path, cache_dir=workdir)
   name = os.path.splitext(os.path.basename(path))[0]
   out = os.path.join(workdir, f"metrics_{name}.json")
   with open(out, "w") as f:

@@ -216,7 +216,8 @@ def samples_path(config: ml_collections.ConfigDict, workdir: str) -> str:
   return os.path.join(workdir, "samples", samples_name(config) + ".npz")
 
 
-def _write_atomically(path: str, **arrays: np.ndarray) -> None:
+def write_atomically(path: str, **arrays: np.ndarray) -> None:
+  """np.savez to ``path`` through a temporary file: a crash leaves the old file or none."""
   tmp = path + ".tmp.npz"
   np.savez(tmp, **arrays)
   os.replace(tmp, path)
@@ -257,7 +258,7 @@ def sample_job(config: ml_collections.ConfigDict, workdir: str) -> str:
     first = starts[shard]
     images = batch_sampler(first, labels[first:first + s.batch_size])
     if writes:
-      _write_atomically(shard_path(shard), arr_0=to_uint8(images),
+      write_atomically(shard_path(shard), arr_0=to_uint8(images),
                         arr_1=labels[first:first + len(images)])
     done += len(images)
     elapsed = time.perf_counter() - t_start
@@ -269,7 +270,7 @@ def sample_job(config: ml_collections.ConfigDict, workdir: str) -> str:
 
   if writes:
     shards = [np.load(shard_path(i)) for i in range(len(starts))]
-    _write_atomically(path, arr_0=np.concatenate([z["arr_0"] for z in shards]),
+    write_atomically(path, arr_0=np.concatenate([z["arr_0"] for z in shards]),
                       arr_1=np.concatenate([z["arr_1"] for z in shards]))
     shutil.rmtree(shard_dir)
   multihost_utils.sync_global_devices("mixflow sample: merged")

@@ -173,12 +173,17 @@ def test_the_independent_trace_formula_is_sqrtm():
   assert _fid(a, b) == pytest.approx(sqrtm_fid, rel=1e-6)
 
 
-def test_adm_metrics_match_torch_features_and_scipy(files):
+def test_adm_metrics_match_torch_features_and_scipy(files, tmp_path, monkeypatch):
   """The whole JAX pipeline (.pth -> Flax, features, statistics, metrics) against the
-  PyTorch reference's features and the NumPy / SciPy definitions."""
+  PyTorch reference's features and the NumPy / SciPy definitions; a second run reads the
+  reference's features from the cache."""
   paths = files["paths"]
   got = evaluate.adm_metrics(paths["samples"], paths["ref_batch"], paths["weights"],
-                             batch_size=BATCH)
+                             batch_size=BATCH, cache_dir=str(tmp_path))
+  monkeypatch.setattr(evaluate, "reference_features", None)  # Not called again.
+  assert evaluate.adm_metrics(paths["samples"], paths["ref_batch"], paths["weights"],
+                              batch_size=BATCH, cache_dir=str(tmp_path)) == got
+  assert len(os.listdir(tmp_path / "eval_cache")) == 1
   assert list(got) == ["inception_score", "fid", "sfid", "precision", "recall", "num_samples"]
   assert got["num_samples"] == N
   expected = _expected(files)
