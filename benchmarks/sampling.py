@@ -7,12 +7,15 @@ from the published architecture; JAX: its converted weights) with Heun on the of
 
     python3 benchmarks/sampling.py [--sizes=SiT-T/2,SiT-S/2] [--steps=50] [--repeats=2]
 
-Measured on the 2-core CPU of the development machines (2026-11-25, nothing else running):
-SiT-T/2 (8x8x1, batch 64, Heun 50): JAX 49.8 samples/s, PyTorch 30.1, ratio 1.65x;
-SiT-S/2 (32x32x4, batch 8, Heun 10 to keep it short): JAX 0.10, PyTorch 0.11, ratio 0.92x.
+Measured on the 2-core CPU of the development machines, nothing else running (its speed
+drifts between days; compare only within a run):
+2026-11-25 (session 2): SiT-T/2 (8x8x1, batch 64, Heun 50) 1.65x (JAX 49.8 samples/s,
+PyTorch 30.1); SiT-S/2 (32x32x4, batch 8, Heun 10 to keep it short) 0.92x (0.10, 0.11).
+2026-11-25 (session 3, same sampler code): SiT-T/2 2.42x, 2.29x, 2.27x in three runs (JAX
+57-69 samples/s, PyTorch 25-30); SiT-S/2 1.33x (0.21, 0.16).
 The small model gains from one compiled trajectory (no per-step Python and dispatch); S/2
-is bound by matmul throughput, where XLA:CPU and PyTorch's CPU kernels are level. The 2x
-target is not met on this CPU; no GPU was lent to this task to measure there.
+is bound by matmul throughput, where XLA:CPU and PyTorch's CPU kernels are close to level.
+The 2x target holds for the tiny model only on this CPU; no GPU was lent to this task.
 """
 
 import os

@@ -69,7 +69,7 @@ def decided_by_process_zero(decide: Callable[[], np.ndarray], size: int) -> np.n
   """``decide()`` (an int vector of ``size``) evaluated on process 0 alone and given to
   every process, so that all agree on what the files of process 0 say. An error in
   ``decide`` is raised on process 0 and reported on the others (instead of a hang)."""
-  message = np.zeros(size + 1, np.int64)  # [failed, *decision]
+  message = np.zeros(size + 1, np.int32)  # [failed, *decision]
   error = None
   if jax.process_index() == 0:
     try:
