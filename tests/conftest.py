@@ -1,10 +1,13 @@
 """Shared fixtures: tiny configs and data that run in seconds on one CPU core.
 
-Compiled programs are cached on disk for the whole session (and for the command-line
-subprocesses the tests start): many tests compile the same tiny train step or sampler.
+Compiled programs are cached on disk for the whole session (one cache per pytest process,
+shared with the subprocesses its tests start, removed at exit): many tests compile the
+same tiny train step or sampler.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import jax
@@ -16,8 +19,9 @@ from mixflow_jax import configuration
 from mixflow_jax.data import sources
 from mixflow_jax.models.sit import SiT, SiTConfig
 
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      tempfile.mkdtemp(prefix="mixflow_tests_jax_cache_"))
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # else a parent process's: it removes it
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mixflow_tests_jax_cache_")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
