@@ -107,6 +107,8 @@ def main(argv: list[str]) -> None:
     import jax
     jax.distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value,
                                _PROCESS_ID.value)
+    logging.info("Process %d of a job of %d processes, %d devices.", jax.process_index(),
+                 jax.process_count(), jax.device_count())
 
   from mixflow_jax import configuration  # Heavy imports after flag parsing.
   try:

@@ -3,18 +3,13 @@ uninterrupted one), a relaunch never mixes two jobs, and one device equals two p
 of four devices each."""
 
 import os
-import socket
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
 
 from mixflow_jax import generate, train
+from tests import distributed
 from tests.conftest import tiny_config
-
-TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 def _config(sampler="heun"):
@@ -115,24 +110,6 @@ def test_label_specs(tmp_path):
     generate.sample_labels("cats", 3, 3, seed=0)
 
 
-_CONFIG_FILE = textwrap.dedent("""
-    import sys
-    sys.path.insert(0, {repo!r})
-    from tests.test_generate import _config
-
-    def get_config():
-      config = _config("sde")
-      config.seed = 5
-      return config
-""")
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def test_one_device_equals_two_processes_of_four(run_dir, tmp_path, monkeypatch):
   """`mixflow sample --distributed` on two processes with four CPU devices each (the
   multi-host path: jax.distributed on localhost), resuming a one-device job interrupted
@@ -153,21 +130,15 @@ def test_one_device_equals_two_processes_of_four(run_dir, tmp_path, monkeypatch)
   monkeypatch.setattr(generate.BatchSampler, "__call__", crash_on_second)
   with pytest.raises(KeyboardInterrupt):
     generate.sample_job(config, run_dir)
-  config_file = tmp_path / "config.py"
-  config_file.write_text(_CONFIG_FILE.format(repo=os.path.dirname(TESTS)))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
-  address = f"localhost:{_free_port()}"
-  processes = [subprocess.Popen(
-      [sys.executable, "-m", "mixflow_jax.main", "sample", f"--workdir={run_dir}",
-       f"--config={config_file}", "--distributed", f"--coordinator_address={address}",
-       "--num_processes=2", f"--process_id={i}"],
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  outputs = [p.communicate(timeout=300) for p in processes]
-  for p, (_, err) in zip(processes, outputs):
-    assert p.returncode == 0, err[-3000:]
-    assert "on 8 devices (2 processes)" in err and "1 of 3 shards done" in err
-  assert all(out.strip().endswith(f"Wrote {one}") for out, _ in outputs)
+  config_file = distributed.config_file(str(tmp_path / "config.py"), """
+      from tests.test_generate import _config
+      config = _config("sde")
+      config.seed = 5
+      return config
+  """)
+  outputs = distributed.run_mixflow("sample", f"--workdir={run_dir}", f"--config={config_file}")
+  for out in outputs:
+    assert "1 of 3 shards done" in out and f"Wrote {one}" in out
   with np.load(one) as npz:
     for k, v in expected.items():
       np.testing.assert_array_equal(npz[k], v)

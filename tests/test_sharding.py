@@ -1,4 +1,5 @@
-"""One device equals eight (fake CPU) devices, for a train step and for a resumed run."""
+"""One device equals eight (fake CPU) devices, for a train step and for a resumed run, and
+two processes of four devices each (jax.distributed on localhost) for a whole run."""
 
 import os
 import subprocess
@@ -6,8 +7,11 @@ import sys
 import textwrap
 
 import jax
+import numpy as np
 
-from mixflow_jax import train
+from mixflow_jax import checkpoints, train
+from mixflow_jax.models.sit import abstract_params
+from tests import distributed
 
 _SCRIPT = textwrap.dedent("""
     import functools, sys
@@ -91,3 +95,28 @@ def test_train_step_on_one_device_equals_eight_devices_and_resumes_on_one(
   config.train.steps = 6
   state = train.train(config, str(tmp_path), dataset=synthetic_dataset)
   assert int(state.step) == 6
+
+
+def test_two_processes_of_four_devices_train_as_one_device(config, synthetic_dataset,
+                                                           tmp_path):
+  """`mixflow train --distributed` (each process feeds its rows of the global batch; orbax
+  checkpoints from both) ends where one device ends, and its checkpoint resumes here."""
+  config_file = distributed.config_file(str(tmp_path / "config.py"), """
+      from tests.conftest import tiny_config
+      config = tiny_config()
+      config.train.steps = 4
+      return config
+  """)
+  two = str(tmp_path / "two")
+  distributed.run_mixflow("train", f"--workdir={two}", f"--config={config_file}")
+  config.train.steps = 4
+  one = train.train(config, str(tmp_path / "one"), dataset=synthetic_dataset)
+  model_config = checkpoints.read_model_config(two)
+  for which in ("params", "ema_params"):
+    restored, step = checkpoints.load_params(two, abstract_params(model_config), which)
+    assert step == 4
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(getattr(one, which)),
+                    strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  config.train.steps = 6
+  assert int(train.train(config, two, dataset=synthetic_dataset).step) == 6

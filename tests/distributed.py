@@ -1,0 +1,53 @@
+"""Runs a `mixflow` command as a multi-process JAX job on this machine: several processes
+with a few fake CPU devices each, joined by jax.distributed on localhost."""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def config_file(path: str, body: str) -> str:
+  """Writes a config file at ``path`` whose ``get_config()`` runs ``body`` (which may use
+  the tests' helpers, e.g. ``from tests.conftest import tiny_config``) and returns it."""
+  with open(path, "w") as f:
+    f.write(f"import sys\nsys.path.insert(0, {REPO!r})\n\n\ndef get_config():\n"
+            + textwrap.indent(textwrap.dedent(body).strip(), "  ") + "\n")
+  return path
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def run_mixflow(*args: str, num_processes: int = 2, devices_per_process: int = 4,
+                timeout: int = 300) -> list[str]:
+  """``mixflow *args --distributed ...`` in ``num_processes`` processes; asserts that each
+  succeeds and joined a job of ``num_processes * devices_per_process`` devices. Returns
+  each process's stdout + stderr."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+  address = f"localhost:{_free_port()}"
+  processes = [subprocess.Popen(
+      [sys.executable, "-m", "mixflow_jax", *args, "--distributed",
+       f"--coordinator_address={address}", f"--num_processes={num_processes}",
+       f"--process_id={i}"],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(num_processes)]
+  outputs = []
+  try:
+    for p in processes:
+      outputs.append(p.communicate(timeout=timeout)[0])
+  finally:
+    for p in processes:
+      p.kill()
+  devices = num_processes * devices_per_process
+  for i, (p, out) in enumerate(zip(processes, outputs)):
+    assert p.returncode == 0, f"process {i}:\n{out[-4000:]}"
+    assert f"Process {i} of a job of {num_processes} processes, {devices} devices" in out
+  return outputs
