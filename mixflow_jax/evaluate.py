@@ -526,12 +526,14 @@ def _reference_cache_file(cache_dir: str, reference_path: str, inception_path: s
   return os.path.join(cache_dir, "eval_cache", f"reference_{name}_{digest}.npz")
 
 
-def cached_reference_features(reference: Reference, inception_path: str,
-                              cache_dir: str | None, batch_size: int = INCEPTION_BATCH_SIZE
+def cached_reference_features(reference: Reference, inception: inception_lib.InceptionV3,
+                              variables: dict, inception_path: str, cache_dir: str | None,
+                              batch_size: int = INCEPTION_BATCH_SIZE
                               ) -> tuple[metrics.FeatureStats, metrics.FeatureStats,
                                          np.ndarray | None]:
-  """:func:`reference_features`, read from (or written to) ``cache_dir/eval_cache`` when
-  ``cache_dir`` is given: the reference's Inception pass runs once per reference file."""
+  """:func:`reference_features` on the Inception loaded from ``inception_path``, read from
+  (or written to) ``cache_dir/eval_cache`` when ``cache_dir`` is given: the reference's
+  Inception pass runs once per reference and weights file."""
   cache = cache_dir and _reference_cache_file(cache_dir, reference.path, inception_path)
   if cache and os.path.exists(cache):
     with np.load(cache) as f:
@@ -539,10 +541,8 @@ def cached_reference_features(reference: Reference, inception_path: str,
       return (metrics.FeatureStats(f["mu"], f["sigma"]),
               metrics.FeatureStats(f["mu_s"], f["sigma_s"]),
               f["pool_3"] if "pool_3" in f else None)
-  from mixflow_jax.convert.inception import load_inception  # Reads PyTorch files.
-
-  module, variables = load_inception(inception_path)
-  stats, spatial_stats, pool = reference_features(reference, module, variables, batch_size)
+  stats, spatial_stats, pool = reference_features(reference, inception, variables,
+                                                  batch_size)
   if cache:
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     generate.write_atomically(cache, mu=stats.mu, sigma=stats.sigma, mu_s=spatial_stats.mu,
@@ -575,7 +575,7 @@ def adm_metrics(sample_path: str, reference_path: str, inception_path: str,
   module, variables = load_inception(inception_path)
   features = inception_features(samples, module, variables, batch_size, name=sample_path)
   stats, spatial_stats, reference_pool = cached_reference_features(
-      reference, inception_path, cache_dir, batch_size)
+      reference, module, variables, inception_path, cache_dir, batch_size)
   return metrics_from_features(features, stats, spatial_stats, reference_pool)
 
 
