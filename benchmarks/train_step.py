@@ -39,7 +39,7 @@ def _dataset(size: int, channels: int, classes: int, batch: int) -> ImageDataset
 
 def time_step(config, dataset: ImageDataset, steps: int):
   """Returns a function that times ``steps`` jitted train steps (seconds per step)."""
-  model = train.make_model(config, dataset)
+  model = train.make_model(config, dataset.image_shape, dataset.num_classes)
   tx = train.make_optimizer(config.optim)
   step_fn = jax.jit(functools.partial(
       train.train_step, apply_fn=make_apply_fn(model),

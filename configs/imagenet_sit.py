@@ -36,10 +36,18 @@ def get_config(variant: str = "sit_xl2") -> ml_collections.ConfigDict:
   config.data.num_classes = 1000
   config.data.heldout_fraction = 0.001
   config.data.batch_size = 256
+  config.data.image_shape = (32, 32, 4)   # SD-VAE latents of 256 px images
 
   config.model.name = name
   config.model.learn_sigma = learn_sigma
   config.model.time_convention = time_convention
+  # Fits a 16-chip v5e slice (16 GiB each) and a v4-8 at batch 256: bf16 matmuls, the
+  # projections saved and attention recomputed in the backward pass, the blocks scanned,
+  # the state sharded over every device (`mixflow plan` in README.md gives the numbers).
+  config.model.dtype = "bfloat16"
+  config.model.remat = "dots_no_batch"
+  config.model.scan_blocks = True
+  config.train.num_fsdp = -1
 
   config.objective.name = "mixflow"
   config.objective.path = "linear"

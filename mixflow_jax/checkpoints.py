@@ -3,7 +3,11 @@
 A run's checkpoints live in ``<workdir>/checkpoints/<step>``; each holds the whole
 ``TrainState`` (step, params, EMA params, optimizer state). ``<workdir>/model.json``
 records the architecture (a ``SiTConfig``), written by training and by ``mixflow convert``,
-so that sampling needs no data and a warm start can check it.
+so that sampling needs no data and a warm start can check it, and the parameter layout of
+the blocks (``param_layout``: 'unrolled' as the official state_dict, or 'scanned' with the
+layer axis first; runs and conversions written before it existed are 'unrolled').
+Loading params (a warm start, sampling) converts between the layouts; resuming a run keeps
+its layout.
 """
 
 from __future__ import annotations
@@ -14,9 +18,11 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
-from mixflow_jax.models.sit import SiTConfig
+from mixflow_jax.models.sit import SiTConfig, to_layout
+from mixflow_jax.sharding import path_str
 
 CHECKPOINT_DIR = "checkpoints"
 MODEL_JSON = "model.json"
@@ -68,6 +74,15 @@ def read_model_config(run_dir: str) -> SiTConfig | None:
   return read_config(run_dir, MODEL_JSON, SiTConfig, optional=("time_convention",))
 
 
+def read_param_layout(run_dir: str) -> str:
+  """The parameter layout of the run in ``run_dir`` ('unrolled' if model.json predates it)."""
+  path = os.path.join(run_root(run_dir), MODEL_JSON)
+  if not os.path.isfile(path):
+    return "unrolled"
+  with open(path) as f:
+    return json.load(f).get("param_layout", "unrolled")
+
+
 def make_manager(run_dir: str, save_every: int = 1, keep: int = 3,
                  read_only: bool = False) -> ocp.CheckpointManager:
   """A manager saving every ``save_every`` steps, keeping the ``keep`` latest."""
@@ -89,16 +104,9 @@ def _restore_args(abstract: Any) -> Any:
   return ocp.checkpoint_utils.construct_restore_args(abstract)
 
 
-def _path_str(path) -> str:
-  parts = []
-  for k in path:
-    parts.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
-  return "/".join(parts)
-
-
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {_path_str(path): tuple(leaf.shape) for path, leaf in leaves
+  return {path_str(path): tuple(leaf.shape) for path, leaf in leaves
           if hasattr(leaf, "shape")}
 
 
@@ -141,9 +149,31 @@ def load_params(run_dir: str, abstract_params: Any, field: str = "ema_params",
     metadata = manager.item_metadata(step).tree
     if field not in metadata:
       raise ValueError(f"{source} has no {field!r}; it holds {sorted(metadata)}.")
-    check_shapes(metadata[field], abstract_params, source)
+    stored_scanned, scanned = "blocks" in metadata[field], "blocks" in abstract_params
+    if stored_scanned == scanned:
+      check_shapes(metadata[field], abstract_params, source)
+      restored = manager.restore(step, args=ocp.args.PyTreeRestore(
+          item={field: abstract_params},
+          restore_args=_restore_args({field: abstract_params}),
+          partial_restore=True))
+      return restored[field], step
+    # The other layout: read it to the host, convert, place it as ``abstract_params`` says.
+    stored = jax.eval_shape(
+        lambda p: to_layout(p, "scanned" if stored_scanned else "unrolled"), abstract_params)
+    check_shapes(metadata[field], stored, source)
+    host = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), stored)
     restored = manager.restore(step, args=ocp.args.PyTreeRestore(
-        item={field: abstract_params},
-        restore_args=_restore_args({field: abstract_params}),
-        partial_restore=True))
-  return restored[field], step
+        item={field: stored}, restore_args={field: host}, partial_restore=True))
+  converted = to_layout(jax.tree.map(np.asarray, restored[field]),
+                        "scanned" if scanned else "unrolled")
+  return jax.tree.map(_place, converted, abstract_params), step
+
+
+def _place(value: np.ndarray, abstract: jax.ShapeDtypeStruct) -> jax.Array:
+  """A host array (the same on every process) as a global array of ``abstract``'s sharding
+  (replicated on the first device if it has none)."""
+  value = np.asarray(value, abstract.dtype)
+  sharding = getattr(abstract, "sharding", None)
+  if sharding is None:
+    return jax.device_put(value)
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])

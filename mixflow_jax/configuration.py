@@ -8,6 +8,7 @@ rejects unknown fields; ``validate`` rejects impossible values, naming the field
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import ml_collections
 from ml_collections import config_dict
@@ -15,9 +16,10 @@ from ml_collections import config_dict
 from mixflow_jax import objectives, sampling, timesteps
 from mixflow_jax.data import SOURCES
 from mixflow_jax.interpolants import PATHS
-from mixflow_jax.models import sit
+from mixflow_jax.models import attention, sit
 
 DTYPES = ("float32", "bfloat16")
+SCHEDULES = ("constant", "cosine", "linear")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -30,7 +32,11 @@ def default_config() -> ml_collections.ConfigDict:
       path="",                  # arrays: the folder holding images.npy and labels.npy
       num_classes=config_dict.placeholder(int),  # arrays: default largest label + 1
       heldout_fraction=0.2,
-      batch_size=128,
+      batch_size=128,           # the global batch, split over every device of every host
+      prefetch=2,               # batches placed on the devices ahead of their step
+      # (H, W, C) of the images or latents, for `mixflow plan` without the data (default:
+      # the data's own shape).
+      image_shape=config_dict.placeholder(tuple),
   ))
 
   c.model = ml_collections.ConfigDict(dict(
@@ -46,7 +52,15 @@ def default_config() -> ml_collections.ConfigDict:
       # The convention the weights were trained in: noise_to_data (SiT, ours: t = 0 noise)
       # or data_to_noise (REPA, RAE); the latter is used through a flipped t and -v.
       time_convention="noise_to_data",
+      # How training computes (never what): the matmuls' dtype (parameters, optimizer state
+      # and the loss stay float32; sampling has its own sample.dtype), the remat policy of
+      # each block (none | full | dots | dots_no_batch, see models/sit.py), the blocks as
+      # one nn.scan (the 'scanned' parameter layout: compile time independent of depth),
+      # and the attention implementation (auto | xla | cudnn | flash, models/attention.py).
       dtype="float32",
+      remat="none",
+      scan_blocks=False,
+      attention="auto",
   ))
 
   c.objective = dict(
@@ -60,7 +74,10 @@ def default_config() -> ml_collections.ConfigDict:
   )
 
   c.optim = dict(lr=1e-4, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip=0.0,
-                 ema_decay=0.9999)
+                 ema_decay=0.9999,
+                 # Linear warmup from 0 over warmup_steps, then constant (the paper's),
+                 # cosine or linear decay to end_lr at train.steps.
+                 schedule="constant", warmup_steps=0, end_lr=0.0)
 
   c.train = dict(
       steps=1000,
@@ -68,7 +85,15 @@ def default_config() -> ml_collections.ConfigDict:
       checkpoint_every=500,
       keep_checkpoints=3,
       init_from="",             # a run's workdir: warm start from its latest EMA params
-      num_fsdp=1,               # size of the mesh's 'fsdp' axis (1: pure data parallel)
+      # Size of the mesh's 'fsdp' axis (1: pure data parallel; -1: every device), and the
+      # partition rules of the train state along it: (regex, spec) pairs, see sharding.py.
+      num_fsdp=1,
+      partition_rules=((".*", "auto"),),
+      fsdp_min_size=2**14,      # 'auto' keeps leaves of fewer elements replicated
+      profile_steps=(0, 0),     # (a, b): a jax.profiler trace of steps a..b in DIR/profile
+      # Peak FLOP/s of one device for the logged MFU (default: hardware.py's bf16 table;
+      # no MFU where the device is not in it, e.g. on a CPU).
+      peak_flops_per_device=config_dict.placeholder(float),
   )
 
   c.sample = ml_collections.ConfigDict(dict(
@@ -93,6 +118,7 @@ def default_config() -> ml_collections.ConfigDict:
       # ids (repeated to num_samples) | a .npy file of num_samples int labels
       labels="balanced",
       use_ema=True,
+      dtype="float32",          # compute dtype of sampling (bf16 is known to cost FID)
       vae="",                   # a converted VAE (mixflow convert --vae) for latent models
   ))
 
@@ -161,12 +187,28 @@ def _check(ok: bool, field: str, value, expected: str) -> None:
     raise ConfigError(f"config.{field}={value!r} is invalid: expected {expected}.")
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-  """Raises ConfigError naming the first impossible field of ``config``."""
+def _check_partition_rules(rules) -> None:
+  expected = ("(regex, spec) pairs, spec 'auto', 'replicated' or comma-separated mesh axes "
+              "or None per dimension")
+  _check(isinstance(rules, (tuple, list)), "train.partition_rules", rules, expected)
+  for rule in rules:
+    _check(isinstance(rule, (tuple, list)) and len(rule) == 2 and all(
+        isinstance(x, str) for x in rule), "train.partition_rules", rule, expected)
+    try:
+      re.compile(rule[0])
+    except re.error as e:
+      raise ConfigError(f"config.train.partition_rules: {rule[0]!r} is not a regular "
+                        f"expression ({e}).") from e
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
+             needs_data: bool = True) -> None:
+  """Raises ConfigError naming the first impossible field of ``config`` (``needs_data``:
+  the data folder must be named, as for training but not for `mixflow plan`)."""
   d, m, o, opt, tr, s = (config.data, config.model, config.objective, config.optim,
                          config.train, config.sample)
   _check(d.name in SOURCES, "data.name", d.name, f"one of {sorted(SOURCES)}")
-  if d.name == "arrays":
+  if d.name == "arrays" and (needs_data or d.image_shape is None):
     _check(bool(d.path), "data.path", d.path, "the folder of images.npy and labels.npy "
            "(data.name='arrays' reads it)")
   _check(d.num_classes is None or d.num_classes > 0, "data.num_classes", d.num_classes,
@@ -174,6 +216,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   _check(0 < d.heldout_fraction < 1, "data.heldout_fraction", d.heldout_fraction,
          "a fraction in (0, 1)")
   _check(d.batch_size > 0, "data.batch_size", d.batch_size, "a positive integer")
+  _check(d.prefetch >= 0, "data.prefetch", d.prefetch, "a number of batches >= 0")
+  _check(d.image_shape is None or (len(d.image_shape) == 3 and min(d.image_shape) > 0),
+         "data.image_shape", d.image_shape, "(H, W, C) or None (the data's)")
   if num_devices is not None:
     _check(d.batch_size % num_devices == 0, "data.batch_size", d.batch_size,
            f"a multiple of the device count {num_devices}")
@@ -196,6 +241,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   _check(m.time_convention in sit.TIME_CONVENTIONS, "model.time_convention",
          m.time_convention, f"one of {sit.TIME_CONVENTIONS}")
   _check(m.dtype in DTYPES, "model.dtype", m.dtype, f"one of {DTYPES}")
+  _check(m.remat in sit.REMAT_POLICIES, "model.remat", m.remat,
+         f"one of {tuple(sit.REMAT_POLICIES)}")
+  _check(m.attention in attention.IMPLEMENTATIONS, "model.attention", m.attention,
+         f"one of {attention.IMPLEMENTATIONS}")
 
   _check(o.name in objectives.OBJECTIVES, "objective.name", o.name,
          f"one of {objectives.OBJECTIVES}")
@@ -213,16 +262,28 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   _check(opt.lr > 0, "optim.lr", opt.lr, "a positive learning rate")
   _check(opt.weight_decay >= 0, "optim.weight_decay", opt.weight_decay, ">= 0")
   _check(opt.grad_clip >= 0, "optim.grad_clip", opt.grad_clip, ">= 0 (0 disables it)")
+  _check(opt.schedule in SCHEDULES, "optim.schedule", opt.schedule, f"one of {SCHEDULES}")
+  _check(0 <= opt.warmup_steps, "optim.warmup_steps", opt.warmup_steps, ">= 0")
+  _check(0 <= opt.end_lr <= opt.lr, "optim.end_lr", opt.end_lr, f"in [0, optim.lr={opt.lr}]")
   _check(0 <= opt.ema_decay < 1, "optim.ema_decay", opt.ema_decay, "a decay in [0, 1)")
 
-  for field in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "num_fsdp"):
+  for field in ("steps", "log_every", "checkpoint_every", "keep_checkpoints"):
     _check(tr[field] > 0, f"train.{field}", tr[field], "a positive integer")
+  _check(tr.num_fsdp > 0 or tr.num_fsdp == -1, "train.num_fsdp", tr.num_fsdp,
+         "a positive divisor of the device count, or -1 (every device)")
   if num_devices is not None:
-    _check(num_devices % tr.num_fsdp == 0, "train.num_fsdp", tr.num_fsdp,
-           f"a divisor of the device count {num_devices}")
+    _check(tr.num_fsdp == -1 or num_devices % tr.num_fsdp == 0, "train.num_fsdp",
+           tr.num_fsdp, f"a divisor of the device count {num_devices}, or -1")
+  _check_partition_rules(tr.partition_rules)
+  _check(tr.fsdp_min_size >= 0, "train.fsdp_min_size", tr.fsdp_min_size, ">= 0")
+  _check(len(tr.profile_steps) == 2 and 0 <= tr.profile_steps[0] <= tr.profile_steps[1],
+         "train.profile_steps", tr.profile_steps, "(a, b) with 0 <= a <= b (0: no trace)")
+  _check(tr.peak_flops_per_device is None or tr.peak_flops_per_device > 0,
+         "train.peak_flops_per_device", tr.peak_flops_per_device, "> 0 or None")
 
   _check(s.sampler in sampling.METHODS, "sample.sampler", s.sampler,
          f"one of {sampling.METHODS}")
+  _check(s.dtype in DTYPES, "sample.dtype", s.dtype, f"one of {DTYPES}")
   _check(s.num_steps > 0, "sample.num_steps", s.num_steps, "a positive integer")
   _check(s.cfg_scale >= 0, "sample.cfg_scale", s.cfg_scale, ">= 0")
   _check(s.guided_channels in sampling.GUIDED_CHANNELS, "sample.guided_channels",

@@ -96,7 +96,7 @@ def make_batch_sampler(config: ml_collections.ConfigDict, run_dir: str,
   if s.batch_size % mesh.size:
     raise configuration.ConfigError(f"config.sample.batch_size={s.batch_size} is not a "
                                     f"multiple of the device count {mesh.size}.")
-  model = SiT(model_config, dtype=jnp.dtype(config.model.dtype))
+  model = SiT(model_config, dtype=jnp.dtype(config.sample.dtype))
   params, step = checkpoints.load_params(run_dir, abstract_params(model_config),
                                          "ema_params" if s.use_ema else "params")
   params = jax.device_put(params, sharding.replicated(mesh))

@@ -7,11 +7,12 @@
         [--time_convention=noise_to_data|data_to_noise]
     mixflow convert --vae=PATH --out=DIR
     mixflow encode --images=DIR --vae=DIR --out=DIR [--image_size=256]
+    mixflow plan [--config=...] [--num_devices=N] [--out=plan.json]
 
 Flags only; the work is done by importable functions (``train.train``,
 ``generate.sample_job``, ``evaluate.evaluate_job``, ``slowflow.slowflow_job``,
 ``demo.run_demo``, ``convert.export.convert_checkpoint``, ``convert.vae.convert_vae_checkpoint``,
-``data.encode.encode_folder``).
+``data.encode.encode_folder``, ``plan.plan``).
 """
 
 import logging as py_logging
@@ -20,7 +21,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ("train", "sample", "evaluate", "slowflow", "demo", "convert", "encode")
+COMMANDS = ("train", "sample", "evaluate", "slowflow", "demo", "convert", "encode", "plan")
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "configs", "digits.py")
 
@@ -31,7 +32,11 @@ _VAE = flags.DEFINE_string("vae", None, "convert: an SD-VAE (diffusers Autoencod
                           "state_dict (.safetensors, .bin or .pt) instead of a SiT; encode: "
                           "the VAE folder written by `mixflow convert --vae`.")
 _OUT = flags.DEFINE_string("out", None, "convert: the output folder; encode: the arrays "
-                          "folder to write (images.npy, labels.npy; rerun to resume).")
+                          "folder to write (images.npy, labels.npy; rerun to resume); plan: "
+                          "a JSON file for the plan.")
+_NUM_DEVICES = flags.DEFINE_integer(
+    "num_devices", None, "plan: fake this many CPU devices (a mesh of any size on one "
+    "host); by default the devices this host has.")
 _IMAGES = flags.DEFINE_string("images", None, "encode: the ImageFolder to encode (one "
                              "subfolder per class, e.g. ImageNet's train/).")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 256, "encode: the side of the ADM center "
@@ -100,6 +105,9 @@ def main(argv: list[str]) -> None:
     rows = encode_folder(_IMAGES.value, _VAE.value, _OUT.value, _IMAGE_SIZE.value)
     print(f"Wrote {_OUT.value}: {rows} rows of latents (images.npy, labels.npy).")
     return
+  if argv[1] == "plan":
+    _plan(_CONFIG.value)
+    return
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required.")
   command, config, workdir = argv[1], _CONFIG.value, _WORKDIR.value
@@ -113,9 +121,30 @@ def main(argv: list[str]) -> None:
   from mixflow_jax import configuration  # Heavy imports after flag parsing.
   try:
     configuration.validate(config)
+    _run(command, config, workdir)
   except configuration.ConfigError as e:
     raise app.UsageError(str(e)) from e
 
+
+def _plan(config) -> None:
+  import jax
+  if _NUM_DEVICES.value is not None:
+    if _NUM_DEVICES.value <= 0:
+      raise app.UsageError(f"--num_devices={_NUM_DEVICES.value}: expected a positive count.")
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", _NUM_DEVICES.value)
+  from mixflow_jax import configuration, plan
+  try:
+    result = plan.plan(config)
+  except configuration.ConfigError as e:
+    raise app.UsageError(str(e)) from e
+  print(plan.format_table(result))
+  if _OUT.value:
+    plan.write(result, _OUT.value)
+    print(f"Wrote {_OUT.value}")
+
+
+def _run(command: str, config, workdir: str) -> None:
   if command == "train":
     from mixflow_jax import train
     train.train(config, workdir)

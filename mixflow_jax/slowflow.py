@@ -116,7 +116,7 @@ def slowflow_run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
   ``config.slowflow.num_samples`` samples (balanced labels)."""
   sf, s = config.slowflow, config.sample
   model_config = generate.run_model_config(config, run_dir)
-  model = SiT(model_config, dtype=jnp.dtype(config.model.dtype))
+  model = SiT(model_config, dtype=jnp.dtype(config.sample.dtype))
   params, step = checkpoints.load_params(run_dir, abstract_params(model_config),
                                          "ema_params" if s.use_ema else "params")
   sampler = sampling.Sampler.from_config(s, config.objective.path)

@@ -8,9 +8,12 @@ compiled once with ``jax.jit`` over explicit shardings. The loop around it resum
 """
 
 
+import collections
+import dataclasses
 import functools
-import math
-from collections.abc import Iterator
+import os
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax
@@ -19,13 +22,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, metrics, periodic_actions
+from jax.sharding import Mesh
 
-from mixflow_jax import checkpoints, configuration, sharding
+from mixflow_jax import checkpoints, configuration, hardware, sharding
 from mixflow_jax.data import ImageDataset, load_dataset
 from mixflow_jax.interpolants import get_path
-from mixflow_jax.models.sit import ApplyFn, SiT, make_apply_fn
+from mixflow_jax.models import attention
+from mixflow_jax.models.sit import ApplyFn, SiT, make_apply_fn, param_layout
 from mixflow_jax.objectives import Objective
 
 
@@ -38,15 +44,48 @@ class TrainState:
 
 
 @flax.struct.dataclass
+class FirstNonFinite(metrics.Metric):
+  """The first step whose loss or gradient norm is not finite (0: none), kept on the
+  device, so that checking a log interval needs one transfer, not one per step."""
+
+  step: jax.Array  # () int32
+
+  @classmethod
+  def from_model_output(cls, loss: jax.Array, grad_norm: jax.Array, step: jax.Array,
+                        **_) -> "FirstNonFinite":
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    return cls(jnp.where(finite, 0, step).astype(jnp.int32))
+
+  def merge(self, other: "FirstNonFinite") -> "FirstNonFinite":
+    return type(self)(jnp.where(self.step > 0, self.step, other.step))
+
+  def compute(self) -> jax.Array:
+    return self.step
+
+
+@flax.struct.dataclass
 class TrainMetrics(metrics.Collection):
   loss: metrics.Average.from_output("loss")
   grad_norm: metrics.Average.from_output("grad_norm")
+  first_nonfinite_step: FirstNonFinite
 
 
-def make_model(config: ml_collections.ConfigDict, dataset: ImageDataset) -> SiT:
-  model_config = configuration.model_config(config, dataset.image_shape,
-                                            dataset.num_classes)
-  return SiT(model_config, dtype=jnp.dtype(config.model.dtype))
+def make_model(config: ml_collections.ConfigDict, image_shape: tuple[int, int, int],
+               num_classes: int, mesh: Mesh | None = None) -> SiT:
+  """The SiT that ``config`` trains on images of ``image_shape`` (H, W, C). With ``mesh``,
+  the activations entering each block are constrained to the batch sharding."""
+  m = config.model
+  model_config = configuration.model_config(config, image_shape, num_classes)
+  dtype = jnp.dtype(m.dtype)
+  try:
+    implementation = attention.resolve(
+        m.attention, jax.default_backend(), model_config.num_tokens,
+        model_config.hidden_size // model_config.num_heads, dtype)
+  except ValueError as e:
+    raise configuration.ConfigError(str(e)) from e
+  return SiT(model_config, dtype=dtype, remat=m.remat, scan_blocks=m.scan_blocks,
+             attention=implementation,
+             activation_sharding=None if mesh is None else sharding.batch_sharding(mesh))
 
 
 def make_objective(config: ml_collections.ConfigDict, model: SiT) -> Objective:
@@ -58,9 +97,31 @@ def make_objective(config: ml_collections.ConfigDict, model: SiT) -> Objective:
       label_dropout=model.config.class_dropout_prob, null_class=model.config.num_classes)
 
 
-def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """AdamW at a constant learning rate (the paper: lr 1e-4, weight decay 0)."""
-  adamw = optax.adamw(optim.lr, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+def learning_rate(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 over ``optim.warmup_steps``, then ``optim.schedule``: constant
+  (the paper's), or a cosine / linear decay to ``optim.end_lr`` at ``total_steps``."""
+  decay_steps = max(total_steps - optim.warmup_steps, 1)
+  if optim.schedule == "constant":
+    after = optax.constant_schedule(optim.lr)
+  elif optim.schedule == "cosine":
+    after = optax.cosine_decay_schedule(optim.lr, decay_steps, alpha=optim.end_lr / optim.lr)
+  else:
+    after = optax.linear_schedule(optim.lr, optim.end_lr, decay_steps)
+  if optim.warmup_steps == 0:
+    return after
+  warmup = optax.linear_schedule(0.0, optim.lr, optim.warmup_steps)
+  return optax.join_schedules([warmup, after], [optim.warmup_steps])
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int = 1
+                   ) -> optax.GradientTransformation:
+  """AdamW (the paper: constant lr 1e-4, weight decay 0), optionally after gradient
+  clipping; ``total_steps`` is where a decaying schedule ends."""
+  # A constant rate stays a float: its optimizer state is that of runs written before
+  # schedules existed, so that they resume.
+  constant = optim.schedule == "constant" and optim.warmup_steps == 0
+  lr = optim.lr if constant else learning_rate(optim, total_steps)
+  adamw = optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps,
                       weight_decay=optim.weight_decay)
   if optim.grad_clip > 0:
     return optax.chain(optax.clip_by_global_norm(optim.grad_clip), adamw)
@@ -94,16 +155,139 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
   new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params,
                             opt_state=opt_state)
   return new_state, TrainMetrics.single_from_model_output(
-      loss=loss, grad_norm=optax.tree.norm(grads))
+      loss=loss, grad_norm=optax.tree.norm(grads), step=new_state.step)
 
 
-def _check_finite(step: int, step_metrics: TrainMetrics, manager) -> None:
-  values = {k: float(v) for k, v in step_metrics.compute().items()}
-  if not all(math.isfinite(v) for v in values.values()):
+@dataclasses.dataclass(frozen=True)
+class StepSetup:
+  """Everything the train step of a config needs, built without data or parameters.
+
+  ``abstract_state`` holds ShapeDtypeStructs carrying ``state_shardings``; ``step_fn`` is
+  the jitted ``train_step(state, batch, rng)`` over the mesh (the state donated).
+  """
+
+  model: SiT
+  objective: Objective
+  tx: optax.GradientTransformation
+  mesh: Mesh
+  image_shape: tuple[int, int, int]
+  abstract_state: TrainState
+  state_shardings: TrainState
+  step_fn: Callable
+
+
+def setup_step(config: ml_collections.ConfigDict, image_shape: tuple[int, int, int],
+               num_classes: int, mesh: Mesh) -> StepSetup:
+  """The model, objective, optimizer, sharded abstract state and jitted step of ``config``
+  for images of ``image_shape`` (H, W, C) over ``mesh``."""
+  model = make_model(config, image_shape, num_classes, mesh)
+  objective = make_objective(config, model)
+  tx = make_optimizer(config.optim, config.train.steps)
+  abstract = jax.eval_shape(
+      lambda k: create_train_state(init_params(model, image_shape, k), tx), jax.random.key(0))
+  shardings = sharding.state_sharding(abstract, mesh, config.train.partition_rules,
+                                      config.train.fsdp_min_size)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+  step_fn = jax.jit(
+      functools.partial(train_step, apply_fn=make_apply_fn(model), objective=objective, tx=tx,
+                        ema_decay=config.optim.ema_decay),
+      in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+      out_shardings=(shardings, sharding.replicated(mesh)),
+      donate_argnums=0)
+  return StepSetup(model, objective, tx, mesh, tuple(image_shape), abstract, shardings,
+                   step_fn)
+
+
+def abstract_batch(setup: StepSetup, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global batch the step takes, as sharded ShapeDtypeStructs."""
+  batch_sharding = sharding.batch_sharding(setup.mesh)
+  return {"image": jax.ShapeDtypeStruct((batch_size, *setup.image_shape), jnp.float32,
+                                        sharding=batch_sharding),
+          "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=batch_sharding)}
+
+
+def model_flops_per_step(config: ml_collections.ConfigDict, setup: StepSetup) -> float:
+  """FLOPs of one global train step as the model defines them: XLA's count of the step
+  lowered without remat (a recompute is not model work), with XLA's attention (a kernel's
+  FLOPs are not counted by XLA) and unrolled blocks (a loop body is counted once), before
+  partitioning (so of the whole batch). Lowering only: nothing is compiled."""
+  plain = config.copy_and_resolve_references()
+  with plain.unlocked():
+    plain.model.remat, plain.model.attention, plain.model.scan_blocks = "none", "xla", False
+  s = setup_step(plain, setup.image_shape, setup.model.config.num_classes, setup.mesh)
+  lowered = s.step_fn.lower(s.abstract_state, abstract_batch(s, config.data.batch_size),
+                            jax.random.key(0))
+  return float(lowered.cost_analysis()["flops"])
+
+
+def prefetch(batches: Iterator[dict[str, np.ndarray]], mesh: Mesh, size: int
+             ) -> Iterator[dict[str, jax.Array]]:
+  """``batches`` placed on the mesh's devices ``size`` steps ahead of their use, so that
+  the transfer of the next batch overlaps the step before it."""
+  queue: collections.deque = collections.deque()
+  for batch in batches:
+    queue.append(sharding.shard_batch(batch, mesh))
+    if len(queue) > size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
+
+
+def _check_finite(interval: TrainMetrics | None, manager: ocp.CheckpointManager) -> None:
+  """Raises FloatingPointError naming the first step of ``interval`` whose loss or
+  gradient norm is not finite (one device-to-host transfer)."""
+  bad = 0 if interval is None else int(interval.first_nonfinite_step.compute())
+  if bad:
     manager.wait_until_finished()
     raise FloatingPointError(
-        f"Non-finite training metrics at step {step}: {values}. Training stopped; the last "
-        f"good checkpoint is step {manager.latest_step()} in {manager.directory}.")
+        f"Non-finite loss or gradient norm at step {bad}. Training stopped; the last good "
+        f"checkpoint is step {manager.latest_step()} in {manager.directory}.")
+
+
+class _Throughput:
+  """Images/s and model FLOP utilisation between two calls of ``__call__(step)``."""
+
+  def __init__(self, start_step: int, batch_size: int, flops_per_step: float | None,
+               peak_flops: float | None):
+    self.batch_size, self.flops_per_step, self.peak_flops = (batch_size, flops_per_step,
+                                                             peak_flops)
+    self.step, self.time = start_step, time.perf_counter()
+
+  def __call__(self, step: int) -> dict[str, float]:
+    now = time.perf_counter()
+    seconds_per_step = (now - self.time) / max(step - self.step, 1)
+    self.step, self.time = step, now
+    out = {"images_per_sec": self.batch_size / seconds_per_step}
+    if self.flops_per_step and self.peak_flops:
+      out["mfu"] = self.flops_per_step / seconds_per_step / self.peak_flops
+    return out
+
+
+def _restore_or_init(config: ml_collections.ConfigDict, workdir: str, s: StepSetup,
+                     manager: ocp.CheckpointManager, init_key: jax.Array) -> TrainState:
+  if manager.latest_step() is not None:
+    stored = checkpoints.read_param_layout(workdir)
+    if stored != param_layout(s.model):
+      raise configuration.ConfigError(
+          f"The checkpoints in {workdir!r} hold the {stored!r} parameter layout, but "
+          f"config.model.scan_blocks={s.model.scan_blocks} trains the "
+          f"{param_layout(s.model)!r} one: set config.model.scan_blocks="
+          f"{stored == 'scanned'} to resume them, or start a new run from them with "
+          "config.train.init_from (a warm start converts the layout).")
+    state = checkpoints.restore_state(manager, s.abstract_state)
+    logging.info("Resumed %s at step %d.", workdir, int(state.step))
+    return state
+  if config.train.init_from:
+    params, from_step = checkpoints.load_params(config.train.init_from,
+                                                s.abstract_state.params)
+    logging.info("Warm start from the EMA params of %s, step %d.", config.train.init_from,
+                 from_step)
+  else:
+    params = jax.jit(functools.partial(init_params, s.model, s.image_shape),
+                     out_shardings=s.state_shardings.params)(init_key)
+  return jax.jit(create_train_state, static_argnums=1, out_shardings=s.state_shardings)(
+      params, s.tx)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *,
@@ -114,80 +298,64 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   ``batches`` replaces the dataset's train iterator (it must start at the resumed step);
   ``dataset`` replaces ``config.data``. Returns the final train state.
   """
-  mesh = sharding.make_mesh(config.train.num_fsdp)
+  tr = config.train
+  mesh = sharding.make_mesh(tr.num_fsdp)
   configuration.validate(config, mesh.size)
   dataset = dataset or load_dataset(config.data)
-  model = make_model(config, dataset)
-  apply_fn, objective = make_apply_fn(model), make_objective(config, model)
-  tx = make_optimizer(config.optim)
+  s = setup_step(config, dataset.image_shape, dataset.num_classes, mesh)
   init_key, rng = jax.random.split(jax.random.key(config.seed))
 
-  abstract_state = jax.eval_shape(
-      lambda k: create_train_state(init_params(model, dataset.image_shape, k), tx), init_key)
-  state_shardings = sharding.state_sharding(abstract_state, mesh)
-  abstract_state = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      abstract_state, state_shardings)
-
-  for run_dir in (workdir, config.train.init_from):
+  for run_dir in (workdir, tr.init_from):
     stored = run_dir and checkpoints.read_model_config(run_dir)
     if stored:
-      configuration.check_model(model.config, stored, f"{run_dir!r} (its model.json)")
+      configuration.check_model(s.model.config, stored, f"{run_dir!r} (its model.json)")
+  manager = checkpoints.make_manager(workdir, tr.checkpoint_every, tr.keep_checkpoints)
+  state = _restore_or_init(config, workdir, s, manager, init_key)
   if jax.process_index() == 0:
-    checkpoints.write_model_config(workdir, model.config)
-  manager = checkpoints.make_manager(workdir, config.train.checkpoint_every,
-                                     config.train.keep_checkpoints)
-  if manager.latest_step() is not None:
-    state = checkpoints.restore_state(manager, abstract_state)
-    logging.info("Resumed %s at step %d.", workdir, int(state.step))
-  else:
-    if config.train.init_from:
-      params, from_step = checkpoints.load_params(config.train.init_from,
-                                                  abstract_state.params)
-      logging.info("Warm start from the EMA params of %s, step %d.",
-                   config.train.init_from, from_step)
-    else:
-      params = jax.jit(functools.partial(init_params, model, dataset.image_shape),
-                       out_shardings=state_shardings.params)(init_key)
-    state = jax.jit(create_train_state, static_argnums=1, out_shardings=state_shardings)(
-        params, tx)
+    checkpoints.write_model_config(workdir, s.model.config, param_layout=param_layout(s.model))
 
-  step_fn = jax.jit(
-      functools.partial(train_step, apply_fn=apply_fn, objective=objective, tx=tx,
-                        ema_decay=config.optim.ema_decay),
-      in_shardings=(state_shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
-      out_shardings=(state_shardings, sharding.replicated(mesh)),
-      donate_argnums=0)
-
-  start, total = int(state.step), config.train.steps
-  batches = batches or dataset.train_batches(config.data.batch_size, config.seed, start)
+  start, total = int(state.step), tr.steps
+  batches = prefetch(batches or dataset.train_batches(config.data.batch_size, config.seed,
+                                                      start), mesh, config.data.prefetch)
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0, asynchronous=True)
   if start == 0:
     writer.write_hparams(config.to_dict())
   report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
                                            every_secs=30)
-  logging.info("Training %s (%s, %d parameters) for steps %d..%d in %s.", config.model.name,
+  peak = hardware.peak_flops(jax.devices()[0], tr.peak_flops_per_device)
+  throughput = _Throughput(start, config.data.batch_size,
+                           model_flops_per_step(config, s) if peak else None,
+                           None if peak is None else peak * mesh.size)
+  logging.info("Training %s (%s, %d parameters, %s attention, remat %s, %s layout, %s "
+               "compute) on a %s mesh for steps %d..%d in %s.", config.model.name,
                config.objective.name, sum(x.size for x in jax.tree.leaves(state.params)),
-               start + 1, total, workdir)
+               s.model.attention, s.model.remat, param_layout(s.model), config.model.dtype,
+               dict(mesh.shape), start + 1, total, workdir)
 
-  accumulated, previous = None, None
-  step = start
+  interval = None  # the metrics since the last log, checked for non-finite values there
+  profiling = False
   try:
     for step in range(start + 1, total + 1):
+      if step == tr.profile_steps[0]:
+        jax.profiler.start_trace(os.path.join(workdir, "profile"))
+        profiling = True
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        batch = sharding.shard_batch(next(batches), mesh)
-        state, step_metrics = step_fn(state, batch, rng)
-      if previous is not None:  # Checked one step late, so that dispatch runs ahead.
-        _check_finite(step - 1, previous, manager)
-      previous = step_metrics
-      accumulated = step_metrics if accumulated is None else accumulated.merge(step_metrics)
+        state, step_metrics = s.step_fn(state, next(batches), rng)
+      interval = step_metrics if interval is None else interval.merge(step_metrics)
       report(step)
-      if step % config.train.log_every == 0 or step == total:
-        writer.write_scalars(step, accumulated.compute())
-        accumulated = None
-      if step % config.train.checkpoint_every == 0 or step == total:
-        _check_finite(step, step_metrics, manager)
+      if profiling and step == tr.profile_steps[1]:
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        profiling = False
+      if step % tr.log_every == 0 or step == total:
+        _check_finite(interval, manager)
+        values = interval.compute()
+        values.pop("first_nonfinite_step")
+        writer.write_scalars(step, values | throughput(step))
+        interval = None
+      if step % tr.checkpoint_every == 0 or step == total:
+        _check_finite(interval, manager)
         checkpoints.save_state(manager, step, state)
   except KeyboardInterrupt:
     # Save the last finished step, unless the interrupt hit the step call after it took
@@ -198,6 +366,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         checkpoints.save_state(manager, int(state.step), state)
     raise
   finally:
+    if profiling:
+      jax.profiler.stop_trace()
     manager.wait_until_finished()
     manager.close()
     writer.flush()

@@ -1,5 +1,6 @@
-"""One device equals eight (fake CPU) devices, for a train step and for a resumed run, and
-two processes of four devices each (jax.distributed on localhost) for a whole run."""
+"""One device equals eight (fake CPU) devices under every mesh (data parallel, FSDP, 2 x 4),
+checkpoints move between meshes, and two processes of four devices each (jax.distributed
+on localhost) train as one device."""
 
 import os
 import subprocess
@@ -11,79 +12,56 @@ import numpy as np
 
 from mixflow_jax import checkpoints, train
 from mixflow_jax.models.sit import abstract_params
+from mixflow_jax.report import read_scalar
 from tests import distributed
 
 _SCRIPT = textwrap.dedent("""
-    import functools, sys
+    import sys
     import jax, numpy as np
     sys.path.insert(0, {tests!r})
     from conftest import tiny_config
     from mixflow_jax import sharding, train
-    from mixflow_jax.models.sit import make_apply_fn
     from mixflow_jax.data import sources
 
     assert jax.device_count() == 8, jax.devices()
-    config = tiny_config()
-    dataset = sources.synthetic()
-    model = train.make_model(config, dataset)
-    tx = train.make_optimizer(config.optim)
-    step = functools.partial(train.train_step, apply_fn=make_apply_fn(model),
-                             objective=train.make_objective(config, model), tx=tx,
-                             ema_decay=config.optim.ema_decay)
-    params = train.init_params(model, dataset.image_shape, jax.random.key(0))
-    leaves, treedef = jax.tree.flatten(params)  # random weights everywhere: no zero layers
-    params = jax.tree.unflatten(treedef, [
-        0.1 * jax.random.normal(k, x.shape)
-        for k, x in zip(jax.random.split(jax.random.key(2), len(leaves)), leaves)])
-    rng = jax.random.key(1)
+    root, dataset = sys.argv[1], sources.synthetic()
 
-    objective = train.make_objective(config, model)
+    def run(workdir, num_fsdp, steps):
+      config = tiny_config()
+      config.train.steps, config.train.log_every = steps, 1
+      config.train.num_fsdp, config.train.fsdp_min_size = num_fsdp, 0
+      return train.train(config, f"{{root}}/{{workdir}}", dataset=dataset)
 
-    def grads(params, batch, key):
-      loss = lambda p: objective.loss(make_apply_fn(model), p, batch, key).mean()
-      return jax.grad(loss)(params)
-
-    def run(devices):
-      mesh = sharding.make_mesh(1, devices)
-      batch = sharding.shard_batch(dataset.train_batch(0, config.data.batch_size, 0), mesh)
-      g = jax.jit(grads, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh),
-                                       sharding.replicated(mesh)))(params, batch, rng)
-      state = train.create_train_state(params, tx)
-      shardings = sharding.state_sharding(state, mesh)
-      f = jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh),
-                                      sharding.replicated(mesh)),
-                  out_shardings=(shardings, sharding.replicated(mesh)))
-      state = jax.device_put(state, shardings)
-      losses = []
-      for i in range(2):
-        if i:
-          batch = sharding.shard_batch(dataset.train_batch(i, config.data.batch_size, 0), mesh)
-        state, metrics = f(state, batch, rng)
-        losses.append(float(metrics.compute()["loss"]))
-      assert len(state.params["final_layer"]["linear"]["kernel"].sharding.device_set) == \\
-          len(devices)
-      return jax.device_get(g), losses, jax.device_get(state)
-
-    grads1, loss1, state1 = run(jax.devices()[:1])
-    grads8, loss8, state8 = run(jax.devices())
-    for a, b in zip(jax.tree.leaves(grads8), jax.tree.leaves(grads1), strict=True):
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max())
-    np.testing.assert_allclose(loss8, loss1, rtol=1e-6)
-    # Adam's first steps move each weight by about lr * g / (|g| + eps); for the few
-    # gradients with |g| near eps = 1e-8 that ratio turns float rounding of g into ~1e-6,
-    # hence an absolute tolerance of 1% of lr = 1e-3 on the state.
-    for a, b in zip(jax.tree.leaves(state8), jax.tree.leaves(state1), strict=True):
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-
-    # Checkpoint a run on 8 devices; the test resumes it on 1.
-    config.train.steps = 4
-    train.train(config, sys.argv[1], dataset=dataset)
+    for workdir, num_fsdp in (("dp8", 1), ("fsdp8", 8), ("mesh2x4", 4)):
+      state = run(workdir, num_fsdp, 5)
+      kernel = state.params["blocks_0"]["mlp"]["fc1"]["kernel"]          # (32, 128)
+      mu = state.opt_state[0].mu["blocks_0"]["mlp"]["fc1"]["kernel"]
+      for leaf in (kernel, state.ema_params["blocks_0"]["mlp"]["fc1"]["kernel"], mu):
+        shard = leaf.addressable_shards[0].data.shape
+        assert shard == ((32, 128) if num_fsdp == 1 else (32, 128 // num_fsdp)), (workdir, shard)
+    # Across meshes: FSDP 8 -> data parallel 8 here, -> one device in the test; and a run
+    # of one device (the test's, 2 steps) -> FSDP 8 here.
+    run("moved", 8, 2)
+    run("moved", 1, 4)
+    run("back", -1, 5)
     print("OK")
 """)
 
 
-def test_train_step_on_one_device_equals_eight_devices_and_resumes_on_one(
-    config, synthetic_dataset, tmp_path):
+def _params(run_dir):
+  model_config = checkpoints.read_model_config(run_dir)
+  return {which: checkpoints.load_params(run_dir, abstract_params(model_config), which)
+          for which in ("params", "ema_params")}
+
+
+def test_meshes_equal_one_device_and_checkpoints_move_between_them(config, synthetic_dataset,
+                                                                  tmp_path):
+  """Data parallel 8, FSDP 8 and a 2 x 4 mesh (8 fake CPU devices) train as one device does:
+  the same losses, params and EMA after 5 steps, and checkpoints resume on another mesh
+  (FSDP 8 -> data parallel 8 -> one device; one device -> FSDP over all devices)."""
+  config.train.log_every = 1
+  config.train.steps = 2
+  train.train(config, str(tmp_path / "back"), dataset=synthetic_dataset)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
   tests = os.path.dirname(os.path.abspath(__file__))
@@ -91,10 +69,23 @@ def test_train_step_on_one_device_equals_eight_devices_and_resumes_on_one(
                           env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stdout + result.stderr[-5000:]
   assert "OK" in result.stdout
-  assert jax.device_count() == 1  # this process: resume the 8-device run on one device
-  config.train.steps = 6
-  state = train.train(config, str(tmp_path), dataset=synthetic_dataset)
-  assert int(state.step) == 6
+  assert jax.device_count() == 1
+  config.train.steps = 5
+  one = train.train(config, str(tmp_path / "one"), dataset=synthetic_dataset)
+  assert int(train.train(config, str(tmp_path / "moved"), dataset=synthetic_dataset).step) == 5
+  _, one_loss = read_scalar(str(tmp_path / "one"), "loss")
+  # Adam's first steps move each weight by about lr * g / (|g| + eps); for the few
+  # gradients with |g| near eps = 1e-8 that ratio turns float rounding of g into ~1e-6,
+  # hence an absolute tolerance of 1% of lr = 1e-3 on the params.
+  for run_dir in ("dp8", "fsdp8", "mesh2x4", "moved", "back"):
+    steps, loss = read_scalar(str(tmp_path / run_dir), "loss")
+    np.testing.assert_array_equal(steps, np.arange(1, 6))
+    np.testing.assert_allclose(loss, one_loss, rtol=1e-5, err_msg=run_dir)
+    for which, (params, step) in _params(str(tmp_path / run_dir)).items():
+      assert step == 5
+      for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(getattr(one, which)),
+                      strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=f"{run_dir} {which}")
 
 
 def test_two_processes_of_four_devices_train_as_one_device(config, synthetic_dataset,

@@ -2,6 +2,8 @@
 against a different model config, post-training warm-starts from EMA params."""
 
 
+import glob
+import json
 import os
 import signal
 import subprocess
@@ -11,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from mixflow_jax import checkpoints, configuration, train
+from mixflow_jax import checkpoints, configuration, sharding, train
 from mixflow_jax.report import read_scalar
 
 
@@ -38,6 +40,12 @@ def test_resumed_run_equals_uninterrupted_run(config, synthetic_dataset, tmp_pat
     train.train(config, crashed, dataset=synthetic_dataset, batches=batches)
   with checkpoints.make_manager(crashed, read_only=True) as manager:
     assert manager.all_steps() == [4]
+  # As a run written before model.json recorded the parameter layout.
+  with open(os.path.join(crashed, "model.json")) as f:
+    record = json.load(f)
+  assert record.pop("param_layout") == "unrolled"
+  with open(os.path.join(crashed, "model.json"), "w") as f:
+    json.dump(record, f)
   resumed = train.train(config, crashed, dataset=synthetic_dataset)
 
   assert int(resumed.step) == int(full.step) == config.train.steps
@@ -82,8 +90,9 @@ def test_run_killed_after_checkpoint_resumes_to_same_params(config, synthetic_da
 
 
 def test_interrupt_saves_the_last_finished_step(config, synthetic_dataset, tmp_path):
+  # Batches are fetched data.prefetch steps ahead: this interrupt comes before step 7.
   batches = _crash_after(synthetic_dataset.train_batches(config.data.batch_size, config.seed),
-                         6, KeyboardInterrupt)
+                         6 + config.data.prefetch, KeyboardInterrupt)
   with pytest.raises(KeyboardInterrupt):
     train.train(config, str(tmp_path), dataset=synthetic_dataset, batches=batches)
   with checkpoints.make_manager(str(tmp_path), read_only=True) as manager:
@@ -92,7 +101,7 @@ def test_interrupt_saves_the_last_finished_step(config, synthetic_dataset, tmp_p
 
 def test_optimizer_state_and_ema_really_restored(config, synthetic_dataset, tmp_path):
   state = train.train(config, str(tmp_path), dataset=synthetic_dataset)
-  model = train.make_model(config, synthetic_dataset)
+  model = train.make_model(config, synthetic_dataset.image_shape, synthetic_dataset.num_classes)
   tx = train.make_optimizer(config.optim)
   abstract = jax.eval_shape(lambda: train.create_train_state(
       train.init_params(model, synthetic_dataset.image_shape, jax.random.key(0)), tx))
@@ -116,7 +125,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(
   with pytest.raises(FloatingPointError, match="at step 6") as info:
     train.train(config, str(tmp_path), dataset=synthetic_dataset, batches=batches)
   assert "last good checkpoint is step 4" in str(info.value)
-  model = train.make_model(config, synthetic_dataset)
+  model = train.make_model(config, synthetic_dataset.image_shape, synthetic_dataset.num_classes)
   abstract = jax.eval_shape(
       lambda: train.init_params(model, synthetic_dataset.image_shape, jax.random.key(0)))
   params, step = checkpoints.load_params(str(tmp_path), abstract, "params")
@@ -173,10 +182,21 @@ def test_warm_start_from_missing_run_is_named(config, synthetic_dataset, tmp_pat
     train.train(config, str(tmp_path / "post"), dataset=synthetic_dataset)
 
 
-def test_metrics_reach_tensorboard_and_loss_decreases(config, synthetic_dataset, tmp_path):
+def test_metrics_throughput_and_profile_reach_the_workdir(config, synthetic_dataset, tmp_path):
   config.train.steps, config.train.log_every = 60, 20
   config.objective.name, config.objective.t_law = "standard", "uniform"
+  config.train.peak_flops_per_device = 1e12
+  config.train.profile_steps = (3, 4)
   train.train(config, str(tmp_path), dataset=synthetic_dataset)
   steps, loss = read_scalar(str(tmp_path), "loss")
   np.testing.assert_array_equal(steps, [20, 40, 60])
   assert loss[-1] < loss[0]
+  _, images_per_sec = read_scalar(str(tmp_path), "images_per_sec")
+  _, mfu = read_scalar(str(tmp_path), "mfu")
+  assert len(images_per_sec) == len(mfu) == 3 and (images_per_sec > 0).all()
+  # MFU = model FLOPs per image x images/s / peak (one device here).
+  s = train.setup_step(config, synthetic_dataset.image_shape, synthetic_dataset.num_classes,
+                       sharding.make_mesh(1))
+  flops_per_image = train.model_flops_per_step(config, s) / config.data.batch_size
+  np.testing.assert_allclose(mfu, flops_per_image * images_per_sec / 1e12, rtol=1e-5)
+  assert glob.glob(str(tmp_path / "profile" / "**" / "*.xplane.pb"), recursive=True)

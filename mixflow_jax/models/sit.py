@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mixflow_jax.models import attention
 
 Array = jnp.ndarray
 
@@ -40,6 +43,19 @@ PATCH_SIZES = (2, 4, 8)
 # 'noise_to_data': ours and SiT's (t = 0 noise); 'data_to_noise': REPA's and RAE's.
 TIME_CONVENTIONS = ("noise_to_data", "data_to_noise")
 NAMED_MODELS = tuple(f"SiT-{s}/{p}" for s in SIZES for p in PATCH_SIZES)
+# Rematerialisation of each block's activations in the backward pass: 'none' keeps them
+# all, 'full' keeps only each block's input, 'dots' keeps every matmul output, and
+# 'dots_no_batch' the matmul outputs without batch dimensions (the projections, not the
+# attention scores).
+REMAT_POLICIES = {
+    "none": None,
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+# The parameter layouts of the blocks: 'unrolled' (blocks_0 ... blocks_{N-1}, as the
+# official state_dict) or 'scanned' (one 'blocks' tree, each leaf with the layer axis first).
+PARAM_LAYOUTS = ("unrolled", "scanned")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +146,7 @@ class Attention(nn.Module):
 
   num_heads: int
   dtype: jnp.dtype = jnp.float32
+  implementation: str = "xla"  # see models/attention.py
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -137,7 +154,8 @@ class Attention(nn.Module):
     qkv = nn.Dense(3 * d, kernel_init=_xavier, dtype=self.dtype, name="qkv")(x)
     qkv = qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads)      # (B, T, 3, H, D/H)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    out = jax.nn.dot_product_attention(q, k, v).reshape(b, n, d)         # (B, T, D)
+    out = attention.dot_product_attention(q, k, v, self.implementation)  # (B, T, H, D/H)
+    out = out.reshape(b, n, d)                                           # (B, T, D)
     return nn.Dense(d, kernel_init=_xavier, dtype=self.dtype, name="proj")(out)
 
 
@@ -199,23 +217,31 @@ class PatchEmbed(nn.Module):
 
 
 class SiTBlock(nn.Module):
-  """Transformer block with adaLN-Zero conditioning on c (B, D)."""
+  """Transformer block with adaLN-Zero conditioning on c (B, D): x (B, T, D) -> (B, T, D)
+  (as ``(x, None)`` when ``scanned``, the carry and output of ``nn.scan``)."""
 
   num_heads: int
   mlp_ratio: float = 4.0
   dtype: jnp.dtype = jnp.float32
+  attention: str = "xla"
+  scanned: bool = False
+  activation_sharding: Any = None  # a NamedSharding that x (B, T, D) is constrained to
 
   @nn.compact
-  def __call__(self, x: Array, c: Array) -> Array:
+  def __call__(self, x: Array, c: Array) -> Array | tuple[Array, None]:
+    if self.activation_sharding is not None:
+      x = jax.lax.with_sharding_constraint(x, self.activation_sharding)
     d = x.shape[-1]
     mod = nn.Dense(6 * d, kernel_init=_zeros, dtype=self.dtype, name="adaLN_modulation_1")(
         nn.silu(c))
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, -1)
     h = modulate(_layer_norm()(x), shift_msa, scale_msa)
-    x = x + gate_msa[:, None] * Attention(self.num_heads, self.dtype, name="attn")(h)
+    attn = Attention(self.num_heads, self.dtype, self.attention, name="attn")
+    x = x + gate_msa[:, None] * attn(h)
     h = modulate(_layer_norm()(x), shift_mlp, scale_mlp)
     mlp = Mlp(int(d * self.mlp_ratio), self.dtype, name="mlp")
-    return x + gate_mlp[:, None] * mlp(h)
+    x = x + gate_mlp[:, None] * mlp(h)
+    return (x, None) if self.scanned else x
 
 
 class FinalLayer(nn.Module):
@@ -242,10 +268,21 @@ class SiT(nn.Module):
   With ``learn_sigma`` the network has 2C output channels and, as in the official
   forward, the second half is discarded. With ``time_convention='data_to_noise'`` the
   network sees 1 - t and its output is negated (see the module docstring).
+
+  The other fields change how, not what, it computes: ``dtype`` is the compute dtype of
+  every matmul (parameters stay float32; the output is float32), ``remat`` a
+  ``REMAT_POLICIES`` name applied to each block, ``scan_blocks`` runs the blocks as one
+  ``nn.scan`` (the 'scanned' parameter layout: compile time independent of depth),
+  ``attention`` an implementation of models/attention.py, and ``activation_sharding``
+  constrains the (B, T, D) activations entering each block (e.g. batch over the mesh).
   """
 
   config: SiTConfig
   dtype: jnp.dtype = jnp.float32
+  remat: str = "none"
+  scan_blocks: bool = False
+  attention: str = "xla"
+  activation_sharding: Any = None
 
   @nn.compact
   def __call__(self, x: Array, t: Array, y: Array) -> Array:
@@ -264,8 +301,18 @@ class SiT(nn.Module):
                           name="y_embedder")(y)
     c = t_emb + y_emb                                                    # (B, D)
 
-    for i in range(cfg.depth):
-      x = SiTBlock(cfg.num_heads, cfg.mlp_ratio, self.dtype, name=f"blocks_{i}")(x, c)
+    block = SiTBlock
+    if self.remat != "none":
+      block = nn.remat(block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_blocks)
+    block_args = dict(num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, dtype=self.dtype,
+                      attention=self.attention, activation_sharding=self.activation_sharding)
+    if self.scan_blocks:
+      blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                       in_axes=nn.broadcast, length=cfg.depth)
+      x, _ = blocks(**block_args, scanned=True, name="blocks")(x, c)
+    else:
+      for i in range(cfg.depth):
+        x = block(**block_args, name=f"blocks_{i}")(x, c)
     x = FinalLayer(p, cfg.out_channels, self.dtype, name="final_layer")(x, c)  # (B, T, p p o)
 
     x = x.reshape(b, h, w, p, p, cfg.out_channels).transpose(0, 1, 3, 2, 4, 5)
@@ -284,11 +331,41 @@ def make_apply_fn(model: SiT) -> ApplyFn:
   return lambda params, x, t, y: model.apply({"params": params}, x, t, y)
 
 
-def abstract_params(config: SiTConfig) -> dict:
+def param_layout(model: SiT) -> str:
+  return "scanned" if model.scan_blocks else "unrolled"
+
+
+def scan_blocks(params: dict) -> dict:
+  """The 'unrolled' layout (blocks_0 ... blocks_{N-1}) to the 'scanned' one (blocks)."""
+  names = [k for k in params if re.fullmatch(r"blocks_\d+", k)]
+  names.sort(key=lambda k: int(k.split("_")[1]))
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(params[k] for k in names))
+  return {k: v for k, v in params.items() if k not in names} | {"blocks": stacked}
+
+
+def unroll_blocks(params: dict) -> dict:
+  """The 'scanned' layout (blocks) to the 'unrolled' one (blocks_0 ... blocks_{N-1})."""
+  depth = jax.tree.leaves(params["blocks"])[0].shape[0]
+  unrolled = {f"blocks_{i}": jax.tree.map(lambda x, i=i: x[i], params["blocks"])
+              for i in range(depth)}
+  return {k: v for k, v in params.items() if k != "blocks"} | unrolled
+
+
+def to_layout(params: dict, layout: str) -> dict:
+  """``params`` (in either layout) in ``layout``."""
+  scanned = "blocks" in params
+  if layout == "scanned" and not scanned:
+    return scan_blocks(params)
+  if layout == "unrolled" and scanned:
+    return unroll_blocks(params)
+  return params
+
+
+def abstract_params(config: SiTConfig, scanned: bool = False) -> dict:
   """The parameter tree of ``SiT(config)`` as ShapeDtypeStructs, without allocating."""
   s = config.input_size
   return jax.eval_shape(
-      SiT(config).init, jax.random.key(0),
+      SiT(config, scan_blocks=scanned).init, jax.random.key(0),
       jax.ShapeDtypeStruct((1, s, s, config.in_channels), jnp.float32),
       jax.ShapeDtypeStruct((1,), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.int32)
   )["params"]

@@ -1,0 +1,210 @@
+"""Non-causal multi-head dot-product attention with a choice of kernel (``config.model.attention``).
+
+All implementations take q, k, v of shape (B, T, H, Dh) (batch, tokens, heads, head dim: the
+layout of ``jax.nn.dot_product_attention``), use the scale Dh**-0.5, no mask and no bias, and
+return (B, T, H, Dh). They compute the same function and differ in speed and memory only.
+
+Implementations (``IMPLEMENTATIONS``):
+
+- ``'xla'``: ``jax.nn.dot_product_attention(..., implementation='xla')``, the plain
+  einsum-softmax-einsum that XLA compiles on any platform. It materialises the (B, H, T, T)
+  logits, which is cheap for SiT's token counts (256 tokens for SiT-XL/2 at 256 px).
+- ``'cudnn'``: ``jax.nn.dot_product_attention(..., implementation='cudnn')``, cuDNN's fused
+  flash attention (NVIDIA GPU only). cuDNN computes in half precision: q, k, v must be bfloat16
+  or float16 (float32 is refused), and the head dim a multiple of 8, at most 128 (256 on Hopper
+  and later). These are the checks of ``check_layout`` and ``check_is_flash_attention`` in
+  ``jax/_src/cudnn/fused_attention_stablehlo.py``.
+- ``'flash'``: the Pallas TPU flash-attention kernel that JAX ships,
+  ``jax.experimental.pallas.ops.tpu.flash_attention.flash_attention`` (TPU only; it has its own
+  custom VJP, so it trains). It works in the (B, H, T, Dh) layout, so q, k, v are transposed in
+  and the output out. Its constraints (``jax/experimental/pallas/ops/tpu/flash_attention.py``):
+  the kv block ``block_k`` (and the backward kernels' ``block_k_dkv`` / ``block_k_dq``, used as
+  ``jnp.tile(m, (1, block_k // MIN_BLOCK_SIZE))``) must be a multiple of ``MIN_BLOCK_SIZE`` = 128,
+  every block must divide T (``_verify_block``), so T must be a multiple of 128; the head dim
+  must be below 128 or a multiple of 128 (the ``head_dim`` check of
+  ``_flash_attention_kernel_single_batch``). A head dim below 128 such as SiT-XL's 72 is
+  accepted: the blocks span the whole head dim, which the Pallas TPU lowering allows for any
+  size (block dims equal to the array dims, ``jax/_src/pallas/mosaic/lowering.py``), and the
+  kernel slices its 128-lane row statistics down to the head dim. The block size here is the
+  largest of 512, 256, 128 that divides T, for all forward and backward blocks.
+
+``'auto'`` picks, through ``resolve``, the fastest implementation that the platform has and
+whose constraints hold, and ``'xla'`` otherwise:
+
+- TPU: ``'flash'`` when T is a multiple of 128 and the head dim is below 128 or a multiple of
+  128 and the dtype is float32 or bfloat16 (e.g. SiT-XL/2 at 256 px: 256 tokens, head dim 72);
+  else ``'xla'`` (e.g. the tiny model's 16 tokens). Flash attention never materialises the
+  (T, T) logits in HBM.
+- GPU: ``'cudnn'`` when the dtype is bfloat16 / float16 and the head dim is a multiple of 8 and
+  at most 128 (the bound that holds on every GPU generation; an explicit ``'cudnn'`` accepts up
+  to 256 and leaves the Hopper check to JAX); else ``'xla'`` (float32 training in particular).
+- CPU (and any other platform): ``'xla'``, the only one there.
+
+A concrete implementation that the platform lacks, or whose constraints fail, is an error of
+``resolve`` (a ``ValueError`` naming ``config.model.attention``), not a silent fallback.
+``dot_product_attention`` itself never looks at the platform: the flash kernel can run on CPU
+under ``jax.experimental.pallas.tpu.force_tpu_interpret_mode()``, which the tests use.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "flash")
+# The concrete implementations that each platform has ('auto' resolves to one of them).
+_AVAILABLE = {
+  "cpu": ("auto", "xla"),
+  "gpu": ("auto", "xla", "cudnn"),
+  "tpu": ("auto", "xla", "flash"),
+}
+_PLATFORM_ALIASES = {"cuda": "gpu"}
+
+# The TPU kernel's minimum block (MIN_BLOCK_SIZE in the Pallas flash-attention module): T
+# and the kv blocks must be multiples of it; a head dim above it must be a multiple of it.
+_FLASH_MIN_BLOCK = 128
+_FLASH_BLOCKS = (512, 256, 128)  # tried largest first; the first that divides T is used
+_FLASH_DTYPES = (jnp.float32, jnp.bfloat16)
+_CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+_CUDNN_HEAD_DIM_MULTIPLE = 8
+_CUDNN_MAX_HEAD_DIM = 256  # Hopper and later; 128 before (checked by JAX itself)
+_CUDNN_AUTO_MAX_HEAD_DIM = 128  # what every GPU generation supports
+
+
+def _field(implementation: str) -> str:
+  return f"config.model.attention={implementation!r}"
+
+
+def _flash_constraint_error(num_tokens: int, head_dim: int) -> str | None:
+  """Why the TPU flash kernel cannot take (num_tokens, head_dim), or None when it can."""
+  if num_tokens % _FLASH_MIN_BLOCK != 0:
+    return (
+      f"the TPU flash-attention kernel needs the number of tokens to be a multiple of "
+      f"{_FLASH_MIN_BLOCK} (its minimum block), got {num_tokens} tokens"
+    )
+  if head_dim > _FLASH_MIN_BLOCK and head_dim % _FLASH_MIN_BLOCK != 0:
+    return (
+      f"the TPU flash-attention kernel needs the head dim to be below {_FLASH_MIN_BLOCK} or a "
+      f"multiple of {_FLASH_MIN_BLOCK}, got {head_dim}"
+    )
+  return None
+
+
+def _cudnn_constraint_error(head_dim: int, dtype, max_head_dim: int) -> str | None:
+  """Why cuDNN flash attention cannot take (head_dim, dtype), or None when it can."""
+  if jnp.dtype(dtype) not in [jnp.dtype(d) for d in _CUDNN_DTYPES]:
+    return f"cuDNN attention needs bfloat16 or float16 inputs, got {jnp.dtype(dtype).name}"
+  if head_dim % _CUDNN_HEAD_DIM_MULTIPLE != 0 or head_dim > max_head_dim:
+    return (
+      f"cuDNN attention needs the head dim to be a multiple of {_CUDNN_HEAD_DIM_MULTIPLE} and "
+      f"at most {max_head_dim}, got {head_dim}"
+    )
+  return None
+
+
+def resolve(implementation: str, platform: str, num_tokens: int, head_dim: int, dtype) -> str:
+  """The concrete implementation to run: ``implementation`` checked, or 'auto' chosen.
+
+  Args:
+    implementation: one of ``IMPLEMENTATIONS`` (``config.model.attention``).
+    platform: 'cpu', 'gpu' (or 'cuda') or 'tpu', as ``jax.default_backend()`` names it.
+    num_tokens: T, the sequence length.
+    head_dim: Dh, the size of one head.
+    dtype: the dtype of q, k, v.
+
+  Returns:
+    'xla', 'cudnn' or 'flash' (see the module docstring for what 'auto' picks).
+
+  Raises:
+    ValueError: for an unknown implementation, one that the platform lacks, or one whose
+      shape / dtype constraints do not hold.
+  """
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"{_field(implementation)} is unknown: expected one of {IMPLEMENTATIONS}")
+  platform = _PLATFORM_ALIASES.get(platform.lower(), platform.lower())
+  available = _AVAILABLE.get(platform, ("auto", "xla"))
+  if implementation not in available:
+    raise ValueError(
+      f"{_field(implementation)} is not available on {platform}: expected one of {available}"
+    )
+  dtype = jnp.dtype(dtype)
+  if implementation == "auto":
+    if platform == "tpu":
+      fits = dtype in [jnp.dtype(d) for d in _FLASH_DTYPES]
+      if fits and _flash_constraint_error(num_tokens, head_dim) is None:
+        return "flash"
+    elif platform == "gpu":
+      if _cudnn_constraint_error(head_dim, dtype, _CUDNN_AUTO_MAX_HEAD_DIM) is None:
+        return "cudnn"
+    return "xla"
+  if implementation == "flash":
+    error = _flash_constraint_error(num_tokens, head_dim)
+    if error is None and dtype not in [jnp.dtype(d) for d in _FLASH_DTYPES]:
+      error = f"the TPU flash-attention kernel is used in float32 or bfloat16, got {dtype.name}"
+  elif implementation == "cudnn":
+    error = _cudnn_constraint_error(head_dim, dtype, _CUDNN_MAX_HEAD_DIM)
+  else:
+    error = None
+  if error is not None:
+    raise ValueError(f"{_field(implementation)} cannot be used: {error}")
+  return implementation
+
+
+def flash_block_size(num_tokens: int) -> int:
+  """The block (forward and backward, q and kv) of the TPU flash kernel for T tokens.
+
+  The largest of 512, 256, 128 that divides T; T must be a multiple of 128.
+  """
+  for block in _FLASH_BLOCKS:
+    if num_tokens % block == 0:
+      return block
+  raise ValueError(_flash_constraint_error(num_tokens, _FLASH_MIN_BLOCK))
+
+
+def _flash_attention(q: Array, k: Array, v: Array) -> Array:
+  """The Pallas TPU flash kernel on (B, T, H, Dh) inputs -> (B, T, H, Dh)."""
+  # Imported here: the Pallas TPU modules are only needed when this implementation runs.
+  from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
+
+  _, num_tokens, _, head_dim = q.shape
+  error = _flash_constraint_error(num_tokens, head_dim)
+  if error is not None:
+    raise ValueError(f"{_field('flash')} cannot be used: {error}")
+  block = flash_block_size(num_tokens)
+  block_sizes = tpu_flash.BlockSizes(
+    block_q=block, block_k_major=block, block_k=block, block_b=1,
+    block_q_major_dkv=block, block_k_major_dkv=block, block_k_dkv=block, block_q_dkv=block,
+    block_k_major_dq=block, block_k_dq=block, block_q_dq=block,
+  )
+  to_bhtd = lambda x: jnp.transpose(x, (0, 2, 1, 3))  # (B, T, H, Dh) <-> (B, H, T, Dh)
+  out = tpu_flash.flash_attention(
+    to_bhtd(q), to_bhtd(k), to_bhtd(v), causal=False, sm_scale=float(head_dim) ** -0.5,
+    block_sizes=block_sizes,
+  )
+  return to_bhtd(out)
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, implementation: str) -> Array:
+  """Non-causal softmax(q k^T / sqrt(Dh)) v with the chosen kernel.
+
+  Args:
+    q, k, v: (B, T, H, Dh), one dtype.
+    implementation: 'xla', 'cudnn' or 'flash', run as asked without looking at the platform
+      (the flash kernel runs on CPU under ``force_tpu_interpret_mode``); or 'auto', resolved
+      by ``resolve`` for ``jax.default_backend()`` and the shape and dtype of q.
+
+  Returns:
+    (B, T, H, Dh), the dtype of q.
+  """
+  if implementation == "auto":
+    implementation = resolve(
+      implementation, jax.default_backend(), q.shape[1], q.shape[-1], q.dtype
+    )
+  if implementation in ("xla", "cudnn"):
+    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+  if implementation == "flash":
+    return _flash_attention(q, k, v)
+  raise ValueError(f"{_field(implementation)} is unknown: expected one of {IMPLEMENTATIONS}")
+

@@ -1,0 +1,201 @@
+"""How training computes, never what: remat, scan, bf16, the learning-rate schedule and
+`mixflow plan`; every option is shown to change the compiled program."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mixflow_jax import checkpoints, configuration, plan, sharding, train
+from mixflow_jax.models.sit import SiT, SiTConfig, abstract_params, to_layout
+
+_CONFIG = SiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2,
+                    num_heads=2, num_classes=4, learn_sigma=False)
+
+
+def _random(tree, seed=0):
+  """Random values in every leaf (numpy: no compile per leaf shape)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype), tree)
+
+
+def _loss_and_grads(model, params):
+  x = np.random.default_rng(1).standard_normal((4, 8, 8, 1)).astype(np.float32)
+  t, y = jnp.linspace(0.1, 0.9, 4), jnp.arange(4)
+  loss = lambda p: jnp.mean(jnp.square(model.apply({"params": p}, x, t, y)))
+  return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def test_remat_and_scan_leave_loss_and_gradients_unchanged():
+  params = _random(abstract_params(_CONFIG))
+  loss0, grads0 = _loss_and_grads(SiT(_CONFIG), params)
+  for remat, scan in (("dots", True), ("full", False), ("dots_no_batch", True)):
+    model = SiT(_CONFIG, remat=remat, scan_blocks=scan)
+    loss, grads = _loss_and_grads(model, to_layout(params, "scanned" if scan else "unrolled"))
+    np.testing.assert_allclose(loss, loss0, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(to_layout(grads, "unrolled")), jax.tree.leaves(grads0),
+                    strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=f"{remat} {scan}")
+
+
+def test_layouts_convert_both_ways():
+  params = _random(abstract_params(_CONFIG))
+  scanned = to_layout(params, "scanned")
+  assert sorted(scanned) == ["blocks", "final_layer", "t_embedder", "x_embedder", "y_embedder"]
+  assert scanned["blocks"]["attn"]["qkv"]["kernel"].shape == (2, 32, 96)
+  np.testing.assert_array_equal(scanned["blocks"]["mlp"]["fc1"]["kernel"][1],
+                                params["blocks_1"]["mlp"]["fc1"]["kernel"])
+  for a, b in zip(jax.tree.leaves(to_layout(scanned, "unrolled")), jax.tree.leaves(params),
+                  strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def _setup(config, dataset):
+  return train.setup_step(config, dataset.image_shape, dataset.num_classes,
+                          sharding.make_mesh(1))
+
+
+def _lowered(config, dataset):
+  s = _setup(config, dataset)
+  return s.step_fn.lower(s.abstract_state, train.abstract_batch(s, config.data.batch_size),
+                         jax.random.key(0))
+
+
+def test_bf16_step_has_bf16_dots_and_float32_state_and_loss(config, synthetic_dataset):
+  """Every dot of the bf16 step multiplies in bf16 in the program handed to XLA (bf16
+  operands, or an explicit bf16 x bf16 -> f32 algorithm in attention's backward; the CPU
+  compiler then upcasts them: it has no bf16 GEMM); parameters, optimizer state and the
+  loss stay float32, and the loss is the float32 step's within bf16 rounding."""
+  bf16_dots = {}
+  for dtype in ("float32", "bfloat16"):
+    config.model.dtype = dtype
+    text = _lowered(config, synthetic_dataset).as_text()
+    dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+    bf16_dots[dtype] = [re.search(r": \(tensor<[^>]*xbf16>|lhs_precision_type = bf16", line)
+                        is not None for line in dots]
+  assert len(bf16_dots["bfloat16"]) > 20 and all(bf16_dots["bfloat16"])
+  assert not any(bf16_dots["float32"])
+
+  losses = {}
+  for dtype in ("float32", "bfloat16"):
+    config.model.dtype = dtype
+    s = _setup(config, synthetic_dataset)
+    state = train.create_train_state(
+        _random(s.abstract_state.params), s.tx)
+    batch = {k: jnp.asarray(v) for k, v in synthetic_dataset.train_batch(0, 16, 0).items()}
+    state, metrics = s.step_fn(state, batch, jax.random.key(0))
+    assert {x.dtype for x in jax.tree.leaves((state.params, state.opt_state[0].mu))} == {
+        jnp.dtype("float32")}
+    losses[dtype] = metrics.compute()["loss"]
+    assert losses[dtype].dtype == jnp.float32
+  # bf16 keeps 8 bits of mantissa: relative rounding 2^-8 per matmul, a few % on the loss.
+  np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=3e-2)
+  assert losses["bfloat16"] != losses["float32"]
+
+
+def test_scan_program_size_does_not_grow_with_depth(config, synthetic_dataset):
+  """A scanned step is the same program at any depth (so is its compile time); an
+  unrolled one grows with it."""
+  sizes = {}
+  for scan in (False, True):
+    for depth in (2, 6):
+      config.model.depth, config.model.scan_blocks = depth, scan
+      sizes[scan, depth] = len(_lowered(config, synthetic_dataset).as_text())
+  assert sizes[True, 6] < 1.02 * sizes[True, 2]
+  assert sizes[False, 6] > 2 * sizes[False, 2]
+
+
+def test_plan_reports_remat_lowering_temp_bytes_and_flops(config):
+  """Saved activations grow with depth (scanned: the compile time does not), so that
+  they, not the fixed buffers, make up the temp bytes of the step without remat."""
+  config.model.depth, config.model.hidden_size, config.model.scan_blocks = 8, 64, True
+  config.data.batch_size, config.data.image_shape, config.data.num_classes = 64, (8, 8, 1), 4
+  results = {}
+  for remat in ("none", "full"):
+    config.model.remat = remat
+    results[remat] = plan.plan(config)
+  temp = {k: v["temp_bytes_per_device"] for k, v in results.items()}
+  assert temp["full"] < 0.5 * temp["none"], temp
+  # Model FLOPs do not count remat's recompute; XLA's count of the compiled step does.
+  assert results["full"]["flops_per_step"] == results["none"]["flops_per_step"]
+  assert (results["full"]["compiled_flops_per_device"]
+          > 1.2 * results["none"]["compiled_flops_per_device"])
+  r = results["none"]
+  assert r["peak_bytes_per_device"] == (r["argument_bytes_per_device"]
+                                        + r["output_bytes_per_device"]
+                                        - r["alias_bytes_per_device"]
+                                        + r["temp_bytes_per_device"])
+  assert r["largest_params"][0]["path"].endswith("kernel")
+  assert "peak per device" in plan.format_table(r)
+
+
+def test_scanned_run_warm_starts_converted_and_refuses_resume_in_other_layout(
+    config, synthetic_dataset, tmp_path):
+  config.train.steps, config.model.depth, config.model.scan_blocks = 2, 2, True
+  state = train.train(config, str(tmp_path / "scanned"), dataset=synthetic_dataset)
+  assert checkpoints.read_param_layout(str(tmp_path / "scanned")) == "scanned"
+  # Sampling and warm starts read the unrolled layout from it.
+  model_config = checkpoints.read_model_config(str(tmp_path / "scanned"))
+  params, step = checkpoints.load_params(str(tmp_path / "scanned"),
+                                         abstract_params(model_config))
+  assert step == 2
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(to_layout(state.ema_params,
+                                                                     "unrolled")), strict=True):
+    np.testing.assert_array_equal(a, b)
+  config.model.scan_blocks = False
+  config.train.steps = 3
+  with pytest.raises(configuration.ConfigError, match=r"'scanned' parameter layout.*"
+                     r"config\.model\.scan_blocks=True to resume"):
+    train.train(config, str(tmp_path / "scanned"), dataset=synthetic_dataset)
+  config.train.init_from = str(tmp_path / "scanned")
+  train.train(config, str(tmp_path / "unrolled"), dataset=synthetic_dataset)
+  assert checkpoints.read_param_layout(str(tmp_path / "unrolled")) == "unrolled"
+
+
+def test_learning_rate_warmup_and_decay(config):
+  o = config.optim
+  o.lr, o.warmup_steps, o.end_lr = 1e-3, 10, 1e-4
+  assert float(train.learning_rate(o, 110)(5)) == pytest.approx(5e-4)
+  assert float(train.learning_rate(o, 110)(10)) == pytest.approx(1e-3)
+  o.schedule = "constant"
+  assert float(train.learning_rate(o, 110)(100)) == pytest.approx(1e-3)
+  o.schedule = "cosine"
+  assert float(train.learning_rate(o, 110)(60)) == pytest.approx(5.5e-4)  # halfway
+  assert float(train.learning_rate(o, 110)(110)) == pytest.approx(1e-4)
+  o.schedule = "linear"
+  assert float(train.learning_rate(o, 110)(60)) == pytest.approx(5.5e-4)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("model.remat", "everything", "config.model.remat='everything'"),
+    ("model.attention", "sdpa", "config.model.attention='sdpa'"),
+    ("train.num_fsdp", 0, "config.train.num_fsdp=0"),
+    ("train.partition_rules", (("[", "auto"),), "'[' is not a regular expression"),
+    ("train.partition_rules", (("x",),), "config.train.partition_rules=('x',)"),
+    ("optim.schedule", "step", "config.optim.schedule='step'"),
+    ("train.profile_steps", (5, 2), "config.train.profile_steps=(5, 2)"),
+])
+def test_bad_compute_options_name_the_field(config, field, value, message):
+  section, name = field.split(".")
+  config[section][name] = value
+  with pytest.raises(configuration.ConfigError, match=re.escape(message)):
+    configuration.validate(config)
+
+
+def test_mesh_and_platform_errors_name_the_field(config, synthetic_dataset):
+  config.train.num_fsdp = 3
+  with pytest.raises(configuration.ConfigError, match=r"config\.train\.num_fsdp=3 .* "
+                     r"divisor of the device count 8"):
+    configuration.validate(config, 8)
+  with pytest.raises(configuration.ConfigError, match=r"config\.train\.num_fsdp=3 .*"):
+    sharding.make_mesh(3)
+  config.model.attention = "cudnn"
+  with pytest.raises(configuration.ConfigError,
+                     match=r"config\.model\.attention='cudnn' is not available on cpu"):
+    train.make_model(config, synthetic_dataset.image_shape, synthetic_dataset.num_classes)
+  with pytest.raises(configuration.ConfigError, match=r"partition_rules: rule .* names the "
+                     r"axis 'model'"):
+    sharding.state_sharding(abstract_params(_CONFIG), sharding.make_mesh(1),
+                            (("qkv/kernel", "None,model"),))
