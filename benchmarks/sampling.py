@@ -20,7 +20,6 @@ The 2x target holds for the tiny model only on this CPU; no GPU was lent to this
 
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +28,7 @@ import torch
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.timing import best_time
 from mixflow_jax import sampling
 from mixflow_jax.convert.sit import convert_state_dict, infer_config
 from mixflow_jax.models import sit
@@ -42,15 +42,6 @@ _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed runs per sampler (the best 
 # ImageNet-256 latents for S/2 (a small batch: this is meant for a CPU too).
 SETTINGS = {"SiT-T/2": (8, 1, 10, 64), "SiT-S/2": (32, 4, 1000, 8)}
 CFG_SCALE = 1.5
-
-
-def _best_time(fn, repeats: int) -> float:
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return min(times)
 
 
 def compare(name: str, steps: int, repeats: int) -> tuple[float, float]:
@@ -72,7 +63,7 @@ def compare(name: str, steps: int, repeats: int) -> tuple[float, float]:
       apply, params, jnp.arange(batch), jnp.asarray(labels), jax.random.key(0),
       sampler=sampler, shape=(size, size, channels), null_class=classes).block_until_ready()
   run_jax()  # compile
-  jax_time = _best_time(run_jax, repeats)
+  jax_time = best_time(run_jax, repeats)
 
   y = torch.from_numpy(labels)
   y_both = torch.cat([y, torch.full_like(y, classes)])
@@ -86,7 +77,7 @@ def compare(name: str, steps: int, repeats: int) -> tuple[float, float]:
       torch_transport.official_ode_sample(u, x0, "heun", steps + 1)
 
   run_torch()  # warm up
-  torch_time = _best_time(run_torch, repeats)
+  torch_time = best_time(run_torch, repeats)
   return batch / jax_time, batch / torch_time
 
 

@@ -4,7 +4,9 @@
 compiled once with ``jax.jit`` over explicit shardings. The loop around it resumes from
 ``<workdir>/checkpoints`` automatically, warm-starts from another run with
 ``config.train.init_from`` (which is what post-training is), writes clu metrics
-(TensorBoard and the log), and stops at the first non-finite loss, naming the step.
+(TensorBoard and the log; with images/s and MFU), and stops at the first non-finite loss,
+naming the step. ``setup_step`` builds the model, the sharded abstract state and the jitted
+step of a config without data or parameters (``mixflow plan`` compiles it ahead of time).
 """
 
 
