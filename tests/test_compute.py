@@ -147,8 +147,15 @@ def test_scanned_run_warm_starts_converted_and_refuses_resume_in_other_layout(
                      r"config\.model\.scan_blocks=True to resume"):
     train.train(config, str(tmp_path / "scanned"), dataset=synthetic_dataset)
   config.train.init_from = str(tmp_path / "scanned")
-  train.train(config, str(tmp_path / "unrolled"), dataset=synthetic_dataset)
+  unrolled = train.train(config, str(tmp_path / "unrolled"), dataset=synthetic_dataset)
   assert checkpoints.read_param_layout(str(tmp_path / "unrolled")) == "unrolled"
+  # And back, as a converted official (unrolled) checkpoint warm-starts a scanned run.
+  config.model.scan_blocks, config.train.steps = True, 1
+  config.train.init_from, config.optim.lr = str(tmp_path / "unrolled"), 1e-30
+  post = train.train(config, str(tmp_path / "post"), dataset=synthetic_dataset)
+  for a, b in zip(jax.tree.leaves(post.params),
+                  jax.tree.leaves(to_layout(unrolled.ema_params, "scanned")), strict=True):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-20)
 
 
 def test_learning_rate_warmup_and_decay(config):
