@@ -254,11 +254,16 @@ class _Throughput:
                peak_flops: float | None):
     self.batch_size, self.flops_per_step, self.peak_flops = (batch_size, flops_per_step,
                                                              peak_flops)
-    self.step, self.time = start_step, time.perf_counter()
+    self.reset(start_step)
+
+  def reset(self, step: int) -> None:
+    self.step, self.time = step, time.perf_counter()
 
   def __call__(self, step: int) -> dict[str, float]:
+    if step <= self.step:  # nothing timed yet (the first step includes its compile)
+      return {}
     now = time.perf_counter()
-    seconds_per_step = (now - self.time) / max(step - self.step, 1)
+    seconds_per_step = (now - self.time) / (step - self.step)
     self.step, self.time = step, now
     out = {"images_per_sec": self.batch_size / seconds_per_step}
     if self.flops_per_step and self.peak_flops:
@@ -345,6 +350,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, step_metrics = s.step_fn(state, next(batches), rng)
       interval = step_metrics if interval is None else interval.merge(step_metrics)
+      if step == start + 1:  # Throughput is timed from the end of the compiled first step.
+        jax.block_until_ready(state)
+        throughput.reset(step)
       report(step)
       if profiling and step == tr.profile_steps[1]:
         jax.block_until_ready(state)
