@@ -7,8 +7,6 @@ import sys
 
 import numpy as np
 
-from tests import distributed
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--config.train.log_every=10", "--config.eval.classifier_steps=50",
         "--config.sample.num_samples=100"]
@@ -53,21 +51,3 @@ def test_train_sample_evaluate_commands(tmp_path):
   evaluate = _cli("evaluate", *common, "--config.sample.num_steps=3")
   assert "classifier_fd" in evaluate.stdout
   assert json.loads(path.with_suffix(".metrics.json").read_text())["classifier_fd"] > 0
-
-
-def test_plan_fakes_devices_shards_the_state_and_writes_json(tmp_path):
-  """`mixflow plan --num_devices=4`: no data or checkpoint read; the FSDP state is a
-  quarter per device."""
-  config = distributed.config_file(str(tmp_path / "config.py"), """
-      from tests.conftest import tiny_config
-      return tiny_config()
-  """)
-  out = tmp_path / "plan.json"
-  result = _cli("plan", f"--config={config}", "--num_devices=4", "--config.train.num_fsdp=-1",
-                "--config.train.fsdp_min_size=0", f"--out={out}")
-  plan = json.loads(out.read_text())
-  assert plan["num_devices"] == 4 and plan["mesh"] == {"data": 1, "fsdp": 4}
-  assert plan["state_bytes_per_device"] < 0.3 * plan["state_bytes"]
-  assert "'fsdp'" in plan["largest_params"][0]["spec"]
-  assert plan["flops_per_step"] > 0 and plan["compile_seconds"] > 0
-  assert "peak per device" in result.stdout
