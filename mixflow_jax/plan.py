@@ -34,7 +34,8 @@ from mixflow_jax.data import load_dataset
 GiB = 2**30
 
 
-def _image_shape(config: ml_collections.ConfigDict) -> tuple[tuple[int, int, int], int]:
+def _data_shape(config: ml_collections.ConfigDict) -> tuple[tuple[int, int, int], int]:
+  """(image shape (H, W, C), number of classes): the config's, else the data's."""
   d = config.data
   if d.image_shape is not None and d.num_classes is not None:
     return tuple(d.image_shape), d.num_classes
@@ -52,7 +53,7 @@ def plan(config: ml_collections.ConfigDict) -> dict[str, Any]:
   FLOPs (see the module docstring)."""
   mesh = sharding.make_mesh(config.train.num_fsdp)
   configuration.validate(config, mesh.size, needs_data=False)
-  image_shape, num_classes = _image_shape(config)
+  image_shape, num_classes = _data_shape(config)
   setup = train.setup_step(config, image_shape, num_classes, mesh)
   batch = train.abstract_batch(setup, config.data.batch_size)
 
