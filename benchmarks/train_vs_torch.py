@@ -36,8 +36,10 @@ _BATCH = flags.DEFINE_integer("batch", 8, "Global batch.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Steps per timing.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timings per framework (the best is kept).")
 _OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")
-
-SHAPE, CLASSES = (32, 32, 4), 1000  # ImageNet-256 SD-VAE latents
+_SHAPE = flags.DEFINE_list("shape", ["32", "32", "4"],
+                           "Image shape H,W,C (default: ImageNet-256 SD-VAE latents; the "
+                           "demo's digits: 8,8,1).")
+_CLASSES = flags.DEFINE_integer("classes", 1000, "Number of classes (the demo's: 10).")
 
 
 def matmul_flops(n: int = 2048, repeats: int = 5) -> dict[str, float]:
@@ -62,15 +64,15 @@ def _config(name: str, batch: int, scan: bool):
   return config
 
 
-def jax_step(name: str, batch: int, scan: bool):
+def jax_step(name: str, batch: int, scan: bool, shape: tuple[int, ...], classes: int):
   """(step function running ``n`` steps, FLOPs per step)."""
   config = _config(name, batch, scan)
-  s = train.setup_step(config, SHAPE, CLASSES, sharding.make_mesh(1, jax.devices()[:1]))
-  params = train.init_params(s.model, SHAPE, jax.random.key(0))
+  s = train.setup_step(config, shape, classes, sharding.make_mesh(1, jax.devices()[:1]))
+  params = train.init_params(s.model, shape, jax.random.key(0))
   state = train.create_train_state(params, s.tx)
   rng = np.random.default_rng(0)
-  data = {"image": jnp.asarray(rng.standard_normal((batch, *SHAPE)), jnp.float32),
-          "label": jnp.asarray(rng.integers(0, CLASSES, batch), jnp.int32)}
+  data = {"image": jnp.asarray(rng.standard_normal((batch, *shape)), jnp.float32),
+          "label": jnp.asarray(rng.integers(0, classes, batch), jnp.int32)}
   key = jax.random.key(1)
   compiled = s.step_fn.lower(state, data, key).compile()
   state, _ = compiled(state, data, key)
@@ -86,18 +88,18 @@ def jax_step(name: str, batch: int, scan: bool):
   return run, flops
 
 
-def torch_step(name: str, batch: int):
+def torch_step(name: str, batch: int, shape: tuple[int, ...], classes: int):
   size, patch = name[len("SiT-"):].split("/")
   depth, hidden, heads = sit.SIZES[size]
-  model = torch_sit.SiT(input_size=SHAPE[0], patch_size=int(patch), in_channels=SHAPE[2],
+  model = torch_sit.SiT(input_size=shape[0], patch_size=int(patch), in_channels=shape[2],
                         hidden_size=hidden, depth=depth, num_heads=heads,
-                        num_classes=CLASSES, learn_sigma=False).train()
+                        num_classes=classes, learn_sigma=False).train()
   ema = [p.detach().clone() for p in model.parameters()]
   opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                           weight_decay=0.0)
   g = torch.Generator().manual_seed(0)
-  x1 = torch.randn((batch, SHAPE[2], SHAPE[0], SHAPE[1]), generator=g)
-  y = torch.randint(0, CLASSES, (batch,), generator=g)
+  x1 = torch.randn((batch, shape[2], shape[0], shape[1]), generator=g)
+  y = torch.randint(0, classes, (batch,), generator=g)
 
   def one():
     x0 = torch.randn(x1.shape, generator=g)
@@ -127,9 +129,11 @@ def main(argv):
   results = {"machine": f"{machine()}, JAX device {device.device_kind}",
              "torch_threads": torch.get_num_threads(), "sizes": {}}
   for name in _SIZES.value:
-    runs = {"torch": torch_step(name, _BATCH.value)}
-    runs["jax"], flops = jax_step(name, _BATCH.value, scan=False)
-    runs["jax_scan"], _ = jax_step(name, _BATCH.value, scan=True)
+    args = (name, _BATCH.value)
+    shape, classes = tuple(int(v) for v in _SHAPE.value), _CLASSES.value
+    runs = {"torch": torch_step(*args, shape, classes)}
+    runs["jax"], flops = jax_step(*args, False, shape, classes)
+    runs["jax_scan"], _ = jax_step(*args, True, shape, classes)
     times = {k: [] for k in runs}
     for _ in range(_REPEATS.value):
       for framework, run in runs.items():
@@ -138,7 +142,8 @@ def main(argv):
         times[framework].append((time.perf_counter() - start) / _STEPS.value)
     best = {k: min(v) for k, v in times.items()}
     peak = matmul_flops()
-    row = {"batch": _BATCH.value, "flops_per_step": flops, "seconds_per_step": best,
+    row = {"batch": _BATCH.value, "shape": shape, "classes": classes,
+           "flops_per_step": flops, "seconds_per_step": best,
            "torch_over_jax": {k: best["torch"] / best[k] for k in ("jax", "jax_scan")},
            "matmul_flops_per_sec": peak,
            "step_flops_per_sec": {k: flops / v for k, v in best.items()}}

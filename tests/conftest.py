@@ -2,14 +2,23 @@
 
 Compiled programs are cached on disk for the whole session (one cache per pytest process,
 shared with the subprocesses its tests start, removed at exit): many tests compile the
-same tiny train step or sampler.
+same tiny train step or sampler. And they are compiled with LLVM's optimisation level 0
+(``TEST_XLA_FLAGS``, also set for those subprocesses): the tests run a few steps of tiny
+programs, where XLA:CPU's compile time is most of the time (the tiny train step compiles
+in 3.9 s instead of 9.6 s). It changes the machine code, not the HLO that XLA optimises.
 """
+# ruff: noqa: E402
 
 import atexit
 import os
 import shutil
 import tempfile
 
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+
+# The imports below come after XLA_FLAGS, which the CPU backend reads when it starts.
 import jax
 import jax.numpy as jnp
 import ml_collections

@@ -31,7 +31,8 @@ def run_mixflow(*args: str, num_processes: int = 2, devices_per_process: int = 4
   succeeds and joined a job of ``num_processes * devices_per_process`` devices. Returns
   each process's stdout + stderr."""
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+             XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+             f"--xla_force_host_platform_device_count={devices_per_process}")
   address = f"localhost:{_free_port()}"
   processes = [subprocess.Popen(
       [sys.executable, "-m", "mixflow_jax", *args, "--distributed",

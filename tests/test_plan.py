@@ -14,7 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_plan_reports_remat_lowering_temp_bytes_and_flops(config):
   """Saved activations grow with depth (scanned: the compile time does not), so that
   they, not the fixed buffers, make up the temp bytes of the step without remat."""
-  config.model.depth, config.model.hidden_size, config.model.scan_blocks = 8, 64, True
+  config.model.depth, config.model.hidden_size, config.model.scan_blocks = 4, 64, True
   config.data.batch_size, config.data.image_shape, config.data.num_classes = 64, (8, 8, 1), 4
   results = {}
   for remat in ("none", "full"):

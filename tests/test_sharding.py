@@ -65,7 +65,8 @@ def test_meshes_equal_one_device_and_checkpoints_move_between_them(config, synth
   config.train.log_every = 1
   config.train.steps = 2
   train.train(config, str(tmp_path / "back"), dataset=synthetic_dataset)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+             "--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
   tests = os.path.dirname(os.path.abspath(__file__))
   result = subprocess.run([sys.executable, "-c", _SCRIPT.format(tests=tests), str(tmp_path)],
