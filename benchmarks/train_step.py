@@ -7,7 +7,9 @@ everything else (the network's forward and backward) is shared, so the ratio sho
 
 Measured on the 2-core CPU of the development machines (2026-11-25): SiT-T/2, batch 128:
 standard 93.9 ms/step, MixFlow 87.9 ms/step (ratio 0.94, noise); SiT-S/2 at 32x32x4,
-batch 8: 4408 and 4383 ms/step (ratio 0.994).
+batch 8: 4408 and 4383 ms/step (ratio 0.994). Again on 2026-12-02, after the 2-D
+projections: T/2 57.1 and 58.2 ms/step (1.019), S/2 2829 and 2890 ms/step (1.021; the draws
+of t ~ Beta(2, 1) and m_t, and a run-to-run noise of a few percent).
 """
 
 import functools

@@ -163,9 +163,10 @@ class Attention(nn.Module):
 
 class Mlp(nn.Module):
   """Linear -> GELU (tanh) -> Linear on x (..., D), applied to the tokens as one (B T, D)
-  matrix. The projections of Attention too: the gradient of a 2-D dot is two plain GEMMs,
-  where that of a (B, T, D) one makes XLA:CPU copy each activation transposed before its
-  weight-gradient dot (benchmarks/README.md: the block's gradient 1.5x faster)."""
+  matrix, as are the projections of Attention and FinalLayer: the gradient of a 2-D dot is
+  two plain GEMMs, where that of a (B, T, D) one makes XLA:CPU copy each activation
+  transposed before its weight-gradient dot (benchmarks/README.md: the block's gradient 1.5x
+  faster)."""
 
   hidden_features: int
   dtype: jnp.dtype = jnp.float32
@@ -266,9 +267,11 @@ class FinalLayer(nn.Module):
     mod = nn.Dense(2 * d, kernel_init=_zeros, dtype=self.dtype, name="adaLN_modulation_1")(
         nn.silu(c))
     shift, scale = jnp.split(mod, 2, -1)
-    x = modulate(_layer_norm()(x), shift, scale)
-    return nn.Dense(self.patch_size**2 * self.out_channels, kernel_init=_zeros,
-                    dtype=self.dtype, name="linear")(x)
+    b, n, _ = x.shape
+    x = modulate(_layer_norm()(x), shift, scale).reshape(b * n, d)  # (B T, D): see Mlp
+    x = nn.Dense(self.patch_size**2 * self.out_channels, kernel_init=_zeros,
+                 dtype=self.dtype, name="linear")(x)
+    return x.reshape(b, n, -1)
 
 
 class SiT(nn.Module):
