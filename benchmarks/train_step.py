@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from mixflow_jax import configuration, train
-from mixflow_jax.data import ImageDataset
+from mixflow_jax.data import ImageDataset, pipeline
 from mixflow_jax.data.arrays import split
 from mixflow_jax.models.sit import make_apply_fn
 
@@ -50,7 +50,7 @@ def time_step(config, dataset: ImageDataset, steps: int):
   state = train.create_train_state(
       train.init_params(model, dataset.image_shape, jax.random.key(0)), tx)
   batch = {k: jnp.asarray(v) for k, v in
-           dataset.train_batch(0, config.data.batch_size, 0).items()}
+           next(pipeline.train_batches(dataset, config.data.batch_size, 0)).items()}
   rng = jax.random.key(1)
   state, _ = step_fn(state, batch, rng)  # compile
   jax.block_until_ready(state)

@@ -1,11 +1,13 @@
 """orbax checkpoints of the train state: save, resume, warm start, and shape checks.
 
 A run's checkpoints live in ``<workdir>/checkpoints/<step>``; each holds the whole
-``TrainState`` (step, params, EMA params, optimizer state). ``<workdir>/model.json``
-records the architecture (a ``SiTConfig``), written by training and by ``mixflow convert``,
-so that sampling needs no data and a warm start can check it, and the parameter layout of
-the blocks (``param_layout``: 'unrolled' as the official state_dict, or 'scanned' with the
-layer axis first; runs and conversions written before it existed are 'unrolled').
+``TrainState`` (step, params, EMA params, optimizer state) as its item ``default`` and,
+for training runs, the input pipeline's state (``data.pipeline.state_json``) as ``data``.
+``<workdir>/model.json`` records the architecture (a ``SiTConfig``), written by training
+and by ``mixflow convert``, so that sampling needs no data and a warm start can check it,
+and the parameter layout of the blocks (``param_layout``: 'unrolled' as the official
+state_dict, or 'scanned' with the layer axis first; runs and conversions written before it
+existed are 'unrolled').
 Loading params (a warm start, sampling) converts between the layouts; resuming a run keeps
 its layout.
 """
@@ -26,6 +28,8 @@ from mixflow_jax.sharding import path_str
 
 CHECKPOINT_DIR = "checkpoints"
 MODEL_JSON = "model.json"
+STATE_ITEM = "default"  # the name orbax gives a single item: checkpoints before DATA_ITEM
+DATA_ITEM = "data"
 
 
 def checkpoint_dir(run_dir: str) -> str:
@@ -91,13 +95,36 @@ def make_manager(run_dir: str, save_every: int = 1, keep: int = 3,
                                            max_to_keep=None, create=False)
   else:
     options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=keep)
-  return ocp.CheckpointManager(checkpoint_dir(run_dir), options=options,
-                               item_handlers=ocp.PyTreeCheckpointHandler())
+  return ocp.CheckpointManager(
+      checkpoint_dir(run_dir), options=options,
+      item_handlers={STATE_ITEM: ocp.PyTreeCheckpointHandler(),
+                     DATA_ITEM: ocp.JsonCheckpointHandler()})
 
 
-def save_state(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
-  """Saves ``state`` as checkpoint ``step`` (asynchronously)."""
-  manager.save(step, args=ocp.args.PyTreeSave(state), force=True)
+def save_state(manager: ocp.CheckpointManager, step: int, state: Any,
+               data_state: dict | None = None) -> None:
+  """Saves ``state`` (and the input pipeline's ``data_state``) as checkpoint ``step``
+  (asynchronously)."""
+  items = {STATE_ITEM: ocp.args.PyTreeSave(state)}
+  if data_state is not None:
+    items[DATA_ITEM] = ocp.args.JsonSave(data_state)
+  manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+
+def _tree_metadata(manager: ocp.CheckpointManager, step: int) -> Any:
+  return manager.item_metadata(step)[STATE_ITEM].tree
+
+
+def _restore_tree(manager: ocp.CheckpointManager, step: int, args: Any) -> Any:
+  return manager.restore(step, args=ocp.args.Composite(**{STATE_ITEM: args}))[STATE_ITEM]
+
+
+def read_data_state(manager: ocp.CheckpointManager, step: int) -> dict | None:
+  """The input pipeline's state saved with checkpoint ``step`` (None if it has none)."""
+  if DATA_ITEM not in manager.item_metadata(step):
+    return None
+  return manager.restore(step, args=ocp.args.Composite(
+      **{DATA_ITEM: ocp.args.JsonRestore()}))[DATA_ITEM]
 
 
 def _restore_args(abstract: Any) -> Any:
@@ -129,8 +156,8 @@ def restore_state(manager: ocp.CheckpointManager, abstract_state: Any,
   shardings, after checking that every array has the expected shape."""
   step = manager.latest_step() if step is None else step
   source = f"Checkpoint {manager.directory}/{step}"
-  check_shapes(manager.item_metadata(step).tree, abstract_state, source)
-  return manager.restore(step, args=ocp.args.PyTreeRestore(
+  check_shapes(_tree_metadata(manager, step), abstract_state, source)
+  return _restore_tree(manager, step, ocp.args.PyTreeRestore(
       item=abstract_state, restore_args=_restore_args(abstract_state)))
 
 
@@ -146,13 +173,13 @@ def load_params(run_dir: str, abstract_params: Any, field: str = "ema_params",
     if step is None:
       raise FileNotFoundError(f"{directory} holds no finished checkpoint.")
     source = f"Checkpoint {directory}/{step}"
-    metadata = manager.item_metadata(step).tree
+    metadata = _tree_metadata(manager, step)
     if field not in metadata:
       raise ValueError(f"{source} has no {field!r}; it holds {sorted(metadata)}.")
     stored_scanned, scanned = "blocks" in metadata[field], "blocks" in abstract_params
     if stored_scanned == scanned:
       check_shapes(metadata[field], abstract_params, source)
-      restored = manager.restore(step, args=ocp.args.PyTreeRestore(
+      restored = _restore_tree(manager, step, ocp.args.PyTreeRestore(
           item={field: abstract_params},
           restore_args=_restore_args({field: abstract_params}),
           partial_restore=True))
@@ -162,7 +189,7 @@ def load_params(run_dir: str, abstract_params: Any, field: str = "ema_params",
         lambda p: to_layout(p, "scanned" if stored_scanned else "unrolled"), abstract_params)
     check_shapes(metadata[field], stored, source)
     host = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), stored)
-    restored = manager.restore(step, args=ocp.args.PyTreeRestore(
+    restored = _restore_tree(manager, step, ocp.args.PyTreeRestore(
         item={field: stored}, restore_args={field: host}, partial_restore=True))
   converted = to_layout(jax.tree.map(np.asarray, restored[field]),
                         "scanned" if scanned else "unrolled")

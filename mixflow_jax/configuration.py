@@ -34,6 +34,10 @@ def default_config() -> ml_collections.ConfigDict:
       heldout_fraction=0.2,
       batch_size=128,           # the global batch, split over every device of every host
       prefetch=2,               # batches placed on the devices ahead of their step
+      # Train-time horizontal flip: each example read as itself or its mirror, chosen per
+      # example per epoch (latent folders must store mirrors: `mixflow encode --flip`).
+      flip=False,
+      num_threads=1,            # grain threads reading batches (more for slow storage)
       # (H, W, C) of the images or latents, for `mixflow plan` without the data (default:
       # the data's own shape).
       image_shape=config_dict.placeholder(tuple),
@@ -217,6 +221,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
          "a fraction in (0, 1)")
   _check(d.batch_size > 0, "data.batch_size", d.batch_size, "a positive integer")
   _check(d.prefetch >= 0, "data.prefetch", d.prefetch, "a number of batches >= 0")
+  _check(d.num_threads >= 0, "data.num_threads", d.num_threads, "a number of threads >= 0")
   _check(d.image_shape is None or (len(d.image_shape) == 3 and min(d.image_shape) > 0),
          "data.image_shape", d.image_shape, "(H, W, C) or None (the data's)")
   if num_devices is not None:

@@ -38,7 +38,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from mixflow_jax import configuration, generate, metrics
-from mixflow_jax.data import ImageDataset, load_dataset
+from mixflow_jax.data import ImageDataset, load_dataset, pipeline
 from mixflow_jax.models import inception as inception_lib
 from mixflow_jax.models.classifier import Classifier
 
@@ -78,7 +78,7 @@ def train_classifier(dataset: ImageDataset, steps: int, lr: float, batch_size: i
     return optax.apply_updates(params, updates), opt_state
 
   opt_state = tx.init(params)
-  batches = dataset.train_batches(batch_size, seed)
+  batches = pipeline.train_batches(dataset, batch_size, seed)
   for _ in range(steps):
     batch = next(batches)
     params, opt_state = step(params, opt_state, batch["image"], batch["label"])

@@ -17,6 +17,7 @@ Flags only; the work is done by importable functions (``train.train``,
 
 import logging as py_logging
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -144,10 +145,18 @@ def _plan(config) -> None:
     print(f"Wrote {_OUT.value}")
 
 
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: what a shell reports for a job ended by SIGTERM
+
+
 def _run(command: str, config, workdir: str) -> None:
   if command == "train":
     from mixflow_jax import train
-    train.train(config, workdir)
+    try:
+      train.train(config, workdir)
+    except train.Preempted as e:
+      logging.warning("%s", e)
+      print(e, flush=True)
+      sys.exit(PREEMPTED_EXIT_CODE)
   elif command == "sample":
     from mixflow_jax import generate
     print(f"Wrote {generate.sample_job(config, workdir)}")

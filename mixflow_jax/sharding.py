@@ -146,15 +146,18 @@ def state_sharding(state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES,
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Makes global arrays from a global batch (the same on every process): each process
   places its contiguous 1 / process_count of the rows on its devices."""
-  sharding = batch_sharding(mesh)
   index, count = jax.process_index(), jax.process_count()
+  return process_rows_to_global(
+      {k: v[index * (len(v) // count):(index + 1) * (len(v) // count)]
+       for k, v in batch.items()}, mesh)
 
-  def to_global(v: np.ndarray) -> jax.Array:
-    rows = len(v) // count
-    return jax.make_array_from_process_local_data(
-        sharding, v[index * rows:(index + 1) * rows], v.shape)
 
-  return {k: to_global(v) for k, v in batch.items()}
+def process_rows_to_global(rows: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Makes global arrays of a batch from this process's rows of it: process ``p`` of ``P``
+  holds rows ``p b .. (p + 1) b - 1`` of the ``P b`` (the rows its devices hold)."""
+  sharding, count = batch_sharding(mesh), jax.process_count()
+  return {k: jax.make_array_from_process_local_data(sharding, v, (len(v) * count, *v.shape[1:]))
+          for k, v in rows.items()}
 
 
 def gather(x: jax.Array) -> np.ndarray:

@@ -4,16 +4,19 @@
 compiled once with ``jax.jit`` over explicit shardings. The loop around it resumes from
 ``<workdir>/checkpoints`` automatically, warm-starts from another run with
 ``config.train.init_from`` (which is what post-training is), writes clu metrics
-(TensorBoard and the log; with images/s and MFU), and stops at the first non-finite loss,
-naming the step. ``setup_step`` builds the model, the sharded abstract state and the jitted
+(TensorBoard and the log; with images/s and MFU), stops at the first non-finite loss,
+naming the step, and on SIGTERM (preemption) finishes the step, saves it on every host and
+raises ``Preempted``. ``setup_step`` builds the model, the sharded abstract state and the jitted
 step of a config without data or parameters (``mixflow plan`` compiles it ahead of time).
 """
 
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -27,10 +30,11 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, metrics, periodic_actions
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from mixflow_jax import checkpoints, configuration, hardware, sharding
-from mixflow_jax.data import ImageDataset, load_dataset
+from mixflow_jax.data import ImageDataset, load_dataset, pipeline
 from mixflow_jax.interpolants import get_path
 from mixflow_jax.models import attention
 from mixflow_jax.models.sit import ApplyFn, SiT, make_apply_fn, param_layout
@@ -144,8 +148,16 @@ def create_train_state(params: Any, tx: optax.GradientTransformation) -> TrainSt
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
                apply_fn: ApplyFn, objective: Objective, tx: optax.GradientTransformation,
                ema_decay: float) -> tuple[TrainState, TrainMetrics]:
-  """One optimisation step. The step's randomness is ``fold_in(rng, state.step)``."""
-  key = jax.random.fold_in(rng, state.step)
+  """One optimisation step. The step's randomness is ``fold_in(rng, state.step)``, split
+  into the objective's key and the posterior's.
+
+  A batch with ``image_std`` holds VAE posterior moments: the step trains on a fresh
+  latent ``image + image_std * eps`` (as encoding every step would).
+  """
+  key, posterior_key = jax.random.split(jax.random.fold_in(rng, state.step))
+  if "image_std" in batch:
+    eps = jax.random.normal(posterior_key, batch["image"].shape, batch["image"].dtype)
+    batch = {"image": batch["image"] + batch["image_std"] * eps, "label": batch["label"]}
 
   def loss_fn(params):
     return jnp.mean(objective.loss(apply_fn, params, batch, key))
@@ -225,11 +237,12 @@ def model_flops_per_step(config: ml_collections.ConfigDict, setup: StepSetup) ->
 
 def prefetch(batches: Iterator[dict[str, np.ndarray]], mesh: Mesh, size: int
              ) -> Iterator[dict[str, jax.Array]]:
-  """``batches`` placed on the mesh's devices ``size`` steps ahead of their use, so that
-  the transfer of the next batch overlaps the step before it."""
+  """``batches`` (this process's rows of each global batch) placed on the mesh's devices
+  ``size`` steps ahead of their use, so that the transfer of the next batch overlaps the
+  step before it."""
   queue: collections.deque = collections.deque()
   for batch in batches:
-    queue.append(sharding.shard_batch(batch, mesh))
+    queue.append(sharding.process_rows_to_global(batch, mesh))
     if len(queue) > size:
       yield queue.popleft()
   while queue:
@@ -297,6 +310,43 @@ def _restore_or_init(config: ml_collections.ConfigDict, workdir: str, s: StepSet
       params, s.tx)
 
 
+class Preempted(Exception):
+  """The run got SIGTERM and stopped after saving ``step``; relaunch it to resume."""
+
+  def __init__(self, step: int, directory: str):
+    super().__init__(f"Preempted (SIGTERM): saved step {step} in {directory}; relaunch the "
+                     "same command to resume there.")
+    self.step = step
+
+
+@contextlib.contextmanager
+def _preemption_notice() -> Iterator[Callable[[int], bool]]:
+  """Yields ``preempted(step)``: True at the step where every process is to save and stop
+  after a SIGTERM. Across processes this is jax.distributed's preemption sync point (its
+  service catches SIGTERM and agrees on a step); in one process a SIGTERM handler, put
+  back when the loop ends."""
+  if jax.process_count() > 1:
+    yield multihost_utils.reached_preemption_sync_point
+    return
+  received = []
+  previous = signal.signal(signal.SIGTERM, lambda *_: received.append(True))
+  try:
+    yield lambda step: bool(received)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+def _data_position(config: ml_collections.ConfigDict, manager: ocp.CheckpointManager,
+                   start: int, now: dict) -> int:
+  """Examples the resumed run's pipeline consumed: as its checkpoint records (runs written
+  before it did: start * batch size)."""
+  stored = checkpoints.read_data_state(manager, start) if start else None
+  if stored is None:
+    return start * config.data.batch_size
+  pipeline.check_resumable(stored, now, f"Checkpoint {manager.directory}/{start}")
+  return int(stored["position"])
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *,
           dataset: ImageDataset | None = None,
           batches: Iterator[dict[str, np.ndarray]] | None = None) -> TrainState:
@@ -321,9 +371,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   if jax.process_index() == 0:
     checkpoints.write_model_config(workdir, s.model.config, param_layout=param_layout(s.model))
 
-  start, total = int(state.step), tr.steps
-  batches = prefetch(batches or dataset.train_batches(config.data.batch_size, config.seed,
-                                                      start), mesh, config.data.prefetch)
+  start, total, batch_size = int(state.step), tr.steps, config.data.batch_size
+  data_state = functools.partial(pipeline.state_json, batch_size=batch_size, seed=config.seed,
+                                 dataset=dataset, flip=config.data.flip)
+  position = _data_position(config, manager, start, data_state(0))
+  if batches is None:
+    try:
+      batches = pipeline.train_batches(
+          dataset, batch_size, config.seed, position, flip=config.data.flip,
+          process_index=jax.process_index(), process_count=jax.process_count(),
+          num_threads=config.data.num_threads)
+    except ValueError as e:
+      raise configuration.ConfigError(str(e)) from e
+  batches = prefetch(batches, mesh, config.data.prefetch)
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0, asynchronous=True)
   if start == 0:
@@ -342,43 +402,50 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
 
   interval = None  # the metrics since the last log, checked for non-finite values there
   profiling = False
-  try:
-    for step in range(start + 1, total + 1):
-      if step == tr.profile_steps[0]:
-        jax.profiler.start_trace(os.path.join(workdir, "profile"))
-        profiling = True
-      with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        state, step_metrics = s.step_fn(state, next(batches), rng)
-      interval = step_metrics if interval is None else interval.merge(step_metrics)
-      if step == start + 1:  # Throughput is timed from the end of the compiled first step.
-        jax.block_until_ready(state)
-        throughput.reset(step)
-      report(step)
-      if profiling and step == tr.profile_steps[1]:
-        jax.block_until_ready(state)
+  with _preemption_notice() as preempted:
+    try:
+      for step in range(start + 1, total + 1):
+        if step == tr.profile_steps[0]:
+          jax.profiler.start_trace(os.path.join(workdir, "profile"))
+          profiling = True
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+          state, step_metrics = s.step_fn(state, next(batches), rng)
+        interval = step_metrics if interval is None else interval.merge(step_metrics)
+        if step == start + 1:  # Throughput is timed from the end of the compiled first step.
+          jax.block_until_ready(state)
+          throughput.reset(step)
+        report(step)
+        if profiling and step == tr.profile_steps[1]:
+          jax.block_until_ready(state)
+          jax.profiler.stop_trace()
+          profiling = False
+        if step % tr.log_every == 0 or step == total:
+          _check_finite(interval, manager)
+          values = interval.compute()
+          values.pop("first_nonfinite_step")
+          writer.write_scalars(step, values | throughput(step))
+          interval = None
+        stop = preempted(step)
+        if step % tr.checkpoint_every == 0 or step == total or stop:
+          _check_finite(interval, manager)
+          checkpoints.save_state(manager, step, state,
+                                 data_state(position + (step - start) * batch_size))
+        if stop:
+          raise Preempted(step, manager.directory)
+    except KeyboardInterrupt:
+      # Save the last finished step, unless the interrupt hit the step call after it took
+      # (donated) the state's buffers.
+      if not state.step.is_deleted() and int(state.step) > (manager.latest_step() or 0):
+        if all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(state.params)):
+          step = int(state.step)
+          logging.warning("Interrupted: saving step %d before stopping.", step)
+          checkpoints.save_state(manager, step, state,
+                                 data_state(position + (step - start) * batch_size))
+      raise
+    finally:
+      if profiling:
         jax.profiler.stop_trace()
-        profiling = False
-      if step % tr.log_every == 0 or step == total:
-        _check_finite(interval, manager)
-        values = interval.compute()
-        values.pop("first_nonfinite_step")
-        writer.write_scalars(step, values | throughput(step))
-        interval = None
-      if step % tr.checkpoint_every == 0 or step == total:
-        _check_finite(interval, manager)
-        checkpoints.save_state(manager, step, state)
-  except KeyboardInterrupt:
-    # Save the last finished step, unless the interrupt hit the step call after it took
-    # (donated) the state's buffers.
-    if not state.step.is_deleted() and int(state.step) > (manager.latest_step() or 0):
-      if all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(state.params)):
-        logging.warning("Interrupted: saving step %d before stopping.", int(state.step))
-        checkpoints.save_state(manager, int(state.step), state)
-    raise
-  finally:
-    if profiling:
-      jax.profiler.stop_trace()
-    manager.wait_until_finished()
-    manager.close()
-    writer.flush()
+      manager.wait_until_finished()
+      manager.close()
+      writer.flush()
   return state

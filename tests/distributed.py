@@ -25,21 +25,26 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def run_mixflow(*args: str, num_processes: int = 2, devices_per_process: int = 4,
-                timeout: int = 300) -> list[str]:
-  """``mixflow *args --distributed ...`` in ``num_processes`` processes; asserts that each
-  succeeds and joined a job of ``num_processes * devices_per_process`` devices. Returns
-  each process's stdout + stderr."""
+def start_mixflow(*args: str, num_processes: int = 2, devices_per_process: int = 4
+                  ) -> list[subprocess.Popen]:
+  """Starts ``mixflow *args --distributed ...`` in ``num_processes`` processes of
+  ``devices_per_process`` fake CPU devices each, joined on a free localhost port."""
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
              f"--xla_force_host_platform_device_count={devices_per_process}")
   address = f"localhost:{_free_port()}"
-  processes = [subprocess.Popen(
+  return [subprocess.Popen(
       [sys.executable, "-m", "mixflow_jax", *args, "--distributed",
        f"--coordinator_address={address}", f"--num_processes={num_processes}",
        f"--process_id={i}"],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for i in range(num_processes)]
+
+
+def wait(processes: list[subprocess.Popen], timeout: int = 300, returncode: int = 0
+         ) -> list[str]:
+  """Waits for ``processes``; asserts that each exited with ``returncode`` and joined a job
+  of all of them. Returns each process's stdout + stderr."""
   outputs = []
   try:
     for p in processes:
@@ -47,8 +52,20 @@ def run_mixflow(*args: str, num_processes: int = 2, devices_per_process: int = 4
   finally:
     for p in processes:
       p.kill()
-  devices = num_processes * devices_per_process
   for i, (p, out) in enumerate(zip(processes, outputs)):
-    assert p.returncode == 0, f"process {i}:\n{out[-4000:]}"
+    assert p.returncode == returncode, f"process {i}: exit {p.returncode}\n{out[-4000:]}"
+    assert f"Process {i} of a job of {len(processes)} processes" in out, out[-4000:]
+  return outputs
+
+
+def run_mixflow(*args: str, num_processes: int = 2, devices_per_process: int = 4,
+                timeout: int = 300) -> list[str]:
+  """``mixflow *args --distributed ...`` in ``num_processes`` processes (``start_mixflow``);
+  asserts that each succeeds and joined a job of ``num_processes * devices_per_process``
+  devices. Returns each process's stdout + stderr."""
+  outputs = wait(start_mixflow(*args, num_processes=num_processes,
+                               devices_per_process=devices_per_process), timeout)
+  devices = num_processes * devices_per_process
+  for i, out in enumerate(outputs):
     assert f"Process {i} of a job of {num_processes} processes, {devices} devices" in out
   return outputs

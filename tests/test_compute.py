@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from mixflow_jax import checkpoints, configuration, sharding, train
+from mixflow_jax.data import pipeline
 from mixflow_jax.models.sit import SiT, SiTConfig, abstract_params, to_layout
 
 _CONFIG = SiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2,
@@ -80,7 +81,7 @@ def test_bf16_step_has_bf16_dots_and_float32_state_and_loss(config, synthetic_da
     config.model.dtype = dtype
     s = _setup(config, synthetic_dataset)
     state = train.create_train_state(_random(s.abstract_state.params), s.tx)
-    batch = {k: jnp.asarray(v) for k, v in synthetic_dataset.train_batch(0, 16, 0).items()}
+    batch = next(pipeline.train_batches(synthetic_dataset, 16, 0))
     step = lowered.compile() if dtype == "bfloat16" else s.step_fn
     state, metrics = step(state, batch, jax.random.key(0))
     assert {x.dtype for x in jax.tree.leaves((state.params, state.opt_state[0].mu))} == {
@@ -182,3 +183,23 @@ def test_mesh_and_platform_errors_name_the_field(config, synthetic_dataset):
                      r"axis 'model'"):
     sharding.state_sharding(abstract_params(_CONFIG), sharding.make_mesh(1),
                             (("qkv/kernel", "None,model"),))
+
+
+def test_posterior_moments_are_sampled_in_the_step(config, synthetic_dataset):
+  """A batch of VAE posterior moments trains on mean + std * eps, eps drawn in the step
+  from its own key (std = 0: exactly the step on the mean)."""
+  s = _setup(config, synthetic_dataset)
+  params = _random(s.abstract_state.params)
+  batch = next(pipeline.train_batches(synthetic_dataset, 16, 0))
+  rng = jax.random.key(3)
+
+  def loss(batch):
+    state = train.create_train_state(jax.tree.map(jnp.copy, params), s.tx)
+    return float(s.step_fn(state, batch, rng)[1].compute()["loss"])
+
+  std = np.full_like(batch["image"], 0.3)
+  eps = jax.random.normal(jax.random.split(jax.random.fold_in(rng, 0))[1], std.shape)
+  assert loss(dict(batch, image_std=np.zeros_like(std))) == loss(batch)
+  sampled = dict(batch, image=batch["image"] + std * np.asarray(eps))
+  np.testing.assert_allclose(loss(dict(batch, image_std=std)), loss(sampled), rtol=1e-6)
+  assert abs(loss(dict(batch, image_std=std)) - loss(batch)) > 1e-3

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from mixflow_jax import checkpoints, configuration, sharding, train
+from mixflow_jax.data import pipeline
 from mixflow_jax.report import read_scalar
 
 
@@ -29,13 +30,28 @@ def _assert_trees_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def _batches(dataset, config):
+  return pipeline.train_batches(dataset, config.data.batch_size, config.seed)
+
+
+def _sigterm_at(batches, n):
+  """``batches``, with a SIGTERM to this process as batch ``n`` is taken."""
+  for i, batch in enumerate(batches):
+    if i == n:
+      os.kill(os.getpid(), signal.SIGTERM)
+    yield batch
+
+
 def test_resumed_run_equals_uninterrupted_run(config, synthetic_dataset, tmp_path):
+  """After a crash (resumed from the last checkpoint) and after a SIGTERM (the step in
+  flight finishes and is saved with the pipeline's position), a relaunch ends where an
+  uninterrupted run ends."""
   config.objective.name = "mixflow"
   full = train.train(config, str(tmp_path / "full"), dataset=synthetic_dataset)
 
   crashed = str(tmp_path / "crashed")
-  batches = _crash_after(synthetic_dataset.train_batches(config.data.batch_size, config.seed),
-                         6)  # dies during step 7, after the checkpoint of step 4
+  batches = _crash_after(_batches(synthetic_dataset, config), 6)
+  # dies during step 7, after the checkpoint of step 4
   with pytest.raises(RuntimeError, match="simulated crash"):
     train.train(config, crashed, dataset=synthetic_dataset, batches=batches)
   with checkpoints.make_manager(crashed, read_only=True) as manager:
@@ -53,19 +69,31 @@ def test_resumed_run_equals_uninterrupted_run(config, synthetic_dataset, tmp_pat
   _assert_trees_equal(resumed.ema_params, full.ema_params)
   _assert_trees_equal(resumed.opt_state, full.opt_state)
 
+  # SIGTERM as batch 5 is fetched (data.prefetch = 2 ahead: during step 3): step 3 is saved.
+  preempted = str(tmp_path / "preempted")
+  with pytest.raises(train.Preempted, match="saved step 3"):
+    train.train(config, preempted, dataset=synthetic_dataset,
+                batches=_sigterm_at(_batches(synthetic_dataset, config), 4))
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+  with checkpoints.make_manager(preempted, read_only=True) as manager:
+    assert manager.all_steps() == [3]
+    assert checkpoints.read_data_state(manager, 3)["position"] == 3 * config.data.batch_size
+  _assert_trees_equal(train.train(config, preempted, dataset=synthetic_dataset), full)
+
 
 _KILLED_RUN = """
 import os, signal, sys, time
 sys.path.insert(0, {tests!r})
 from conftest import tiny_config
 from mixflow_jax import train
-from mixflow_jax.data import sources
+from mixflow_jax.data import pipeline, sources
 
 config, dataset, workdir = tiny_config(), sources.synthetic(), sys.argv[1]
 config.objective.name = "mixflow"
 
 def batches():
-  for step, batch in enumerate(dataset.train_batches(config.data.batch_size, config.seed), 1):
+  stream = pipeline.train_batches(dataset, config.data.batch_size, config.seed)
+  for step, batch in enumerate(stream, 1):
     if step == 7:  # the checkpoint of step 4 is written: die as a preempted job would
       while not os.path.isdir(os.path.join(workdir, "checkpoints", "4")):
         time.sleep(0.05)
@@ -91,8 +119,8 @@ def test_run_killed_after_checkpoint_resumes_to_same_params(config, synthetic_da
 
 def test_interrupt_saves_the_last_finished_step(config, synthetic_dataset, tmp_path):
   # Batches are fetched data.prefetch steps ahead: this interrupt comes before step 7.
-  batches = _crash_after(synthetic_dataset.train_batches(config.data.batch_size, config.seed),
-                         6 + config.data.prefetch, KeyboardInterrupt)
+  batches = _crash_after(_batches(synthetic_dataset, config), 6 + config.data.prefetch,
+                         KeyboardInterrupt)
   with pytest.raises(KeyboardInterrupt):
     train.train(config, str(tmp_path), dataset=synthetic_dataset, batches=batches)
   with checkpoints.make_manager(str(tmp_path), read_only=True) as manager:
@@ -121,7 +149,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(
       yield batch
 
   config.train.steps = 20
-  batches = poisoned(synthetic_dataset.train_batches(config.data.batch_size, config.seed), 6)
+  batches = poisoned(_batches(synthetic_dataset, config), 6)
   with pytest.raises(FloatingPointError, match="at step 6") as info:
     train.train(config, str(tmp_path), dataset=synthetic_dataset, batches=batches)
   assert "last good checkpoint is step 4" in str(info.value)

@@ -1,6 +1,6 @@
 """Input pipelines. Every source is an ``ImageDataset``: NHWC float32 images in [-1, 1]
-(or latents) with int32 labels, a train/held-out split, and a train iterator whose batch
-at a step depends only on (seed, step), so that a resumed run sees the same batches."""
+(or latents) with int32 labels and a train/held-out split; ``pipeline.train_batches``
+iterates any of them with grain (per-process rows, resumable at a stream position)."""
 
 from mixflow_jax.data.arrays import ImageDataset
 from mixflow_jax.data.sources import SOURCES, load_dataset
