@@ -15,14 +15,14 @@ its layout.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
+from mixflow_jax import storage
 from mixflow_jax.models.sit import SiTConfig, to_layout
 from mixflow_jax.sharding import path_str
 
@@ -32,35 +32,32 @@ STATE_ITEM = "default"  # the name orbax gives a single item: checkpoints before
 DATA_ITEM = "data"
 
 
-def checkpoint_dir(run_dir: str) -> str:
+def checkpoint_dir(run_dir: str) -> epath.Path:
   """``run_dir/checkpoints``; ``run_dir`` may also be that folder itself."""
-  run_dir = os.path.abspath(run_dir)
-  if os.path.basename(run_dir) == CHECKPOINT_DIR:
+  run_dir = storage.path(run_dir, "run folder")
+  if run_dir.name == CHECKPOINT_DIR:
     return run_dir
-  return os.path.join(run_dir, CHECKPOINT_DIR)
+  return run_dir / CHECKPOINT_DIR
 
 
-def run_root(run_dir: str) -> str:
+def run_root(run_dir: str) -> epath.Path:
   """The run folder of ``run_dir`` (which may be its ``checkpoints`` folder)."""
-  return os.path.dirname(checkpoint_dir(run_dir))
+  return checkpoint_dir(run_dir).parent
 
 
 def write_config(run_dir: str, filename: str, config: Any, **extra: Any) -> None:
   """Writes ``run_dir/filename``: the fields of the dataclass ``config`` plus ``extra``."""
-  os.makedirs(run_root(run_dir), exist_ok=True)
-  with open(os.path.join(run_root(run_dir), filename), "w") as f:
-    json.dump(dataclasses.asdict(config) | extra, f, indent=2)
+  storage.write_json(run_root(run_dir) / filename, dataclasses.asdict(config) | extra)
 
 
 def read_config(run_dir: str, filename: str, cls: type, optional: tuple[str, ...] = ()
                 ) -> Any | None:
   """The dataclass ``cls`` in ``run_dir/filename`` (None if there is no such file); every
   field must be there but those in ``optional`` (added later: their defaults apply)."""
-  path = os.path.join(run_root(run_dir), filename)
-  if not os.path.isfile(path):
+  path = run_root(run_dir) / filename
+  if not path.is_file():
     return None
-  with open(path) as f:
-    stored = json.load(f)
+  stored = storage.read_json(path)
   fields = [f.name for f in dataclasses.fields(cls)]
   missing = [name for name in fields if name not in stored and name not in optional]
   if missing:
@@ -80,11 +77,10 @@ def read_model_config(run_dir: str) -> SiTConfig | None:
 
 def read_param_layout(run_dir: str) -> str:
   """The parameter layout of the run in ``run_dir`` ('unrolled' if model.json predates it)."""
-  path = os.path.join(run_root(run_dir), MODEL_JSON)
-  if not os.path.isfile(path):
+  path = run_root(run_dir) / MODEL_JSON
+  if not path.is_file():
     return "unrolled"
-  with open(path) as f:
-    return json.load(f).get("param_layout", "unrolled")
+  return storage.read_json(path).get("param_layout", "unrolled")
 
 
 def make_manager(run_dir: str, save_every: int = 1, keep: int = 3,
@@ -166,7 +162,7 @@ def load_params(run_dir: str, abstract_params: Any, field: str = "ema_params",
   """Loads ``field`` ('ema_params' or 'params') of another run's checkpoint (latest step by
   default), e.g. to warm-start post-training or to sample. Returns (params, step)."""
   directory = checkpoint_dir(run_dir)
-  if not os.path.isdir(directory):
+  if not directory.is_dir():
     raise FileNotFoundError(f"No checkpoints in {run_dir!r} (looked for {directory}).")
   with make_manager(run_dir, read_only=True) as manager:
     step = manager.latest_step() if step is None else step

@@ -95,6 +95,9 @@ def default_config() -> ml_collections.ConfigDict:
       partition_rules=((".*", "auto"),),
       fsdp_min_size=2**14,      # 'auto' keeps leaves of fewer elements replicated
       profile_steps=(0, 0),     # (a, b): a jax.profiler trace of steps a..b in DIR/profile
+      # TensorBoard event files in the workdir (through TensorFlow's filesystem); the
+      # metrics are logged either way.
+      tensorboard=True,
       # Peak FLOP/s of one device for the logged MFU (default: hardware.py's bf16 table;
       # no MFU where the device is not in it, e.g. on a CPU).
       peak_flops_per_device=config_dict.placeholder(float),

@@ -20,11 +20,11 @@ Both go through :mod:`mixflow_jax.metrics`: feature statistics (``feature_stats`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import json
-import os
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
@@ -37,7 +37,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from mixflow_jax import configuration, generate, metrics
+from mixflow_jax import configuration, generate, metrics, storage
 from mixflow_jax.data import ImageDataset, load_dataset, pipeline
 from mixflow_jax.models import inception as inception_lib
 from mixflow_jax.models.classifier import Classifier
@@ -102,23 +102,20 @@ class Evaluator:
     settings = {"dataset": self.dataset.name, "steps": eval_config.classifier_steps,
                 "lr": eval_config.classifier_lr,
                 "batch_size": eval_config.classifier_batch_size}
-    path = os.path.join(os.path.abspath(cache_dir), "eval_classifier")
-    settings_file = os.path.join(path, "settings.json")
+    path = storage.path(cache_dir, "workdir") / "eval_classifier"
+    settings_file = path / "settings.json"
     abstract = jax.eval_shape(
         lambda: self.model.init(jax.random.key(0), jnp.zeros((1, *self.dataset.image_shape))))
-    if os.path.exists(settings_file):
-      with open(settings_file) as f:
-        if json.load(f) == settings:
-          with ocp.StandardCheckpointer() as ckpt:
-            return ckpt.restore(os.path.join(path, "params"), abstract["params"])
+    if settings_file.exists() and storage.read_json(settings_file) == settings:
+      with ocp.StandardCheckpointer() as ckpt:
+        return ckpt.restore(path / "params", abstract["params"])
     logging.info("Training the evaluation classifier (%d steps), cached in %s.",
                  settings["steps"], path)
     params = train_classifier(self.dataset, settings["steps"], settings["lr"],
                               settings["batch_size"])
     with ocp.StandardCheckpointer() as ckpt:
-      ckpt.save(os.path.join(path, "params"), params, force=True)
-    with open(settings_file, "w") as f:
-      json.dump(settings, f)
+      ckpt.save(path / "params", params, force=True)
+    storage.write_json(settings_file, settings)
     return params
 
   def _batches(self, images: np.ndarray, batch_size: int
@@ -163,12 +160,17 @@ class Evaluator:
 # Inputs of the ADM evaluation: samples (.npz or image folder) and reference batches.
 
 
-def _open_npz(path: str):
-  """``np.load`` of an .npz, with errors that name the file."""
-  try:
-    return np.load(path)
-  except (OSError, ValueError) as e:
-    raise ValueError(f"{path} is not a readable .npz file: {e}") from e
+@contextlib.contextmanager
+def _open_npz(path: str) -> Iterator[Any]:
+  """``np.load`` of an .npz (members read when used, from a seekable handle on a URL),
+  with errors that name the file."""
+  with storage.path(path).open("rb") as handle:
+    try:
+      npz = np.load(handle)
+    except (OSError, ValueError) as e:
+      raise ValueError(f"{path} is not a readable .npz file: {e}") from e
+    with npz:
+      yield npz
 
 
 def _npz_member_shape(npz, key: str) -> tuple[tuple[int, ...], np.dtype]:
@@ -251,7 +253,7 @@ def _read_image(file: str, size: tuple[int, int]) -> np.ndarray:
   accepted when fully opaque; other modes (16-bit, CMYK, translucent) are errors."""
   from PIL import Image  # Only folders need it.
 
-  with Image.open(file) as image:
+  with storage.path(file).open("rb") as handle, Image.open(handle) as image:
     mode = image.mode
     if mode in _PALETTE_MODES:
       image = image.convert("RGB")
@@ -272,14 +274,14 @@ def _read_image(file: str, size: tuple[int, int]) -> np.ndarray:
 def _load_folder(path: str) -> ImageSet:
   from PIL import Image  # Only folders need it.
 
-  files = sorted(os.path.join(path, name) for name in os.listdir(path)
-                 if name.lower().endswith(IMAGE_EXTENSIONS))
+  files = sorted(str(file) for file in storage.path(path).iterdir()
+                 if file.name.lower().endswith(IMAGE_EXTENSIONS))
   if not files:
     raise ValueError(f"{path} holds no {'/'.join(IMAGE_EXTENSIONS)} images.")
   size = None
   for file in files:  # Headers only: sizes and modes are checked before any pixel is read.
     try:
-      with Image.open(file) as image:
+      with storage.path(file).open("rb") as handle, Image.open(handle) as image:
         width, height, mode = *image.size, image.mode
     except OSError as e:
       raise ValueError(f"{file} is not a readable image: {e}") from e
@@ -303,9 +305,9 @@ def load_samples(path: str) -> ImageSet:
   Checks everything but pixel values up front (npz headers, image headers) and raises
   FileNotFoundError / ValueError naming the file and the offending shape, dtype or size.
   """
-  if os.path.isdir(path):
+  if storage.path(path, "samples").is_dir():
     return _load_folder(path)
-  if not os.path.isfile(path):
+  if not storage.path(path).is_file():
     raise FileNotFoundError(f"No samples at {path!r}: expected an ADM .npz or a folder of "
                             "PNG / JPEG images.")
   with _open_npz(path) as f:
@@ -340,9 +342,9 @@ def load_reference(path: str) -> Reference:
   naming the file and the keys it has. Statistics of the wrong shape or not finite are
   errors naming the file and the key.
   """
-  if os.path.isdir(path):
+  if storage.path(path, "config.eval.reference").is_dir():
     return Reference(path, None, None, load_samples(path))
-  if not os.path.isfile(path):
+  if not storage.path(path).is_file():
     raise FileNotFoundError(f"No reference at {path!r}: expected an ADM reference batch .npz "
                             "(or a samples .npz / image folder).")
   with _open_npz(path) as f:
@@ -519,11 +521,10 @@ def reference_features(reference: Reference, inception: inception_lib.InceptionV
 def _reference_cache_file(cache_dir: str, reference_path: str, inception_path: str) -> str:
   """Where the features of a reference on an Inception file are kept: named after both
   paths, sizes and modification times, so that a changed file is not served stale."""
-  key = [(os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns)
-         for p in (reference_path, inception_path)]
+  key = [storage.fingerprint(p) for p in (reference_path, inception_path)]
   digest = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:12]
-  name = os.path.basename(os.path.normpath(reference_path)).removesuffix(".npz")
-  return os.path.join(cache_dir, "eval_cache", f"reference_{name}_{digest}.npz")
+  name = storage.path(reference_path).name.removesuffix(".npz")
+  return str(storage.path(cache_dir) / "eval_cache" / f"reference_{name}_{digest}.npz")
 
 
 def cached_reference_features(reference: Reference, inception: inception_lib.InceptionV3,
@@ -535,19 +536,16 @@ def cached_reference_features(reference: Reference, inception: inception_lib.Inc
   (or written to) ``cache_dir/eval_cache`` when ``cache_dir`` is given: the reference's
   Inception pass runs once per reference and weights file."""
   cache = cache_dir and _reference_cache_file(cache_dir, reference.path, inception_path)
-  if cache and os.path.exists(cache):
-    with np.load(cache) as f:
-      logging.info("Reference features of %s from %s.", reference.path, cache)
-      return (metrics.FeatureStats(f["mu"], f["sigma"]),
-              metrics.FeatureStats(f["mu_s"], f["sigma_s"]),
-              f["pool_3"] if "pool_3" in f else None)
+  if cache and storage.path(cache).exists():
+    f = storage.load_npz(cache)
+    logging.info("Reference features of %s from %s.", reference.path, cache)
+    return (metrics.FeatureStats(f["mu"], f["sigma"]),
+            metrics.FeatureStats(f["mu_s"], f["sigma_s"]), f.get("pool_3"))
   stats, spatial_stats, pool = reference_features(reference, inception, variables,
                                                   batch_size)
   if cache:
-    os.makedirs(os.path.dirname(cache), exist_ok=True)
-    generate.write_atomically(cache, mu=stats.mu, sigma=stats.sigma, mu_s=spatial_stats.mu,
-                              sigma_s=spatial_stats.sigma,
-                              **({} if pool is None else {"pool_3": pool}))
+    storage.save_npz(cache, mu=stats.mu, sigma=stats.sigma, mu_s=spatial_stats.mu,
+                     sigma_s=spatial_stats.sigma, **({} if pool is None else {"pool_3": pool}))
   return stats, spatial_stats, pool
 
 
@@ -599,7 +597,7 @@ def _adm_job(config: ml_collections.ConfigDict, workdir: str, path: str) -> dict
         "config.eval.inception is not set: the ADM metrics (config.eval.reference="
         f"{config.eval.reference!r}) need the path of pytorch-fid's FID Inception weights "
         "(pt_inception-2015-12-05-6726825d.pth); nothing is downloaded.")
-  if not os.path.isfile(inception_path):
+  if not storage.path(inception_path, "config.eval.inception").is_file():
     raise configuration.ConfigError(
         f"config.eval.inception={inception_path!r}: no such file (pytorch-fid's "
         "pt_inception-2015-12-05-6726825d.pth; nothing is downloaded).")
@@ -609,10 +607,8 @@ def _adm_job(config: ml_collections.ConfigDict, workdir: str, path: str) -> dict
     if num_classes is not None:
       check_labels(samples.labels, num_classes, path)
   result = adm_metrics(path, config.eval.reference, inception_path, cache_dir=workdir)
-  name = os.path.splitext(os.path.basename(path))[0]
-  out = os.path.join(workdir, f"metrics_{name}.json")
-  with open(out, "w") as f:
-    json.dump({**result, "samples": path, "reference": config.eval.reference}, f, indent=2)
+  out = storage.path(workdir) / f"metrics_{storage.path(path).stem}.json"
+  storage.write_json(out, {**result, "samples": path, "reference": config.eval.reference})
   logging.info("ADM metrics of %s against %s (written to %s): %s", path,
                config.eval.reference, out,
                ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
@@ -631,7 +627,7 @@ def evaluate_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   run's classes are an error naming the file. Returns the metrics.
   """
   path = generate.samples_path(config, workdir)
-  if not os.path.exists(path):
+  if not storage.path(path).exists():
     raise FileNotFoundError(f"No samples at {path}: run `mixflow sample` with the same "
                             "config and workdir first.")
   if config.eval.get("reference", ""):
@@ -647,6 +643,5 @@ def evaluate_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   check_labels(_check_labels_array(path, labels, len(pixels)), dataset.num_classes, path)
   evaluator = Evaluator(dataset, config.eval, workdir)
   result = evaluator(generate.from_uint8(pixels), labels)
-  with open(path.replace(".npz", ".metrics.json"), "w") as f:
-    json.dump(result, f, indent=2)
+  storage.write_json(path.replace(".npz", ".metrics.json"), result)
   return result

@@ -13,11 +13,8 @@ of devices.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import json
-import os
-import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,9 +24,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
-from mixflow_jax import checkpoints, configuration, sampling, sharding
+from mixflow_jax import checkpoints, configuration, sampling, sharding, storage
 from mixflow_jax.data import ImageDataset, load_dataset
 from mixflow_jax.models.sit import SiT, SiTConfig, abstract_params, make_apply_fn
 
@@ -150,9 +148,9 @@ def sample_labels(spec: str, num_samples: int, num_classes: int, seed: int) -> n
     return np.random.default_rng([seed, _RANDOM_LABELS_STREAM]).integers(
         0, num_classes, num_samples).astype(np.int32)
   if spec.endswith(".npy"):
-    if not os.path.isfile(spec):
+    if not storage.path(spec, "config.sample.labels").is_file():
       raise configuration.ConfigError(f"config.sample.labels={spec!r}: no such file.")
-    labels = np.load(spec)
+    labels = storage.load_npy(spec)
     if labels.shape != (num_samples,) or not np.issubdtype(labels.dtype, np.integer):
       raise configuration.ConfigError(
           f"config.sample.labels={spec!r} holds {labels.dtype} {labels.shape}; expected "
@@ -213,14 +211,7 @@ def samples_name(config: ml_collections.ConfigDict) -> str:
 
 def samples_path(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Where ``mixflow sample`` writes (and ``mixflow evaluate`` reads) the samples."""
-  return os.path.join(workdir, "samples", samples_name(config) + ".npz")
-
-
-def write_atomically(path: str, **arrays: np.ndarray) -> None:
-  """np.savez to ``path`` through a temporary file: a crash leaves the old file or none."""
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+  return str(storage.path(workdir, "workdir") / "samples" / (samples_name(config) + ".npz"))
 
 
 def sample_job(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -236,17 +227,17 @@ def sample_job(config: ml_collections.ConfigDict, workdir: str) -> str:
         f"The model in {workdir!r} samples {channels}-channel latents: set "
         "config.sample.vae to a VAE converted with `mixflow convert --vae` to decode them.")
   path = samples_path(config, workdir)
-  if sharding.decided_by_process_zero(lambda: np.array([os.path.exists(path)]), 1)[0]:
+  if sharding.decided_by_process_zero(lambda: np.array([storage.path(path).exists()]), 1)[0]:
     logging.info("%s exists; nothing to sample.", path)
     return path
   batch_sampler = make_batch_sampler(config, workdir)
-  shard_dir = path[:-len(".npz")] + ".shards"
+  shard_dir = storage.path(path[:-len(".npz")] + ".shards")
   starts = range(0, s.num_samples, s.batch_size)
-  shard_path = lambda i: os.path.join(shard_dir, f"shard_{i:05d}.npz")
+  shard_path = lambda i: shard_dir / f"shard_{i:05d}.npz"
 
   def missing_shards() -> list[bool]:
     _check_or_write_job(shard_dir, config, batch_sampler.step)
-    return [not os.path.exists(shard_path(i)) for i in range(len(starts))]
+    return [not shard_path(i).exists() for i in range(len(starts))]
 
   todo = np.flatnonzero(sharding.decided_by_process_zero(missing_shards, len(starts)))
   if len(todo) < len(starts):
@@ -258,8 +249,8 @@ def sample_job(config: ml_collections.ConfigDict, workdir: str) -> str:
     first = starts[shard]
     images = batch_sampler(first, labels[first:first + s.batch_size])
     if writes:
-      write_atomically(shard_path(shard), arr_0=to_uint8(images),
-                        arr_1=labels[first:first + len(images)])
+      storage.save_npz(shard_path(shard), arr_0=to_uint8(images),
+                       arr_1=labels[first:first + len(images)])
     done += len(images)
     elapsed = time.perf_counter() - t_start
     if elapsed - last_log > 30 or shard == todo[-1]:
@@ -269,31 +260,29 @@ def sample_job(config: ml_collections.ConfigDict, workdir: str) -> str:
                    len(starts), done / elapsed, left * elapsed / done)
 
   if writes:
-    shards = [np.load(shard_path(i)) for i in range(len(starts))]
-    write_atomically(path, arr_0=np.concatenate([z["arr_0"] for z in shards]),
-                      arr_1=np.concatenate([z["arr_1"] for z in shards]))
-    shutil.rmtree(shard_dir)
+    shards = [storage.load_npz(shard_path(i)) for i in range(len(starts))]
+    storage.save_npz(path, arr_0=np.concatenate([z["arr_0"] for z in shards]),
+                     arr_1=np.concatenate([z["arr_1"] for z in shards]))
+    shard_dir.rmtree()
   multihost_utils.sync_global_devices("mixflow sample: merged")
   return path
 
 
-def _check_or_write_job(shard_dir: str, config: ml_collections.ConfigDict, step: int) -> None:
+def _check_or_write_job(shard_dir: epath.Path, config: ml_collections.ConfigDict, step: int
+                        ) -> None:
   """Shards of one job only: a relaunch must sample the same checkpoint step with the same
   settings, or its shards would mix two jobs."""
   job = {"step": step, "seed": config.seed, "objective.path": config.objective.path,
          "sample": {k: v for k, v in config.sample.to_dict().items() if k != "vae"}}
   job = json.loads(json.dumps(job))  # tuples -> lists, as read back
-  job_file = os.path.join(shard_dir, "job.json")
-  if os.path.exists(job_file):
-    with open(job_file) as f:
-      stored = json.load(f)
+  job_file = shard_dir / "job.json"
+  if job_file.exists():
+    stored = storage.read_json(job_file)
     if stored != job:
       differs = sorted(k for k in set(stored) | set(job) if stored.get(k) != job.get(k))
       raise ValueError(f"{shard_dir} holds shards of another job ({', '.join(differs)} "
                        f"differ: {stored} vs {job}); delete it to start over.")
     return
-  if glob.glob(os.path.join(shard_dir, "shard_*.npz")):
+  if shard_dir.is_dir() and any(shard_dir.glob("shard_*.npz")):
     raise ValueError(f"{shard_dir} holds shards but no job.json; delete it to start over.")
-  os.makedirs(shard_dir, exist_ok=True)
-  with open(job_file, "w") as f:
-    json.dump(job, f, indent=2)
+  storage.write_json(job_file, job)

@@ -17,7 +17,9 @@ Flags only; the work is done by importable functions (``train.train``,
 
 import logging as py_logging
 import os
+import socket
 import sys
+import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -65,6 +67,9 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
                                       "--distributed: the number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None,
                                    "--distributed: this process's index, 0 to n - 1.")
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout", 300, "--distributed: seconds to wait for every process to join "
+    "the coordinator before giving up with an error.")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", _DEFAULT_CONFIG, "Config file (configs/<name>.py[:variant]); fields can be "
     "overridden with --config.<field>=<value>.", lock_config=True)
@@ -113,18 +118,51 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("--workdir is required.")
   command, config, workdir = argv[1], _CONFIG.value, _WORKDIR.value
   if _DISTRIBUTED.value:
-    import jax
-    jax.distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value,
-                               _PROCESS_ID.value)
-    logging.info("Process %d of a job of %d processes, %d devices.", jax.process_index(),
-                 jax.process_count(), jax.device_count())
+    _join_job()
 
-  from mixflow_jax import configuration  # Heavy imports after flag parsing.
+  from mixflow_jax import configuration, storage  # Heavy imports after flag parsing.
   try:
+    storage.path(workdir, "--workdir")
     configuration.validate(config)
     _run(command, config, workdir)
-  except configuration.ConfigError as e:
+  except (configuration.ConfigError, storage.StorageError) as e:
     raise app.UsageError(str(e)) from e
+
+
+def _wait_for_coordinator(address: str, timeout: float) -> None:
+  """Waits until ``address`` (host:port) accepts TCP connections, or raises UsageError after
+  ``timeout`` seconds: jax.distributed's client aborts the process (no Python error) when it
+  cannot register, so a worker checks the coordinator is there first."""
+  host, _, port = address.rpartition(":")
+  deadline = time.monotonic() + timeout
+  while True:
+    try:
+      socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+      return
+    except OSError as e:
+      if time.monotonic() > deadline:
+        raise app.UsageError(
+            f"--distributed: the coordinator {address} (process 0) did not answer within "
+            f"--distributed_timeout={timeout:g} s ({e}). Start the same command on process "
+            "0, check --coordinator_address (host:port of process 0), or raise "
+            "--distributed_timeout.") from e
+      time.sleep(1.0)
+
+
+def _join_job() -> None:
+  """jax.distributed.initialize with --distributed_timeout; a worker first waits for the
+  coordinator (``_wait_for_coordinator``) so that an unreachable one is an error message."""
+  import jax
+  address = _COORDINATOR_ADDRESS.value
+  if address and _PROCESS_ID.value:
+    _wait_for_coordinator(address, _DISTRIBUTED_TIMEOUT.value)
+  logging.info("Joining the job at %s (--distributed_timeout=%d s).",
+               address or "the address the cluster environment names",
+               _DISTRIBUTED_TIMEOUT.value)
+  jax.distributed.initialize(address, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                             initialization_timeout=_DISTRIBUTED_TIMEOUT.value)
+  logging.info("Process %d of a job of %d processes, %d devices.", jax.process_index(),
+               jax.process_count(), jax.device_count())
 
 
 def _plan(config) -> None:
@@ -167,10 +205,9 @@ def _run(command: str, config, workdir: str) -> None:
   elif command == "slowflow":
     from mixflow_jax import slowflow
     result = slowflow.slowflow_job(config, workdir, tuple(_COMPARE.value), _CALIBRATE.value)
-    print(f"Wrote {os.path.join(workdir, 'slowflow.png')} and slowflow.json")
+    print(f"Wrote {workdir}/slowflow.png and slowflow.json")
     if "gamma" in result:
-      print(f"Proposed gamma: {result['gamma']:.3f} (written to "
-            f"{os.path.join(workdir, 'gamma.json')})")
+      print(f"Proposed gamma: {result['gamma']:.3f} (written to {workdir}/gamma.json)")
   elif command == "demo":
     from mixflow_jax import demo
     if "demo" not in config:

@@ -19,7 +19,6 @@ remat's recompute; the body of a scan counted once).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from typing import Any
@@ -28,7 +27,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mixflow_jax import configuration, sharding, train
+from mixflow_jax import configuration, sharding, storage, train
 from mixflow_jax.data import load_dataset
 
 GiB = 2**30
@@ -137,5 +136,4 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def write(result: dict[str, Any], path: str) -> None:
-  with open(path, "w") as f:
-    json.dump(result, f, indent=2)
+  storage.write_json(path, result)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import io
 import os
 
 import matplotlib
@@ -12,6 +13,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
+
+from mixflow_jax import storage
+
+
+def _save(fig: plt.Figure, path: str | os.PathLike, dpi: int) -> None:
+  """Saves ``fig`` as a PNG at ``path`` (a local path or a URL)."""
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=dpi)
+  storage.write_bytes(path, buffer.getvalue())
 
 
 def read_scalar(logdir: str, tag: str) -> tuple[np.ndarray, np.ndarray]:
@@ -75,7 +85,7 @@ def write_report(path: str, *, loss_curves: dict[str, tuple[np.ndarray, np.ndarr
     ax.set_title(name)
     ax.axis("off")
   fig.suptitle(title)
-  fig.savefig(path, dpi=110)
+  _save(fig, path, dpi=110)
   plt.close(fig)
 
 
@@ -94,5 +104,5 @@ def plot_slowflow(summaries: dict[str, dict], path: str, title: str = "Slow Flow
   ax.set_title(f"{title}\nmedian and {lo:.0%}-{hi:.0%} band over samples", fontsize=10)
   ax.legend(loc="upper left", fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  _save(fig, path, dpi=120)
   plt.close(fig)

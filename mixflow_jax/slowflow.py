@@ -23,8 +23,6 @@ that mean the median measured s. Clipped to [0, 1].
 from __future__ import annotations
 
 import functools
-import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +30,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mixflow_jax import checkpoints, generate, report, sampling
+from mixflow_jax import checkpoints, generate, report, sampling, storage
 from mixflow_jax.data import load_dataset
 from mixflow_jax.interpolants import Path
 from mixflow_jax.models.sit import SiT, abstract_params, make_apply_fn
@@ -141,7 +139,7 @@ def slowflow_run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
         restart_time=sf.restart_time)
     parts.append(s_batch)
   summary = summarize(t, np.concatenate(parts), tuple(sf.band))
-  summary.update(run=os.path.abspath(run_dir), step=step, mode=sf.mode, sampler=s.sampler,
+  summary.update(run=str(storage.path(run_dir)), step=step, mode=sf.mode, sampler=s.sampler,
                  num_steps=s.num_steps)
   return summary
 
@@ -154,7 +152,7 @@ def slowflow_job(config: ml_collections.ConfigDict, workdir: str, others: tuple[
   ``workdir/gamma.json``."""
   summaries = {}
   for run_dir in (workdir, *others):
-    name = os.path.basename(os.path.normpath(run_dir))
+    name = storage.path(run_dir).name
     summaries[name] = slowflow_run(config, run_dir)
     logging.info("Slow Flow of %s: median s at t = %s: %s", name,
                  np.round(summaries[name]["t"][::max(1, len(summaries[name]["t"]) // 5)], 2),
@@ -164,12 +162,11 @@ def slowflow_job(config: ml_collections.ConfigDict, workdir: str, others: tuple[
   if calibrate:
     gamma = calibrate_gamma(next(iter(summaries.values())), config.slowflow.t_min)
     result["gamma"] = gamma
-    with open(os.path.join(workdir, "gamma.json"), "w") as f:
-      json.dump({"gamma": gamma, "rule": "2 * median over t >= t_min of (1 - s/t)",
-                 "t_min": config.slowflow.t_min, "mode": config.slowflow.mode}, f, indent=2)
-  with open(os.path.join(workdir, "slowflow.json"), "w") as f:
-    json.dump(result, f, indent=2)
+    storage.write_json(storage.path(workdir) / "gamma.json", {
+        "gamma": gamma, "rule": "2 * median over t >= t_min of (1 - s/t)",
+        "t_min": config.slowflow.t_min, "mode": config.slowflow.mode})
+  storage.write_json(storage.path(workdir) / "slowflow.json", result)
   s = config.sample
-  report.plot_slowflow(summaries, os.path.join(workdir, "slowflow.png"),
+  report.plot_slowflow(summaries, storage.path(workdir) / "slowflow.png",
                        title=f"Slow Flow, {s.sampler} {s.num_steps} steps, {config.slowflow.mode}")
   return result

@@ -15,7 +15,6 @@ import collections
 import contextlib
 import dataclasses
 import functools
-import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -33,7 +32,7 @@ from clu import metric_writers, metrics, periodic_actions
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from mixflow_jax import checkpoints, configuration, hardware, sharding
+from mixflow_jax import checkpoints, configuration, hardware, sharding, storage
 from mixflow_jax.data import ImageDataset, load_dataset, pipeline
 from mixflow_jax.interpolants import get_path
 from mixflow_jax.models import attention
@@ -385,7 +384,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
       raise configuration.ConfigError(str(e)) from e
   batches = prefetch(batches, mesh, config.data.prefetch)
   writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0, asynchronous=True)
+      str(storage.path(workdir, "workdir")),
+      just_logging=jax.process_index() > 0 or not tr.tensorboard, asynchronous=True)
   if start == 0:
     writer.write_hparams(config.to_dict())
   report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
@@ -406,7 +406,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     try:
       for step in range(start + 1, total + 1):
         if step == tr.profile_steps[0]:
-          jax.profiler.start_trace(os.path.join(workdir, "profile"))
+          jax.profiler.start_trace(str(storage.path(workdir) / "profile"))
           profiling = True
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
           state, step_metrics = s.step_fn(state, next(batches), rng)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 
 import ml_collections
 import numpy as np
 
+from mixflow_jax import storage
 from mixflow_jax.data.arrays import ImageDataset, split
 
 
@@ -45,12 +45,13 @@ def arrays(path: str, heldout_fraction: float = 0.2, num_classes: int | None = N
   their rows. The held-out part is the last ceil(fraction * N) rows (shuffle the files if
   they are sorted by class). ``num_classes`` defaults to the largest label + 1.
   """
-  files = {name: os.path.join(path, f"{name}.npy") for name in ("images", "labels")}
+  folder = storage.path(path, "data.path")
+  files = {name: folder / f"{name}.npy" for name in ("images", "labels")}
   for name, file in files.items():
-    if not os.path.isfile(file):
+    if not file.is_file():
       raise FileNotFoundError(f"data.path={path!r} has no {name}.npy ({file}).")
-  images = np.load(files["images"], mmap_mode="r")
-  labels = np.load(files["labels"]).astype(np.int32)
+  images = storage.load_npy(files["images"], mmap=True)
+  labels = storage.load_npy(files["labels"]).astype(np.int32)
   if images.ndim != 4 or len(labels) != len(images) or labels.ndim != 1:
     raise ValueError(f"{files['images']} has shape {images.shape} and {files['labels']} "
                      f"{labels.shape}; expected (N, H, W, C) and (N,).")
