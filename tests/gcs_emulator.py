@@ -62,10 +62,10 @@ def start(bucket: str = "bucket") -> tuple[subprocess.Popen, dict[str, str]]:
     try:
       urllib.request.urlopen(f"{url}/storage/v1/b/{bucket}", timeout=2).close()
       return process, environment(url)
-    except OSError:
+    except OSError as e:
       if process.poll() is not None or time.monotonic() > deadline:
         process.kill()
-        raise RuntimeError(f"The GCS emulator did not start: {process.stderr.read()}")
+        raise RuntimeError(f"The GCS emulator did not start: {process.stderr.read()}") from e
       time.sleep(0.2)
 
 
