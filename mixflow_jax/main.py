@@ -6,7 +6,7 @@
     mixflow convert --checkpoint=PATH --out=DIR [--model=SiT-XL/2] [--weights=ema|model]
         [--time_convention=noise_to_data|data_to_noise]
     mixflow convert --vae=PATH --out=DIR
-    mixflow encode --images=DIR --vae=DIR --out=DIR [--image_size=256]
+    mixflow encode --images=DIR --vae=DIR --out=DIR [--image_size=256] [--flip]
     mixflow plan [--config=...] [--num_devices=N] [--out=plan.json]
 
 Flags only; the work is done by importable functions (``train.train``,
@@ -44,6 +44,8 @@ _IMAGES = flags.DEFINE_string("images", None, "encode: the ImageFolder to encode
                              "subfolder per class, e.g. ImageNet's train/).")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 256, "encode: the side of the ADM center "
                                    "crop (latents are image_size / 8 for SD's VAE).")
+_FLIP = flags.DEFINE_bool("flip", False, "encode: also store the latents of each image's "
+                          "horizontal mirror (2 rows per image), for data.flip=True.")
 _MODEL = flags.DEFINE_string("model", None, "convert: the named size to check against "
                              "(e.g. SiT-XL/2); by default inferred from the weights.")
 _WEIGHTS = flags.DEFINE_enum("weights", "ema", ["ema", "model"],
@@ -106,10 +108,12 @@ def main(argv: list[str]) -> None:
   if argv[1] == "encode":
     if _IMAGES.value is None or _VAE.value is None or _OUT.value is None:
       raise app.UsageError("Usage: mixflow encode --images=DIR --vae=DIR --out=DIR "
-                           "[--image_size=256].")
+                           "[--image_size=256] [--flip].")
     from mixflow_jax.data.encode import encode_folder
-    rows = encode_folder(_IMAGES.value, _VAE.value, _OUT.value, _IMAGE_SIZE.value)
-    print(f"Wrote {_OUT.value}: {rows} rows of latents (images.npy, labels.npy).")
+    rows = encode_folder(_IMAGES.value, _VAE.value, _OUT.value, _IMAGE_SIZE.value,
+                         flip=_FLIP.value)
+    print(f"Wrote {_OUT.value}: {rows} rows of latent moments (images.npy, std.npy, "
+          "labels.npy, manifest.json).")
     return
   if argv[1] == "plan":
     _plan(_CONFIG.value)

@@ -4,6 +4,7 @@
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -119,10 +120,10 @@ def _posterior(vae_dir):
   return config, jax.jit(lambda x: vae.apply({"params": params}, x, method=vae.encode))
 
 
-def _expected_rows(vae_dir, paths, rows, mirrored, batch, batch_size, seed):
-  """(posterior samples, scaled means) of ``rows`` (listing indices) in batch ``batch``,
-  recomputed outside encode_folder: crops in [-1, 1], black padding to ``batch_size``,
-  (mean + exp(logvar / 2) * normal(fold_in(key(seed), batch))) * scaling_factor."""
+def _expected_rows(vae_dir, paths, rows, mirrored, batch_size):
+  """(scaled posterior means, scaled stds) of ``rows`` (listing indices), recomputed
+  outside encode_folder: crops in [-1, 1], black padding to ``batch_size``,
+  mean * scaling_factor and exp(logvar / 2) * scaling_factor."""
   images = np.full((batch_size, SIZE, SIZE, 3), -1.0, np.float32)  # black padding
   for j, (i, flip) in enumerate(zip(rows, mirrored)):
     with Image.open(paths[i]) as image:
@@ -130,17 +131,17 @@ def _expected_rows(vae_dir, paths, rows, mirrored, batch, batch_size, seed):
     images[j] = (crop[:, ::-1] if flip else crop) / 127.5 - 1.0
   config, posterior = _posterior(vae_dir)
   mean, logvar = posterior(images)
-  eps = jax.random.normal(jax.random.fold_in(jax.random.key(seed), batch), mean.shape)
-  sample = (mean + np.exp(0.5 * np.asarray(logvar)) * eps) * config.scaling_factor
-  return np.asarray(sample)[:len(rows)], np.asarray(mean * config.scaling_factor)[:len(rows)]
+  std = np.exp(0.5 * np.asarray(logvar)) * config.scaling_factor
+  return np.asarray(mean * config.scaling_factor)[:len(rows)], std[:len(rows)]
 
 
 def _files(out):
   return {name: (out / name).read_bytes() for name in
-          ("images.npy", "labels.npy", "classes.json", "progress.json")}
+          ("images.npy", "std.npy", "labels.npy", "classes.json", "progress.json",
+           "manifest.json")}
 
 
-def test_encode_folder_writes_shuffled_posterior_samples(folder, vae_dir, tmp_path):
+def test_encode_folder_writes_shuffled_posterior_moments(folder, vae_dir, tmp_path):
   root, paths, listing_labels = folder
   out = tmp_path / "latents"
   n = len(paths)
@@ -155,11 +156,15 @@ def test_encode_folder_writes_shuffled_posterior_samples(folder, vae_dir, tmp_pa
   progress = json.loads((out / "progress.json").read_text())
   assert (progress["rows_done"], progress["complete"]) == (n, True)
 
+  std = np.load(out / "std.npy")
   for batch in (0, 3):  # a full batch, and the last one (3 rows, padded to 4)
     rows = perm[4 * batch:4 * batch + 4]
-    sample, mean = _expected_rows(vae_dir, paths, rows, [False] * len(rows), batch, 4, 3)
-    np.testing.assert_allclose(images[4 * batch:4 * batch + len(rows)], sample, atol=1e-5)
-    assert np.abs(sample - mean).max() > 1e-3  # a posterior sample, not the mean
+    mean, expected_std = _expected_rows(vae_dir, paths, rows, [False] * len(rows), 4)
+    np.testing.assert_allclose(images[4 * batch:4 * batch + len(rows)], mean, atol=1e-5)
+    np.testing.assert_allclose(std[4 * batch:4 * batch + len(rows)], expected_std, rtol=1e-4)
+  manifest = json.loads((out / "manifest.json").read_text())
+  assert (manifest["rows"], manifest["shape"], manifest["mirrors"]) == (n, [n, 8, 8, 4], False)
+  assert manifest["files"]["std.npy"] == encode.file_digest(str(out / "std.npy"))
 
   data = configuration.default_config().data
   data.update(name="arrays", path=str(out), heldout_fraction=0.2, num_classes=None)
@@ -167,6 +172,23 @@ def test_encode_folder_writes_shuffled_posterior_samples(folder, vae_dir, tmp_pa
   assert dataset.image_shape == (8, 8, 4) and dataset.num_classes == 3
   np.testing.assert_array_equal(dataset.heldout_images, images[-3:])
   np.testing.assert_array_equal(dataset.train_labels, labels[:-3])
+  np.testing.assert_array_equal(dataset.train_std, std[:-3])
+  assert dataset.train_mirrors is None
+
+  # A copy that lost its tail, or whose std.npy is another array: errors naming the file.
+  truncated = tmp_path / "truncated"
+  shutil.copytree(out, truncated)
+  with open(truncated / "std.npy", "r+b") as f:
+    f.truncate(os.path.getsize(out / "std.npy") - 100)
+  data.path = str(truncated)
+  with pytest.raises(ValueError, match=r"std\.npy has \d+ bytes, but .*manifest\.json "
+                     "records"):
+    load_dataset(data)
+  np.save(truncated / "std.npy", std[:, :4])
+  manifest["files"]["std.npy"]["bytes"] = os.path.getsize(truncated / "std.npy")
+  (truncated / "manifest.json").write_text(json.dumps(manifest))
+  with pytest.raises(ValueError, match=r"std\.npy holds float32 \(15, 4, 8, 4\), but"):
+    load_dataset(data)
 
 
 class _Interrupted(Exception):
@@ -208,8 +230,18 @@ def test_interrupted_run_resumes_to_identical_files(folder, vae_dir, tmp_path, m
   for batch in (1, 7):  # rows 4..7: images perm[2], perm[3]; rows 28, 29: perm[14]
     rows, mirrored = np.repeat(perm[2 * batch:2 * batch + 2], 2), [False, True] * 2
     rows, mirrored = rows[:30 - 4 * batch], mirrored[:30 - 4 * batch]
-    sample, _ = _expected_rows(vae_dir, paths, rows, mirrored, batch, 4, 5)
-    np.testing.assert_allclose(images[4 * batch:4 * batch + len(rows)], sample, atol=1e-5)
+    mean, _ = _expected_rows(vae_dir, paths, rows, mirrored, 4)
+    np.testing.assert_allclose(images[4 * batch:4 * batch + len(rows)], mean, atol=1e-5)
+
+  # Read as data: pairs split together, the mirror of each train image beside it.
+  data = configuration.default_config().data
+  data.update(name="arrays", path=str(tmp_path / "once"), heldout_fraction=0.2)
+  dataset = load_dataset(data)  # 15 pairs: 12 train, 3 held out
+  np.testing.assert_array_equal(dataset.train_images, images[0:24:2])
+  np.testing.assert_array_equal(dataset.train_mirrors, images[1:24:2])
+  np.testing.assert_array_equal(dataset.heldout_images, images[24::2])
+  np.testing.assert_array_equal(dataset.train_mirror_std,
+                                np.load(tmp_path / "once" / "std.npy")[1:24:2])
 
 
 def test_resume_with_other_arguments_is_refused(folder, vae_dir, tmp_path, monkeypatch):

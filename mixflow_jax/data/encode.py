@@ -6,13 +6,13 @@ Images: ImageFolder layout (one subfolder per class, e.g. ImageNet's
 (``center_crop_adm``), scaled to [-1, 1] as x / 127.5 - 1 and encoded by a VAE converted
 with ``mixflow convert --vae``.
 
-Latents: one posterior sample per image, z = (mean + exp(logvar / 2) * eps) * 0.18215
-(``AutoencoderKL.latents(images, rng)``), the latent SiT is trained on (SiT's training
-script samples the posterior, it does not take the mean). Batch ``b`` (rows
-``b * batch_size`` onwards) draws its noise from ``fold_in(key(seed), b)`` for the full
-batch shape, so a row depends only on (seed, batch_size, its row index, its image) and a
-resumed run writes the same bytes. The last batch is padded with black images (whose rows
-are dropped), so the encoder compiles once.
+Latents: the VAE posterior's moments, scaled as the latent SiT is trained on: ``images.npy``
+holds (mean - shift) * 0.18215 and ``std.npy`` exp(logvar / 2) * 0.18215, so that the train
+step draws a fresh posterior sample mean + std * eps every time it sees an image (SiT's
+training script encodes every step and samples the posterior; a fixed sample per image
+would show the model one draw forever). A row depends only on its image, so a resumed run
+writes the same bytes. The last batch is padded with black images (whose rows are
+dropped), so the encoder compiles once.
 
 Row order: the ``arrays`` source holds out the LAST rows of the files, so rows are written
 in a seeded random order of the listing: row r holds listing entry ``perm[r]`` with
@@ -22,10 +22,12 @@ subset. With ``flip=True`` there are 2N rows in adjacent pairs: row 2k is listin
 flip is), so an image and its mirror land on the same side of the split (except possibly
 one pair at the boundary).
 
-Output: ``out/images.npy`` (rows, s / f, s / f, latent_channels) float32, preallocated and
-memory-mapped; ``out/labels.npy`` (rows,) int32 and ``out/classes.json`` (class folder
-names in label order), both written when the last row is; ``out/progress.json`` (rows done
-and a fingerprint of the arguments and the folder listing). The images are flushed after
+Output: ``out/images.npy`` and ``out/std.npy`` (rows, s / f, s / f, latent_channels)
+float32, preallocated and memory-mapped; ``out/labels.npy`` (rows,) int32,
+``out/classes.json`` (class folder names in label order) and ``out/manifest.json`` (rows,
+shape, dtype, VAE, crop, flip, and each file's size and sha256), written when the last row
+is; ``out/progress.json`` (rows done and a fingerprint of the arguments and the folder
+listing). The ``arrays`` source reads a folder by its manifest. The images are flushed after
 every batch before the progress is updated, so an interrupted run continues where it
 stopped when rerun with the same arguments, and one with other arguments or a changed
 folder is refused.
@@ -54,7 +56,9 @@ from mixflow_jax.models.vae import AutoencoderKL, VAEConfig
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 PROGRESS_JSON = "progress.json"
 CLASSES_JSON = "classes.json"
-FORMAT_VERSION = 1
+MANIFEST_JSON = "manifest.json"
+MOMENTS = ("images", "std")  # the files of the posterior's scaled mean and std
+FORMAT_VERSION = 2
 _PREFETCH_BATCHES = 4  # batches decoded ahead of the encoder
 
 
@@ -140,12 +144,25 @@ def _load(path: str, size: int) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _encode_batch(config: VAEConfig, params: dict, images: jax.Array, key: jax.Array
-                  ) -> jax.Array:
-  """uint8 images (B, S, S, 3) -> scaled posterior samples (B, S / f, S / f, latent)."""
+def _encode_batch(config: VAEConfig, params: dict, images: jax.Array
+                  ) -> tuple[jax.Array, jax.Array]:
+  """uint8 images (B, S, S, 3) -> the posterior's scaled (mean, std), each
+  (B, S / f, S / f, latent)."""
   x = images.astype(jnp.float32) / 127.5 - 1.0
-  return AutoencoderKL(config).apply({"params": params}, x, key,
-                                     method=AutoencoderKL.latents)
+  mean, logvar = AutoencoderKL(config).apply({"params": params}, x,
+                                             method=AutoencoderKL.encode)
+  return ((mean - config.shift_factor) * config.scaling_factor,
+          jnp.exp(0.5 * logvar) * config.scaling_factor)
+
+
+def file_digest(path: str) -> dict:
+  """{'bytes', 'sha256'} of the file at ``path``, read in 64 MiB chunks."""
+  digest, size = hashlib.sha256(), 0
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 26):
+      digest.update(chunk)
+      size += len(chunk)
+  return {"bytes": size, "sha256": digest.hexdigest()}
 
 
 def _listing_digest(root: str, paths: Sequence[str], labels: np.ndarray) -> str:
@@ -197,8 +214,8 @@ def encode_folder(images_dir: str, vae_dir: str, out: str, image_size: int = 256
   ``mixflow convert --vae`` folder) into the ``arrays`` folder ``out``; returns the number
   of rows (N images, 2N with ``flip``).
 
-  See the module docstring for the crop, the posterior sample and its keys, the row order
-  and the files. Resumable: rerun with the same arguments after an interruption; other
+  See the module docstring for the crop, the posterior moments, the row order and the
+  files. Resumable: rerun with the same arguments after an interruption; other
   arguments, another VAE config or a changed folder listing raise ValueError naming what
   differs. ``num_workers`` threads (default min(32, CPUs)) decode and crop ahead of the encoder.
   """
@@ -248,20 +265,26 @@ def encode_folder(images_dir: str, vae_dir: str, out: str, image_size: int = 256
     _write_json(progress_path, {"rows_done": rows_done, "rows_total": total,
                                 "complete": rows_done == total, "fingerprint": fingerprint})
 
+  files = {name: os.path.join(out, f"{name}.npy") for name in MOMENTS}
   if done == 0:
     save_progress(0)
-    array = np.lib.format.open_memmap(images_path, mode="w+", dtype=np.float32, shape=shape)
+    arrays = {name: np.lib.format.open_memmap(file, mode="w+", dtype=np.float32, shape=shape)
+              for name, file in files.items()}
   else:
-    array = np.load(images_path, mmap_mode="r+")
-    if array.shape != shape or array.dtype != np.float32:
-      raise ValueError(f"{images_path} holds {array.dtype} {array.shape}; this encoding "
-                       f"writes float32 {shape}. Delete {out} to start over.")
+    arrays = {}
+    for name, file in files.items():
+      if not os.path.isfile(file):
+        raise FileNotFoundError(f"{progress_path} records {done} rows done but {file} is "
+                                f"missing; delete {out} to start over.")
+      arrays[name] = np.load(file, mmap_mode="r+")
+      if arrays[name].shape != shape or arrays[name].dtype != np.float32:
+        raise ValueError(f"{file} holds {arrays[name].dtype} {arrays[name].shape}; this "
+                         f"encoding writes float32 {shape}. Delete {out} to start over.")
 
   logging.info("Encoding %d images (%d classes) from %s into %d rows %s at %s; %s.",
                len(paths), len(class_names), images_dir, total, shape, out,
                f"resuming at row {done}" if done else "starting")
   num_batches = -(-total // batch_size)
-  base_key = jax.random.key(seed)
   pool = concurrent.futures.ThreadPoolExecutor(num_workers or min(32, os.cpu_count() or 1))
   next_batch = -(-done // batch_size)  # done is a multiple of batch_size, or total
   pending: deque[tuple[int, dict[int, concurrent.futures.Future]]] = deque()
@@ -278,11 +301,12 @@ def encode_folder(images_dir: str, vae_dir: str, out: str, image_size: int = 256
   started = last_log = time.monotonic()
   start_rows = done
 
-  def write(start: int, stop: int, latents: jax.Array) -> None:
+  def write(start: int, stop: int, moments: tuple[jax.Array, jax.Array]) -> None:
     """Stores the encoded rows start..stop - 1, then records them as done."""
     nonlocal last_log
-    array[start:stop] = np.asarray(latents)[:stop - start]
-    array.flush()  # the rows reach the file before the progress says they did
+    for name, value in zip(MOMENTS, moments, strict=True):
+      arrays[name][start:stop] = np.asarray(value)[:stop - start]
+      arrays[name].flush()  # the rows reach the file before the progress says they did
     save_progress(stop)
     now = time.monotonic()
     if now - last_log >= log_every_s or stop == total:
@@ -303,7 +327,7 @@ def encode_folder(images_dir: str, vae_dir: str, out: str, image_size: int = 256
         crop = crops[int(sources[row])].result()
         batch[j] = crop[:, ::-1] if mirrored[row] else crop
       # Dispatched asynchronously: the previous batch is written while this one encodes.
-      latents = _encode_batch(config, params, batch, jax.random.fold_in(base_key, b))
+      latents = _encode_batch(config, params, batch)
       if in_flight is not None:
         write(*in_flight)
       in_flight = (start, stop, latents)
@@ -313,4 +337,12 @@ def encode_folder(images_dir: str, vae_dir: str, out: str, image_size: int = 256
     pool.shutdown(wait=True, cancel_futures=True)
   _write_atomic(os.path.join(out, "labels.npy"), lambda f: np.save(f, labels[sources]))
   _write_json(os.path.join(out, CLASSES_JSON), class_names)
+  _write_json(os.path.join(out, MANIFEST_JSON), {
+      "format_version": FORMAT_VERSION, "rows": total, "num_images": len(paths),
+      "shape": list(shape), "dtype": "float32", "num_classes": len(class_names),
+      "moments": list(MOMENTS), "mirrors": flip, "crop": f"adm_center_{image_size}",
+      "source": os.path.abspath(images_dir), "vae": os.path.abspath(vae_dir),
+      "vae_config": fingerprint["vae_config"],
+      "files": {name: file_digest(os.path.join(out, name))
+                for name in ("images.npy", "std.npy", "labels.npy")}})
   return total

@@ -41,17 +41,31 @@ def synthetic(heldout_fraction: float = 0.2, num_examples: int = 512, image_size
 def arrays(path: str, heldout_fraction: float = 0.2, num_classes: int | None = None
            ) -> ImageDataset:
   """``path/images.npy`` (N, H, W, C) float (images in [-1, 1], or VAE latents already
-  multiplied by 0.18215) and ``path/labels.npy`` (N,) int, memory-mapped: batches read only
-  their rows. The held-out part is the last ceil(fraction * N) rows (shuffle the files if
-  they are sorted by class). ``num_classes`` defaults to the largest label + 1.
+  multiplied by 0.18215) and ``path/labels.npy`` (N,) int, memory-mapped where local:
+  batches read only their rows. The held-out part is the last ceil(fraction * N) rows
+  (shuffle the files if they are sorted by class). ``num_classes`` defaults to the largest
+  label + 1.
+
+  A folder that ``mixflow encode`` wrote is read by its ``manifest.json``: ``images.npy``
+  holds posterior means and ``std.npy`` their std, and with mirrors rows come in (image,
+  mirror) pairs, split by pair (held-out rows: the images, not their mirrors). Files that
+  disagree with the manifest (shape, dtype, size: a truncated copy) are errors naming them.
   """
   folder = storage.path(path, "data.path")
-  files = {name: folder / f"{name}.npy" for name in ("images", "labels")}
+  manifest_file = folder / "manifest.json"
+  manifest = storage.read_json(manifest_file) if manifest_file.exists() else None
+  if manifest is None and (folder / "progress.json").exists():
+    raise ValueError(f"data.path={path!r} is an unfinished `mixflow encode` (progress.json, "
+                     "no manifest.json): rerun the encode to finish it.")
+  names = ("images", "labels") + (("std",) if manifest and "std" in manifest["moments"] else ())
+  files = {name: folder / f"{name}.npy" for name in names}
   for name, file in files.items():
     if not file.is_file():
       raise FileNotFoundError(f"data.path={path!r} has no {name}.npy ({file}).")
-  images = storage.load_npy(files["images"], mmap=True)
-  labels = storage.load_npy(files["labels"]).astype(np.int32)
+  if manifest is not None:
+    _check_manifest(manifest, files, manifest_file)
+  loaded = {name: storage.load_npy(file, mmap=name != "labels") for name, file in files.items()}
+  images, labels = loaded["images"], loaded["labels"].astype(np.int32)
   if images.ndim != 4 or len(labels) != len(images) or labels.ndim != 1:
     raise ValueError(f"{files['images']} has shape {images.shape} and {files['labels']} "
                      f"{labels.shape}; expected (N, H, W, C) and (N,).")
@@ -62,9 +76,39 @@ def arrays(path: str, heldout_fraction: float = 0.2, num_classes: int | None = N
   if labels.min() < 0 or labels.max() >= num_classes:
     raise ValueError(f"{files['labels']} has labels in [{labels.min()}, {labels.max()}], "
                      f"outside [0, data.num_classes={num_classes}).")
-  n_train = len(images) - math.ceil(heldout_fraction * len(images))
-  return ImageDataset("arrays", images[:n_train], labels[:n_train], images[n_train:],
-                      labels[n_train:], num_classes)
+  std = loaded.get("std")
+  pairs = 2 if manifest is not None and manifest["mirrors"] else 1
+  examples = len(images) // pairs
+  n_train = examples - math.ceil(heldout_fraction * examples)
+  train, heldout = slice(0, pairs * n_train, pairs), slice(pairs * n_train, None, pairs)
+  mirror = slice(1, pairs * n_train, 2) if pairs == 2 else None
+  return ImageDataset(
+      "arrays", images[train], labels[train], images[heldout], labels[heldout], num_classes,
+      train_mirrors=None if mirror is None else images[mirror],
+      train_std=None if std is None else std[train],
+      train_mirror_std=None if std is None or mirror is None else std[mirror])
+
+
+def _check_manifest(manifest: dict, files: dict, manifest_file) -> None:
+  """Raises ValueError naming the first file whose header or size disagrees with the
+  manifest (a different, partly copied or truncated file)."""
+  shape = tuple(manifest["shape"])
+  for name, file in files.items():
+    expected = manifest["files"].get(f"{name}.npy", {})
+    size = storage.path(file).stat()
+    size = getattr(size, "st_size", getattr(size, "length", None))
+    if expected.get("bytes") is not None and size != expected["bytes"]:
+      raise ValueError(f"{file} has {size} bytes, but {manifest_file} records "
+                       f"{expected['bytes']} (a truncated or different file).")
+    with storage.path(file).open("rb") as f:
+      read_header = (np.lib.format.read_array_header_1_0
+                     if np.lib.format.read_magic(f) == (1, 0)
+                     else np.lib.format.read_array_header_2_0)
+      file_shape, _, dtype = read_header(f)
+    want = shape if name != "labels" else shape[:1]
+    if tuple(file_shape) != want or (name != "labels" and np.dtype(dtype) != np.float32):
+      raise ValueError(f"{file} holds {np.dtype(dtype)} {tuple(file_shape)}, but "
+                       f"{manifest_file} records {manifest['dtype']} {want}.")
 
 
 SOURCES: dict[str, Callable[..., ImageDataset]] = {
