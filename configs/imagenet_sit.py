@@ -37,6 +37,8 @@ def get_config(variant: str = "sit_xl2") -> ml_collections.ConfigDict:
   config.data.heldout_fraction = 0.001
   config.data.batch_size = 256
   config.data.image_shape = (32, 32, 4)   # SD-VAE latents of 256 px images
+  config.data.flip = True                 # SiT's random flip: encode with --flip
+  config.data.num_threads = 4             # grain threads reading rows from disk
 
   config.model.name = name
   config.model.learn_sigma = learn_sigma
