@@ -6,7 +6,8 @@
     mixflow convert --checkpoint=PATH --out=DIR [--model=SiT-XL/2] [--weights=ema|model]
         [--time_convention=noise_to_data|data_to_noise]
     mixflow convert --vae=PATH --out=DIR
-    mixflow encode --images=DIR --vae=DIR --out=DIR [--image_size=256] [--flip]
+    mixflow encode --images=DIR|--tfds=imagenet2012 [--manual_dir=DIR] --vae=DIR --out=DIR
+        [--image_size=256] [--flip] [--distributed ...]
     mixflow plan [--config=...] [--num_devices=N] [--out=plan.json]
 
 Flags only; the work is done by importable functions (``train.train``,
@@ -44,6 +45,14 @@ _IMAGES = flags.DEFINE_string("images", None, "encode: the ImageFolder to encode
                              "subfolder per class, e.g. ImageNet's train/).")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 256, "encode: the side of the ADM center "
                                    "crop (latents are image_size / 8 for SD's VAE).")
+_TFDS = flags.DEFINE_string("tfds", None, "encode: a TFDS dataset to encode instead of "
+                           "--images, e.g. imagenet2012 (prepared from --manual_dir).")
+_TFDS_DATA_DIR = flags.DEFINE_string("tfds_data_dir", None, "encode: TFDS's data_dir "
+                                     "(default: TFDS's own, ~/tensorflow_datasets).")
+_MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "encode: the manual download TFDS "
+                                  "prepares --tfds from (imagenet2012: ILSVRC2012_img_train"
+                                  ".tar and ILSVRC2012_img_val.tar).")
+_SPLIT = flags.DEFINE_string("split", "train", "encode: the --tfds split.")
 _FLIP = flags.DEFINE_bool("flip", False, "encode: also store the latents of each image's "
                           "horizontal mirror (2 rows per image), for data.flip=True.")
 _MODEL = flags.DEFINE_string("model", None, "convert: the named size to check against "
@@ -106,12 +115,22 @@ def main(argv: list[str]) -> None:
     print(f"Wrote {_OUT.value}: {config}")
     return
   if argv[1] == "encode":
-    if _IMAGES.value is None or _VAE.value is None or _OUT.value is None:
-      raise app.UsageError("Usage: mixflow encode --images=DIR --vae=DIR --out=DIR "
-                           "[--image_size=256] [--flip].")
-    from mixflow_jax.data.encode import encode_folder
-    rows = encode_folder(_IMAGES.value, _VAE.value, _OUT.value, _IMAGE_SIZE.value,
-                         flip=_FLIP.value)
+    if ((_IMAGES.value is None) == (_TFDS.value is None) or _VAE.value is None
+        or _OUT.value is None):
+      raise app.UsageError("Usage: mixflow encode --images=DIR|--tfds=NAME [--tfds_data_dir="
+                           "DIR --manual_dir=DIR --split=train] --vae=DIR --out=DIR "
+                           "[--image_size=256] [--flip] [--distributed ...].")
+    if _DISTRIBUTED.value:
+      _join_job()
+    from mixflow_jax.data import encode, image_sources
+    try:
+      source = (image_sources.folder_source(_IMAGES.value) if _IMAGES.value else
+                image_sources.tfds_source(_TFDS.value, _SPLIT.value, _TFDS_DATA_DIR.value,
+                                          _MANUAL_DIR.value))
+      rows = encode.encode(source, _VAE.value, _OUT.value, _IMAGE_SIZE.value,
+                           flip=_FLIP.value)
+    except (ValueError, FileNotFoundError) as e:
+      raise app.UsageError(str(e)) from e
     print(f"Wrote {_OUT.value}: {rows} rows of latent moments (images.npy, std.npy, "
           "labels.npy, manifest.json).")
     return

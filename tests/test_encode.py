@@ -16,7 +16,7 @@ from PIL import Image
 
 from mixflow_jax import configuration
 from mixflow_jax.convert.vae import convert_vae_checkpoint, load_vae
-from mixflow_jax.data import encode, load_dataset
+from mixflow_jax.data import encode, image_sources, load_dataset
 from mixflow_jax.models.vae import AutoencoderKL
 from tests import torch_vae
 
@@ -280,3 +280,40 @@ def test_encode_command_line(folder, vae_dir, tmp_path):
   np.testing.assert_array_equal(np.load(out / "labels.npy"),
                                 listing_labels[np.random.default_rng(0).permutation(15)])
   assert json.loads((out / "classes.json").read_text()) == CLASSES
+
+
+def test_encode_tfds_dataset_prepared_from_its_manual_download(vae_dir, tmp_path):
+  """A TFDS builder with a manual download (tests/fake_tfds.py, as imagenet2012 is): an
+  error naming --manual_dir while it is missing, then prepared from it and encoded with
+  the same crops and moments as the ImageFolder of the same files."""
+  from tests import fake_tfds
+
+  manual, rng = tmp_path / "manual", np.random.default_rng(1)
+  for name in fake_tfds.FakeImagenet.CLASSES:
+    (manual / name).mkdir(parents=True)
+    for i in range(3):
+      _noise_image(rng, 30 + 7 * i, 24).save(manual / name / f"{i}.jpg", quality=95)
+  data_dir = str(tmp_path / "tfds")
+  with pytest.raises(ValueError, match=r"--tfds=fake_imagenet is not prepared .* "
+                     r"--manual_dir=None is not set\. .*CLASS/IMAGE\.jpg"):
+    image_sources.tfds_source("fake_imagenet", data_dir=data_dir)
+  with pytest.raises(ValueError, match="is missing or empty"):
+    image_sources.tfds_source("fake_imagenet", data_dir=data_dir,
+                              manual_dir=str(tmp_path / "nowhere"))
+  source = image_sources.tfds_source("fake_imagenet", data_dir=data_dir,
+                                     manual_dir=str(manual))
+  assert (source.num_images, source.class_names) == (9, list(fake_tfds.FakeImagenet.CLASSES))
+  with pytest.raises(ValueError, match=r"no split 'validation'; it has \['train'\]"):
+    image_sources.tfds_source("fake_imagenet", "validation", data_dir=data_dir)
+
+  args = dict(image_size=SIZE, batch_size=4, seed=2)
+  assert encode.encode(source, vae_dir, str(tmp_path / "tfds_latents"), **args) == 9
+  encode.encode_folder(str(manual), vae_dir, str(tmp_path / "folder_latents"), **args)
+  rows = {}
+  for name in ("tfds_latents", "folder_latents"):
+    out = tmp_path / name
+    rows[name] = sorted(zip(np.load(out / "labels.npy").tolist(),
+                            np.round(np.load(out / "images.npy"), 4).reshape(9, -1).tolist()))
+  assert rows["tfds_latents"] == rows["folder_latents"]  # the same (label, latent) rows
+  manifest = json.loads((tmp_path / "tfds_latents" / "manifest.json").read_text())
+  assert manifest["source"] == "fake_imagenet/train" and manifest["num_classes"] == 3

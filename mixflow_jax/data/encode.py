@@ -43,86 +43,31 @@ import json
 import os
 import time
 from collections import deque
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from PIL import Image
+from jax.experimental import multihost_utils
 
+from mixflow_jax.data.image_sources import (
+    IMAGE_EXTENSIONS,
+    ImageSource,
+    center_crop_adm,
+    folder_source,
+    list_image_folder,
+)
 from mixflow_jax.models.vae import AutoencoderKL, VAEConfig
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+__all__ = ["IMAGE_EXTENSIONS", "center_crop_adm", "encode", "encode_folder",
+           "list_image_folder"]
+_PARTIAL_LABELS = "labels.partial"  # labels of the rows done, until labels.npy is written
 PROGRESS_JSON = "progress.json"
 CLASSES_JSON = "classes.json"
 MANIFEST_JSON = "manifest.json"
 MOMENTS = ("images", "std")  # the files of the posterior's scaled mean and std
 FORMAT_VERSION = 2
 _PREFETCH_BATCHES = 4  # batches decoded ahead of the encoder
-
-
-def center_crop_adm(image: Image.Image, size: int) -> np.ndarray:
-  """ADM's center crop: RGB ``image`` -> (size, size, 3) uint8.
-
-  The image is converted to RGB, halved with BOX resampling (each side floored) while its
-  short side is at least 2 * size, resized with BICUBIC by scale = size / short side (each
-  side rounded), and cropped to the central size x size, offsets ((w - size) // 2,
-  (h - size) // 2).
-  """
-  if size < 1:
-    raise ValueError(f"center_crop_adm: size={size}; expected >= 1.")
-  image = image.convert("RGB")
-  while min(image.size) >= 2 * size:
-    image = image.resize((image.width // 2, image.height // 2),
-                         resample=Image.Resampling.BOX)
-  scale = size / min(image.size)
-  image = image.resize((round(image.width * scale), round(image.height * scale)),
-                       resample=Image.Resampling.BICUBIC)
-  left, top = (image.width - size) // 2, (image.height - size) // 2
-  return np.asarray(image, np.uint8)[top:top + size, left:left + size]
-
-
-def list_image_folder(root: str) -> tuple[list[str], np.ndarray, list[str]]:
-  """An ImageFolder's (paths (N,), labels (N,) int32, class names (K,)).
-
-  Classes are the sorted names of ``root``'s subfolders (label k is ``class_names[k]``);
-  a class's images are the files under its folder (recursively) whose extension is one of
-  ``IMAGE_EXTENSIONS`` (any case), sorted by their path relative to the class folder.
-  Hidden files and folders (names starting with '.') are skipped. Raises naming ``root``
-  when it has no class subfolders, or the class folders that hold no image.
-  """
-  if not os.path.isdir(root):
-    raise FileNotFoundError(f"The image folder {root!r} does not exist.")
-  class_names = sorted(entry.name for entry in os.scandir(root)
-                       if entry.is_dir() and not entry.name.startswith("."))
-  if not class_names:
-    raise ValueError(f"The image folder {root!r} has no class subfolders; expected the "
-                     "ImageFolder layout ROOT/<class>/<image>, e.g. train/n01440764/x.JPEG.")
-  paths: list[str] = []
-  labels: list[int] = []
-  empty: list[str] = []
-  for label, name in enumerate(class_names):
-    class_dir = os.path.join(root, name)
-    found = []
-    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-      dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-      found.extend(os.path.relpath(os.path.join(dirpath, f), class_dir) for f in filenames
-                   if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS))
-    if not found:
-      empty.append(name)
-    paths.extend(os.path.join(class_dir, f) for f in sorted(found))
-    labels.extend([label] * len(found))
-  if len(empty) == len(class_names):
-    raise ValueError(f"The image folder {root!r} holds no images (extensions "
-                     f"{', '.join(IMAGE_EXTENSIONS)}) in its {len(class_names)} class "
-                     "subfolder(s).")
-  if empty:
-    shown = ", ".join(repr(n) for n in empty[:8]) + (
-        f" and {len(empty) - 8} more" if len(empty) > 8 else "")
-    raise ValueError(f"The image folder {root!r} has class subfolder(s) with no images: "
-                     f"{shown} (extensions {', '.join(IMAGE_EXTENSIONS)}).")
-  return paths, np.asarray(labels, np.int32), class_names
 
 
 def row_order(num_images: int, seed: int, flip: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -132,15 +77,6 @@ def row_order(num_images: int, seed: int, flip: bool) -> tuple[np.ndarray, np.nd
   if not flip:
     return perm, np.zeros(num_images, bool)
   return np.repeat(perm, 2), np.tile([False, True], num_images)
-
-
-def _load(path: str, size: int) -> np.ndarray:
-  """The ADM center crop of the image file ``path``: (size, size, 3) uint8."""
-  try:
-    with Image.open(path) as image:
-      return center_crop_adm(image, size)
-  except Exception as e:
-    raise OSError(f"Could not read the image {path!r}: {e}") from e
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -163,13 +99,6 @@ def file_digest(path: str) -> dict:
       digest.update(chunk)
       size += len(chunk)
   return {"bytes": size, "sha256": digest.hexdigest()}
-
-
-def _listing_digest(root: str, paths: Sequence[str], labels: np.ndarray) -> str:
-  digest = hashlib.sha256()
-  for path, label in zip(paths, labels):
-    digest.update(f"{int(label)}\t{os.path.relpath(path, root)}\n".encode())
-  return digest.hexdigest()
 
 
 def _write_atomic(path: str, write) -> None:
@@ -210,139 +139,191 @@ def _check_fingerprint(path: str, stored: dict, fingerprint: dict) -> None:
 def encode_folder(images_dir: str, vae_dir: str, out: str, image_size: int = 256,
                   batch_size: int = 64, seed: int = 0, flip: bool = False,
                   num_workers: int | None = None, log_every_s: float = 30.0) -> int:
-  """Encodes the ImageFolder ``images_dir`` with the VAE in ``vae_dir`` (a
-  ``mixflow convert --vae`` folder) into the ``arrays`` folder ``out``; returns the number
-  of rows (N images, 2N with ``flip``).
+  """``encode`` of the ImageFolder ``images_dir`` (``image_sources.folder_source``)."""
+  return encode(folder_source(images_dir), vae_dir, out, image_size, batch_size, seed, flip,
+                num_workers, log_every_s)
+
+
+def encode(source: ImageSource, vae_dir: str, out: str, image_size: int = 256,
+           batch_size: int = 64, seed: int = 0, flip: bool = False,
+           num_workers: int | None = None, log_every_s: float = 30.0) -> int:
+  """Encodes the images of ``source`` with the VAE in ``vae_dir`` (a ``mixflow convert
+  --vae`` folder) into the ``arrays`` folder ``out``; returns the number of rows (N
+  images, 2N with ``flip``).
 
   See the module docstring for the crop, the posterior moments, the row order and the
-  files. Resumable: rerun with the same arguments after an interruption; other
-  arguments, another VAE config or a changed folder listing raise ValueError naming what
-  differs. ``num_workers`` threads (default min(32, CPUs)) decode and crop ahead of the encoder.
+  files. Each batch of ``batch_size`` rows is split over every device of every process
+  (``batch_size`` must be a multiple of the device count): each process decodes and crops
+  its rows on ``num_workers`` threads (default min(32, CPUs)), the VAE runs sharded, and
+  process 0 writes ``out`` (a local path). Resumable: rerun with the same arguments after an
+  interruption; other arguments, another VAE config or a changed source listing raise
+  ValueError naming what differs.
   """
+  from mixflow_jax import sharding  # Imported here: encode_folder needs no mesh otherwise.
   from mixflow_jax.convert.vae import load_vae  # Imported here: it pulls in orbax.
 
   if image_size < 1 or batch_size < 1:
-    raise ValueError(f"encode_folder: image_size={image_size}, batch_size={batch_size}; "
-                     "expected >= 1.")
-  paths, labels, class_names = list_image_folder(images_dir)
+    raise ValueError(f"encode: image_size={image_size}, batch_size={batch_size}; expected "
+                     ">= 1.")
+  mesh = sharding.make_mesh()
+  if batch_size % mesh.size:
+    raise ValueError(f"encode: batch_size={batch_size} is not a multiple of the "
+                     f"{mesh.size} devices it is split over.")
   config, params = load_vae(vae_dir)
   factor = config.downsample_factor
   if image_size % factor:
     raise ValueError(f"image_size={image_size} is not a multiple of the VAE's downsampling "
                      f"factor {factor} ({vae_dir}).")
-  sources, mirrored = row_order(len(paths), seed, flip)
+  sources, mirrored = row_order(source.num_images, seed, flip)
   total = len(sources)
   shape = (total, image_size // factor, image_size // factor, config.latent_channels)
   fingerprint = {
-      "format_version": FORMAT_VERSION, "images": os.path.abspath(images_dir),
+      "format_version": FORMAT_VERSION, **source.fingerprint,
       "vae": os.path.abspath(vae_dir), "vae_config": json.loads(json.dumps(
           dataclasses.asdict(config))),
       "image_size": image_size, "batch_size": batch_size, "seed": seed, "flip": flip,
-      "num_images": len(paths), "num_classes": len(class_names),
-      "listing_sha256": _listing_digest(images_dir, paths, labels), "shape": list(shape)}
+      "num_images": source.num_images, "num_classes": len(source.class_names),
+      "shape": list(shape)}
+  writes = jax.process_index() == 0
+  writer = _Writer(out, shape, fingerprint) if writes else None
+  done = int(sharding.decided_by_process_zero(lambda: np.array([writer.done]), 1)[0])
 
-  os.makedirs(out, exist_ok=True)
-  progress_path = os.path.join(out, PROGRESS_JSON)
-  images_path = os.path.join(out, "images.npy")
-  if os.path.isfile(progress_path):
-    with open(progress_path) as f:
-      stored = json.load(f)
-    _check_fingerprint(progress_path, stored, fingerprint)
-    done = int(stored["rows_done"])
-    if done and not os.path.isfile(images_path):
-      raise FileNotFoundError(f"{progress_path} records {done} rows done but "
-                              f"{images_path} is missing; delete {out} to start over.")
-  elif os.path.exists(images_path):
-    raise FileExistsError(f"{images_path} exists but {progress_path} does not: it was not "
-                          "written by encode_folder; use another --out or delete it.")
-  else:
-    done = 0
-  if done % batch_size and done != total:
-    raise ValueError(f"{progress_path} records rows_done={done}, neither a multiple of "
-                     f"batch_size={batch_size} nor all {total} rows.")
-
-  def save_progress(rows_done: int) -> None:
-    _write_json(progress_path, {"rows_done": rows_done, "rows_total": total,
-                                "complete": rows_done == total, "fingerprint": fingerprint})
-
-  files = {name: os.path.join(out, f"{name}.npy") for name in MOMENTS}
-  if done == 0:
-    save_progress(0)
-    arrays = {name: np.lib.format.open_memmap(file, mode="w+", dtype=np.float32, shape=shape)
-              for name, file in files.items()}
-  else:
-    arrays = {}
-    for name, file in files.items():
-      if not os.path.isfile(file):
-        raise FileNotFoundError(f"{progress_path} records {done} rows done but {file} is "
-                                f"missing; delete {out} to start over.")
-      arrays[name] = np.load(file, mmap_mode="r+")
-      if arrays[name].shape != shape or arrays[name].dtype != np.float32:
-        raise ValueError(f"{file} holds {arrays[name].dtype} {arrays[name].shape}; this "
-                         f"encoding writes float32 {shape}. Delete {out} to start over.")
-
-  logging.info("Encoding %d images (%d classes) from %s into %d rows %s at %s; %s.",
-               len(paths), len(class_names), images_dir, total, shape, out,
-               f"resuming at row {done}" if done else "starting")
+  logging.info("Encoding %d images (%d classes) of %s into %d rows %s at %s on %d devices; "
+               "%s.", source.num_images, len(source.class_names), source.description,
+               total, shape, out, mesh.size, f"resuming at row {done}" if done else "starting")
   num_batches = -(-total // batch_size)
+  count, index = jax.process_count(), jax.process_index()
+  local = batch_size // count  # this process's rows of every batch
   pool = concurrent.futures.ThreadPoolExecutor(num_workers or min(32, os.cpu_count() or 1))
   next_batch = -(-done // batch_size)  # done is a multiple of batch_size, or total
   pending: deque[tuple[int, dict[int, concurrent.futures.Future]]] = deque()
 
   def prefetch() -> None:
-    """Queues the decoding of the next batches, up to ``_PREFETCH_BATCHES`` ahead."""
+    """Queues the decoding of this process's rows of the next batches."""
     nonlocal next_batch
     while len(pending) < _PREFETCH_BATCHES and next_batch < num_batches:
-      rows = sources[next_batch * batch_size:(next_batch + 1) * batch_size]
-      pending.append((next_batch, {int(i): pool.submit(_load, paths[i], image_size)
+      first = next_batch * batch_size + index * local
+      rows = sources[first:min(first + local, total)]
+      pending.append((next_batch, {int(i): pool.submit(source.load, int(i), image_size)
                                    for i in dict.fromkeys(rows.tolist())}))
       next_batch += 1
 
   started = last_log = time.monotonic()
-  start_rows = done
+  in_flight = None  # (start, stop, moments, labels) of the batch the devices are encoding
 
-  def write(start: int, stop: int, moments: tuple[jax.Array, jax.Array]) -> None:
-    """Stores the encoded rows start..stop - 1, then records them as done."""
-    nonlocal last_log
-    for name, value in zip(MOMENTS, moments, strict=True):
-      arrays[name][start:stop] = np.asarray(value)[:stop - start]
-      arrays[name].flush()  # the rows reach the file before the progress says they did
-    save_progress(stop)
-    now = time.monotonic()
-    if now - last_log >= log_every_s or stop == total:
-      rate = (stop - start_rows) / max(now - started, 1e-9)
-      logging.info("Encoded %d / %d rows: %.1f images/s, ETA %.0f s.", stop, total, rate,
-                   (total - stop) / max(rate, 1e-9))
-      last_log = now
-
-  in_flight = None  # (start, stop, latents) of the batch the device is encoding
+  def write(start: int, stop: int, moments: tuple[jax.Array, jax.Array],
+            labels: jax.Array) -> None:
+    """Gathers a batch's rows from every process (all take part); process 0 writes them."""
+    moments, labels = tuple(sharding.gather(m) for m in moments), sharding.gather(labels)
+    if writes:
+      writer.write(start, stop, moments, labels)
   try:
     prefetch()
     while pending:
       b, crops = pending.popleft()
       prefetch()
       start, stop = b * batch_size, min((b + 1) * batch_size, total)
-      batch = np.zeros((batch_size, image_size, image_size, 3), np.uint8)  # black padding
-      for j, row in enumerate(range(start, stop)):
-        crop = crops[int(sources[row])].result()
-        batch[j] = crop[:, ::-1] if mirrored[row] else crop
+      pixels = np.zeros((local, image_size, image_size, 3), np.uint8)  # black padding
+      labels = np.zeros(local, np.int32)
+      for j, row in enumerate(range(start + index * local, min(start + (index + 1) * local,
+                                                                stop))):
+        crop, labels[j] = crops[int(sources[row])].result()
+        pixels[j] = crop[:, ::-1] if mirrored[row] else crop
+      batch = sharding.process_rows_to_global({"pixels": pixels, "labels": labels}, mesh)
       # Dispatched asynchronously: the previous batch is written while this one encodes.
-      latents = _encode_batch(config, params, batch)
+      moments = _encode_batch(config, params, batch["pixels"])
       if in_flight is not None:
         write(*in_flight)
-      in_flight = (start, stop, latents)
+      in_flight = (start, stop, moments, batch["labels"])
+      now = time.monotonic()
+      if writes and (now - last_log >= log_every_s or stop == total):
+        rate = (stop - done) / max(now - started, 1e-9)
+        logging.info("Encoded %d / %d rows: %.1f images/s, ETA %.0f s.", stop, total, rate,
+                     (total - stop) / max(rate, 1e-9))
+        last_log = now
     if in_flight is not None:
       write(*in_flight)
   finally:
     pool.shutdown(wait=True, cancel_futures=True)
-  _write_atomic(os.path.join(out, "labels.npy"), lambda f: np.save(f, labels[sources]))
-  _write_json(os.path.join(out, CLASSES_JSON), class_names)
-  _write_json(os.path.join(out, MANIFEST_JSON), {
-      "format_version": FORMAT_VERSION, "rows": total, "num_images": len(paths),
-      "shape": list(shape), "dtype": "float32", "num_classes": len(class_names),
-      "moments": list(MOMENTS), "mirrors": flip, "crop": f"adm_center_{image_size}",
-      "source": os.path.abspath(images_dir), "vae": os.path.abspath(vae_dir),
-      "vae_config": fingerprint["vae_config"],
-      "files": {name: file_digest(os.path.join(out, name))
-                for name in ("images.npy", "std.npy", "labels.npy")}})
+  if writes:
+    writer.finish(source, vae_dir, image_size, flip)
+  multihost_utils.sync_global_devices("mixflow encode: written")
   return total
+
+
+class _Writer:
+  """Process 0's output: the memory-mapped moments and labels, the progress record (rows
+  done, checked against ``fingerprint`` on resume) and, at the end, the manifest."""
+
+  def __init__(self, out: str, shape: tuple[int, ...], fingerprint: dict):
+    self.out, self.shape, self.fingerprint = out, shape, fingerprint
+    self.total = shape[0]
+    os.makedirs(out, exist_ok=True)
+    self.progress = os.path.join(out, PROGRESS_JSON)
+    files = {name: os.path.join(out, f"{name}.npy") for name in (*MOMENTS, _PARTIAL_LABELS)}
+    if os.path.isfile(self.progress):
+      with open(self.progress) as f:
+        stored = json.load(f)
+      _check_fingerprint(self.progress, stored, fingerprint)
+      self.done = int(stored["rows_done"])
+    elif any(os.path.exists(file) for file in files.values()):
+      raise FileExistsError(f"{out} holds latents but no {PROGRESS_JSON}: it was not written "
+                            "by `mixflow encode`; use another --out or delete it.")
+    else:
+      self.done = 0
+    batch_size = fingerprint["batch_size"]
+    if self.done % batch_size and self.done != self.total:
+      raise ValueError(f"{self.progress} records rows_done={self.done}, neither a multiple "
+                       f"of batch_size={batch_size} nor all {self.total} rows.")
+    shapes = {name: shape for name in MOMENTS} | {_PARTIAL_LABELS: shape[:1]}
+    dtypes = {name: np.float32 for name in MOMENTS} | {_PARTIAL_LABELS: np.int32}
+    if self.done == 0:
+      self._save_progress(0)
+      self.arrays = {name: np.lib.format.open_memmap(file, mode="w+", dtype=dtypes[name],
+                                                     shape=shapes[name])
+                     for name, file in files.items()}
+      return
+    self.arrays = {}
+    for name, file in files.items():
+      if name == _PARTIAL_LABELS and self.done == self.total:
+        continue  # renamed to labels.npy when the last row was written
+      if not os.path.isfile(file):
+        raise FileNotFoundError(f"{self.progress} records {self.done} rows done but {file} "
+                                f"is missing; delete {out} to start over.")
+      self.arrays[name] = np.load(file, mmap_mode="r+")
+      if self.arrays[name].shape != shapes[name] or self.arrays[name].dtype != dtypes[name]:
+        raise ValueError(f"{file} holds {self.arrays[name].dtype} {self.arrays[name].shape}; "
+                         f"this encoding writes {np.dtype(dtypes[name])} {shapes[name]}. "
+                         f"Delete {out} to start over.")
+
+  def _save_progress(self, rows_done: int) -> None:
+    _write_json(self.progress, {"rows_done": rows_done, "rows_total": self.total,
+                                "complete": rows_done == self.total,
+                                "fingerprint": self.fingerprint})
+
+  def write(self, start: int, stop: int, moments: tuple[jax.Array, jax.Array],
+            labels: np.ndarray) -> None:
+    """Stores rows start..stop - 1, then records them as done."""
+    values = dict(zip(MOMENTS, moments, strict=True)) | {_PARTIAL_LABELS: labels}
+    for name, value in values.items():
+      self.arrays[name][start:stop] = np.asarray(value)[:stop - start]
+      self.arrays[name].flush()  # the rows reach the file before the progress says so
+    self._save_progress(stop)
+
+  def finish(self, source: ImageSource, vae_dir: str, image_size: int, flip: bool) -> None:
+    """labels.npy, classes.json and the manifest: the folder is complete."""
+    out = self.out
+    partial = os.path.join(out, f"{_PARTIAL_LABELS}.npy")
+    if os.path.exists(partial):
+      labels = np.array(np.load(partial))
+      _write_atomic(os.path.join(out, "labels.npy"), lambda f: np.save(f, labels))
+      os.remove(partial)
+    _write_json(os.path.join(out, CLASSES_JSON), source.class_names)
+    _write_json(os.path.join(out, MANIFEST_JSON), {
+        "format_version": FORMAT_VERSION, "rows": self.total,
+        "num_images": source.num_images, "shape": list(self.shape), "dtype": "float32",
+        "num_classes": len(source.class_names), "moments": list(MOMENTS), "mirrors": flip,
+        "crop": f"adm_center_{image_size}", "source": source.description,
+        "vae": os.path.abspath(vae_dir), "vae_config": self.fingerprint["vae_config"],
+        "files": {name: file_digest(os.path.join(out, name))
+                  for name in ("images.npy", "std.npy", "labels.npy")}})
