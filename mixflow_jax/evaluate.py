@@ -37,7 +37,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from mixflow_jax import configuration, generate, metrics, storage
+from mixflow_jax import configuration, generate, metrics, sharding, storage
 from mixflow_jax.data import ImageDataset, load_dataset, pipeline
 from mixflow_jax.models import inception as inception_lib
 from mixflow_jax.models.classifier import Classifier
@@ -413,14 +413,19 @@ def inception_features(images: np.ndarray | ImageSet | Iterable[np.ndarray],
 
   ``images``: a uint8 array (N, H, W, 3), an :class:`ImageSet`, or an iterable of uint8
   batches (n, H, W, 3) of any sizes. They run through the jitted Inception in batches of
-  ``batch_size`` (64, as ADM), or N when fewer images are known to come; the last batch is
-  padded to the same size, so one shape compiles once. ``name`` labels progress logs.
+  ``batch_size`` (64, as ADM), or N when fewer images are known to come, rounded up to a
+  multiple of the device count: each batch is split over every device of every process
+  (each process reads the same images and places its rows). The last batch is padded to
+  the same size, so one shape compiles once. ``name`` labels progress logs.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be positive; got {batch_size}.")
   total = len(images) if isinstance(images, np.ndarray | ImageSet) else None
   if total is not None:
     batch_size = max(1, min(batch_size, total))
+  mesh = sharding.make_mesh()
+  batch_size = -(-batch_size // mesh.size) * mesh.size
+  variables = jax.device_put(variables, sharding.replicated(mesh))
   if isinstance(images, ImageSet):
     batches = images.batches(batch_size)
   elif isinstance(images, np.ndarray):
@@ -434,7 +439,7 @@ def inception_features(images: np.ndarray | ImageSet | Iterable[np.ndarray],
   def collect(out: dict[str, jax.Array], n: int) -> None:
     nonlocal done, last_log
     for key in outputs:
-      outputs[key].append(np.asarray(out[key])[:n].astype(np.float32))
+      outputs[key].append(sharding.gather(out[key])[:n].astype(np.float32))
     done += n
     now = time.perf_counter()
     if now - last_log > 30 or (total is not None and done == total):
@@ -455,7 +460,8 @@ def inception_features(images: np.ndarray | ImageSet | Iterable[np.ndarray],
     n = len(batch)
     if n < batch_size:
       batch = np.concatenate([batch, np.zeros((batch_size - n, *image_shape), np.uint8)])
-    out = _inception_forward(inception, variables, jnp.asarray(batch))
+    out = _inception_forward(inception, variables,
+                             sharding.shard_batch({"x": batch}, mesh)["x"])
     if pending is not None:  # Fetched one batch late: the device runs while the host reads.
       collect(*pending)
     pending = (out, n)

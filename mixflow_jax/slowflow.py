@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mixflow_jax import checkpoints, generate, report, sampling, storage
+from mixflow_jax import checkpoints, generate, report, sampling, sharding, storage
 from mixflow_jax.data import load_dataset
 from mixflow_jax.interpolants import Path
 from mixflow_jax.models.sit import SiT, abstract_params, make_apply_fn
@@ -90,7 +90,7 @@ def measure(apply_fn, params, labels: Array, key: jax.Array, *, sampler: samplin
                      real if real is not None else jnp.zeros((len(labels), *shape)),
                      sampler=sampler, shape=shape, null_class=null_class, mode=mode,
                      start=start)
-  return grid[start:], np.asarray(s).T
+  return grid[start:], sharding.gather(s.T)
 
 
 def summarize(t: np.ndarray, s: np.ndarray, band: tuple[float, float] = (0.1, 0.9)) -> dict:
@@ -128,16 +128,24 @@ def slowflow_run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
                        f"{dataset.image_shape}; the model in {run_dir!r} samples {shape}.")
     rows = np.arange(sf.num_samples) % len(dataset.heldout_images)
     real, labels = dataset.heldout_images[rows], dataset.heldout_labels[rows]
+  # Each batch is split over every device of every process (padded to a multiple of the
+  # device count by repeating its first rows; their results are dropped).
+  mesh = sharding.make_mesh()
+  params = jax.device_put(params, sharding.replicated(mesh))
   t, parts = None, []
   for start in range(0, sf.num_samples, sf.batch_size):
-    batch = slice(start, start + sf.batch_size)
+    rows = np.arange(start, min(start + sf.batch_size, sf.num_samples))
+    padded = np.resize(rows, -(-len(rows) // mesh.size) * mesh.size)
+    batch = sharding.shard_batch({
+        "labels": labels[padded],
+        "real": (np.zeros((len(padded), *shape), np.float32) if real is None
+                 else np.asarray(real[padded], np.float32))}, mesh)
     t, s_batch = measure(
-        make_apply_fn(model), params, jnp.asarray(labels[batch]),
+        make_apply_fn(model), params, batch["labels"],
         jax.random.fold_in(jax.random.key(config.seed), start), sampler=sampler,
         shape=shape, null_class=model_config.num_classes, mode=sf.mode,
-        real=None if real is None else jnp.asarray(real[batch]),
-        restart_time=sf.restart_time)
-    parts.append(s_batch)
+        real=batch["real"], restart_time=sf.restart_time)
+    parts.append(s_batch[:len(rows)])
   summary = summarize(t, np.concatenate(parts), tuple(sf.band))
   summary.update(run=str(storage.path(run_dir)), step=step, mode=sf.mode, sampler=s.sampler,
                  num_steps=s.num_steps)

@@ -2,6 +2,7 @@
 checkpoints move between meshes, and two processes of four devices each (jax.distributed
 on localhost) train as one device."""
 
+import json
 import os
 import re
 import subprocess
@@ -11,21 +12,26 @@ import textwrap
 import jax
 import numpy as np
 
-from mixflow_jax import checkpoints, train
+from mixflow_jax import checkpoints, slowflow, train
 from mixflow_jax.models.sit import abstract_params
 from mixflow_jax.report import read_scalar
 from tests import distributed
 
 _SCRIPT = textwrap.dedent("""
-    import sys
+    import json, sys
     import jax, numpy as np
     sys.path.insert(0, {tests!r})
     from conftest import tiny_config
-    from mixflow_jax import sharding, train
+    from mixflow_jax import sharding, slowflow, train
     from mixflow_jax.data import sources
 
     assert jax.device_count() == 8, jax.devices()
     root, dataset = sys.argv[1], sources.synthetic()
+
+    def slowflow_config():
+      config = tiny_config()
+      config.slowflow.num_samples = config.slowflow.batch_size = 12
+      return config
 
     def run(workdir, num_fsdp, steps):
       config = tiny_config()
@@ -41,6 +47,9 @@ _SCRIPT = textwrap.dedent("""
         assert shard == ((32, 128) if num_fsdp == 1 else (32, 128 // num_fsdp)), shard
 
     check_sharded(run("dp8", 1, 5), 1)
+    # Slow Flow over the 8 devices (12 samples: padded to 16).
+    with open(f"{{root}}/slowflow8.json", "w") as f:
+      json.dump(slowflow.slowflow_run(slowflow_config(), f"{{root}}/dp8"), f)
     check_sharded(run("mesh2x4", 4, 5), 4)
     # Across meshes: FSDP 8 -> data parallel 8 here, -> one device in the test; and a run
     # of one device (the test's, 2 steps) -> FSDP over all 8 here.
@@ -75,6 +84,14 @@ def test_meshes_equal_one_device_and_checkpoints_move_between_them(config, synth
   assert result.returncode == 0, result.stdout + result.stderr[-5000:]
   assert "OK" in result.stdout
   assert jax.device_count() == 1
+  slowflow_config = config.copy_and_resolve_references()  # as the script's
+  slowflow_config.slowflow.num_samples = slowflow_config.slowflow.batch_size = 12
+  one_device = slowflow.slowflow_run(slowflow_config, str(tmp_path / "dp8"))
+  eight = json.loads((tmp_path / "slowflow8.json").read_text())
+  assert eight["num_samples"] == one_device["num_samples"] == 12
+  # Nearest times are argmins of float32 distances with cancellation: other reduction
+  # orders move a flat minimum by a few grid points (0.0005 each).
+  np.testing.assert_allclose(eight["median"], one_device["median"], atol=0.01)
   config.train.steps = 5
   one = train.train(config, str(tmp_path / "one"), dataset=synthetic_dataset)
   assert int(train.train(config, str(tmp_path / "moved"), dataset=synthetic_dataset).step) == 5
