@@ -25,11 +25,12 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def start_mixflow(*args: str, num_processes: int = 2, devices_per_process: int = 4
-                  ) -> list[subprocess.Popen]:
+def start_mixflow(*args: str, num_processes: int = 2, devices_per_process: int = 4,
+                  env: dict[str, str] | None = None) -> list[subprocess.Popen]:
   """Starts ``mixflow *args --distributed ...`` in ``num_processes`` processes of
-  ``devices_per_process`` fake CPU devices each, joined on a free localhost port."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
+  ``devices_per_process`` fake CPU devices each, joined on a free localhost port, with
+  ``env`` added to the environment."""
+  env = dict(os.environ, **(env or {}), JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
              f"--xla_force_host_platform_device_count={devices_per_process}")
   address = f"localhost:{_free_port()}"
@@ -59,12 +60,12 @@ def wait(processes: list[subprocess.Popen], timeout: int = 300, returncode: int 
 
 
 def run_mixflow(*args: str, num_processes: int = 2, devices_per_process: int = 4,
-                timeout: int = 300) -> list[str]:
+                timeout: int = 300, env: dict[str, str] | None = None) -> list[str]:
   """``mixflow *args --distributed ...`` in ``num_processes`` processes (``start_mixflow``);
   asserts that each succeeds and joined a job of ``num_processes * devices_per_process``
   devices. Returns each process's stdout + stderr."""
   outputs = wait(start_mixflow(*args, num_processes=num_processes,
-                               devices_per_process=devices_per_process), timeout)
+                               devices_per_process=devices_per_process, env=env), timeout)
   devices = num_processes * devices_per_process
   for i, out in enumerate(outputs):
     assert f"Process {i} of a job of {num_processes} processes, {devices} devices" in out
