@@ -2,6 +2,7 @@
 
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -81,6 +82,18 @@ def test_cli_rejects_unknown_field_and_bad_value(tmp_path):
   assert bad.returncode != 0
   assert "config.objective.gamma=2" in bad.stderr
   assert not os.listdir(tmp_path)  # failed before writing anything
+  scheme = _cli("train", "--workdir=foo://bucket/run")
+  assert scheme.returncode != 0 and "Traceback" not in scheme.stderr
+  assert "--workdir='foo://bucket/run': no installed filesystem serves 'foo://'" in scheme.stderr
+  with socket.socket() as s:  # a port nothing listens on once closed
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  alone = _cli("train", f"--workdir={tmp_path}", "--distributed", "--num_processes=2",
+               f"--coordinator_address=127.0.0.1:{port}", "--process_id=1",
+               "--distributed_timeout=1")
+  assert alone.returncode != 0 and "Traceback" not in alone.stderr
+  assert f"the coordinator 127.0.0.1:{port} (process 0) did not answer within " \
+         "--distributed_timeout=1 s" in alone.stderr
 
 
 def _config_module(name):
