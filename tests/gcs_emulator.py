@@ -25,6 +25,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -54,9 +55,12 @@ def start(bucket: str = "bucket") -> tuple[subprocess.Popen, dict[str, str]]:
   ``process.kill()``."""
   port = _free_port()
   url = f"http://127.0.0.1:{port}"
+  # Its log goes to a file: the server is single-threaded, and a full pipe nobody reads
+  # would stall it (it logs a traceback for every client that drops a connection).
+  log = tempfile.TemporaryFile()
   process = subprocess.Popen([sys.executable, "-m", "tests.gcs_emulator", str(port), bucket],
                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             stdout=log, stderr=subprocess.STDOUT)
   deadline = time.monotonic() + 30
   while True:
     try:
@@ -65,7 +69,8 @@ def start(bucket: str = "bucket") -> tuple[subprocess.Popen, dict[str, str]]:
     except OSError as e:
       if process.poll() is not None or time.monotonic() > deadline:
         process.kill()
-        raise RuntimeError(f"The GCS emulator did not start: {process.stderr.read()}") from e
+        log.seek(0)
+        raise RuntimeError(f"The GCS emulator did not start: {log.read().decode()}") from e
       time.sleep(0.2)
 
 

@@ -1,6 +1,7 @@
 """The whole chain a pod user runs, on one machine: a TFDS ImageNet (tests/fake_tfds.py,
-prepared from its manual download) encoded by two processes, post-trained by two
-processes on a gs:// workdir (a GCS emulator on loopback), preempted by SIGTERM mid-run
+prepared from its manual download) encoded by two processes, copied to a bucket (a GCS
+emulator on loopback), post-trained by two processes from the bucket on a gs:// workdir,
+preempted by SIGTERM mid-run
 and relaunched, then sampled and evaluated (ADM metrics) from the bucket. The relaunched
 run ends with the params of an uninterrupted one."""
 
@@ -51,6 +52,14 @@ _PREEMPTED = """
     train.pipeline.train_batches = sigterm_at_batch_3
 """
 
+_COPY = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, {repo!r})
+    from mixflow_jax import storage
+    for name in os.listdir({data!r}):
+      storage.write_bytes(f"gs://bucket/latents/{{name}}",
+                          open(os.path.join({data!r}, name), "rb").read())
+""")
 _SAMPLE_EVALUATE = textwrap.dedent("""
     import importlib.util, sys
     sys.path.insert(0, {repo!r})
@@ -97,18 +106,26 @@ def test_tfds_encode_preempted_train_sample_evaluate_on_gcs(tmp_path):
   distributed.run_mixflow("encode", "--tfds=fake_imagenet", f"--tfds_data_dir={tfds_dir}",
                           f"--vae={vae}", f"--out={data}", f"--image_size={SIZE}", "--flip",
                           num_processes=2, devices_per_process=2)
-  settings = _CONFIG.format(data=data, vae=vae, reference=reference, inception=inception)
+  settings = _CONFIG.format(data="gs://bucket/latents", vae=vae, reference=reference,
+                            inception=inception)
   plain = distributed.config_file(str(tmp_path / "config.py"), settings)
   preempted = distributed.config_file(str(tmp_path / "preempted.py"), _PREEMPTED + settings)
 
   emulator, env = gcs_emulator.start("bucket")
   try:
     run = ("train", "--workdir=gs://bucket/run")
+    # The latents, written locally by encode (memory maps), copied into the bucket.
+    copy = subprocess.run([sys.executable, "-c", _COPY.format(repo=distributed.REPO,
+                                                              data=data)],
+                          env=dict(os.environ, **env), capture_output=True, text=True,
+                          timeout=300)
+    assert copy.returncode == 0, copy.stderr[-3000:]
     outputs = distributed.wait(distributed.start_mixflow(
-        *run, f"--config={preempted}", env=env), returncode=143)
+        *run, f"--config={preempted}", env=env, devices_per_process=2), returncode=143)
     saved = {int(re.search(r"saved step (\d+)", out).group(1)) for out in outputs}
     assert len(saved) == 1 and 1 <= min(saved) < 8, outputs[0][-3000:]
-    distributed.run_mixflow(*run, f"--config={plain}", env=env)  # the relaunch
+    distributed.run_mixflow(*run, f"--config={plain}", env=env,  # the relaunch
+                            devices_per_process=2)
     job = subprocess.run([sys.executable, "-c", _SAMPLE_EVALUATE.format(
         repo=distributed.REPO, config=plain, params=str(tmp_path / "params.npz"))],
         cwd=tmp_path, env=dict(os.environ, **env), capture_output=True, text=True,
@@ -128,6 +145,7 @@ def test_tfds_encode_preempted_train_sample_evaluate_on_gcs(tmp_path):
 
   # The preempted and relaunched run ends where an uninterrupted one on one device ends.
   config = _load_config(plain)
+  config.data.path = data  # the same files, on local disk
   uninterrupted = train.train(config, str(tmp_path / "uninterrupted"),
                               dataset=load_dataset(config.data))
   stored = np.load(tmp_path / "params.npz")
