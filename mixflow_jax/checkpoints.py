@@ -14,7 +14,9 @@ its layout.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -22,7 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from mixflow_jax import storage
+from mixflow_jax import errors, storage
 from mixflow_jax.models.sit import SiTConfig, to_layout
 from mixflow_jax.sharding import path_str
 
@@ -61,7 +63,7 @@ def read_config(run_dir: str, filename: str, cls: type, optional: tuple[str, ...
   fields = [f.name for f in dataclasses.fields(cls)]
   missing = [name for name in fields if name not in stored and name not in optional]
   if missing:
-    raise ValueError(f"{path} lacks the field(s) {missing} of {cls.__name__}.")
+    raise errors.InvalidInput(f"{path} lacks the field(s) {missing} of {cls.__name__}.")
   return cls(**{name: stored[name] for name in fields if name in stored})
 
 
@@ -107,12 +109,34 @@ def save_state(manager: ocp.CheckpointManager, step: int, state: Any,
   manager.save(step, args=ocp.args.Composite(**items), force=True)
 
 
+@contextlib.contextmanager
+def _reading(manager: ocp.CheckpointManager, step: int) -> Iterator[None]:
+  """Turns what orbax raises for files it cannot read (tensorstore's ValueError) into a user
+  error naming the checkpoint: a truncated or damaged copy."""
+  try:
+    yield
+  except ValueError as e:
+    if isinstance(e, errors.UserError):
+      raise
+    raise errors.InvalidInput(
+        f"Checkpoint {manager.directory}/{step} cannot be read ({str(e).splitlines()[0]}): "
+        "it is truncated or damaged; delete that step to use the one before it.") from e
+
+
 def _tree_metadata(manager: ocp.CheckpointManager, step: int) -> Any:
-  return manager.item_metadata(step)[STATE_ITEM].tree
+  with _reading(manager, step):
+    metadata = manager.item_metadata(step).get(STATE_ITEM)
+  if metadata is None:
+    raise errors.InvalidInput(
+        f"Checkpoint {manager.directory}/{step} has no readable train state ('{STATE_ITEM}' "
+        "metadata missing): it is truncated or was not written by mixflow; delete that step "
+        "to use the one before it.")
+  return metadata.tree
 
 
 def _restore_tree(manager: ocp.CheckpointManager, step: int, args: Any) -> Any:
-  return manager.restore(step, args=ocp.args.Composite(**{STATE_ITEM: args}))[STATE_ITEM]
+  with _reading(manager, step):
+    return manager.restore(step, args=ocp.args.Composite(**{STATE_ITEM: args}))[STATE_ITEM]
 
 
 def read_data_state(manager: ocp.CheckpointManager, step: int) -> dict | None:
@@ -139,11 +163,11 @@ def check_shapes(stored: Any, expected: Any, source: str) -> None:
   have = _shapes(stored)
   for name, shape in _shapes(expected).items():
     if name not in have:
-      raise ValueError(f"{source} has no parameter {name!r} (expected shape {shape}): "
-                       "it was written by a different model config.")
+      raise errors.InvalidInput(f"{source} has no parameter {name!r} (expected shape {shape}): "
+                                "it was written by a different model config.")
     if have[name] != shape:
-      raise ValueError(f"{source} does not match the model config: parameter {name!r} has "
-                       f"shape {have[name]} in the checkpoint but {shape} in this model.")
+      raise errors.InvalidInput(f"{source} does not match the model config: parameter {name!r} has "
+                                f"shape {have[name]} in the checkpoint but {shape} in this model.")
 
 
 def restore_state(manager: ocp.CheckpointManager, abstract_state: Any,
@@ -163,15 +187,15 @@ def load_params(run_dir: str, abstract_params: Any, field: str = "ema_params",
   default), e.g. to warm-start post-training or to sample. Returns (params, step)."""
   directory = checkpoint_dir(run_dir)
   if not directory.is_dir():
-    raise FileNotFoundError(f"No checkpoints in {run_dir!r} (looked for {directory}).")
+    raise errors.MissingInput(f"No checkpoints in {run_dir!r} (looked for {directory}).")
   with make_manager(run_dir, read_only=True) as manager:
     step = manager.latest_step() if step is None else step
     if step is None:
-      raise FileNotFoundError(f"{directory} holds no finished checkpoint.")
+      raise errors.MissingInput(f"{directory} holds no finished checkpoint.")
     source = f"Checkpoint {directory}/{step}"
     metadata = _tree_metadata(manager, step)
     if field not in metadata:
-      raise ValueError(f"{source} has no {field!r}; it holds {sorted(metadata)}.")
+      raise errors.InvalidInput(f"{source} has no {field!r}; it holds {sorted(metadata)}.")
     stored_scanned, scanned = "blocks" in metadata[field], "blocks" in abstract_params
     if stored_scanned == scanned:
       check_shapes(metadata[field], abstract_params, source)

@@ -13,7 +13,7 @@ import re
 import ml_collections
 from ml_collections import config_dict
 
-from mixflow_jax import objectives, sampling, timesteps
+from mixflow_jax import errors, objectives, sampling, timesteps
 from mixflow_jax.data import SOURCES
 from mixflow_jax.interpolants import PATHS
 from mixflow_jax.models import attention, sit
@@ -165,7 +165,7 @@ def model_config(config: ml_collections.ConfigDict, image_shape: tuple[int, int,
   return sit.SiTConfig.named(m.name, **common)
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.InvalidInput):
   """An impossible config value; the message names the field."""
 
 

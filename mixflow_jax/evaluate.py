@@ -37,7 +37,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from mixflow_jax import configuration, generate, metrics, sharding, storage
+from mixflow_jax import configuration, errors, generate, metrics, sharding, storage
 from mixflow_jax.data import ImageDataset, load_dataset, pipeline
 from mixflow_jax.models import inception as inception_lib
 from mixflow_jax.models.classifier import Classifier
@@ -143,8 +143,8 @@ class Evaluator:
   def __call__(self, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """Metrics of samples (N, H, W, C) in [-1, 1] generated for ``labels`` (N,)."""
     if images.shape[1:] != self.dataset.image_shape:
-      raise ValueError(f"Samples have shape {images.shape[1:]}, the dataset "
-                       f"{self.dataset.image_shape}.")
+      raise errors.InvalidInput(f"Samples have shape {images.shape[1:]}, the dataset "
+                                f"{self.dataset.image_shape}.")
     stats, preds = self.statistics(images)
     return {"classifier_fd": metrics.frechet_distance(stats, self.heldout_stats,
                                                       method="eigh"),
@@ -168,7 +168,7 @@ def _open_npz(path: str) -> Iterator[Any]:
     try:
       npz = np.load(handle)
     except (OSError, ValueError) as e:
-      raise ValueError(f"{path} is not a readable .npz file: {e}") from e
+      raise errors.InvalidInput(f"{path} is not a readable .npz file: {e}") from e
     with npz:
       yield npz
 
@@ -193,16 +193,18 @@ def _npz_member_shape(npz, key: str) -> tuple[tuple[int, ...], np.dtype]:
 def _check_pixels(path: str, field: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
   """ADM pixels are uint8 (N, H, W, 3) with N >= 1; a ValueError naming the file otherwise."""
   if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or 0 in shape:
-    raise ValueError(f"{path}: {field} has dtype {dtype} and shape {shape}; expected uint8 "
-                     "RGB pixels of shape (N, H, W, 3) with N >= 1, as the ADM evaluator "
-                     "reads them.")
+    raise errors.InvalidInput(
+        f"{path}: {field} has dtype {dtype} and shape {shape}; expected uint8 "
+        "RGB pixels of shape (N, H, W, 3) with N >= 1, as the ADM evaluator "
+        "reads them.")
 
 
 def _check_labels_array(path: str, labels: np.ndarray, num_images: int) -> np.ndarray:
   if labels.shape != (num_images,) or not np.issubdtype(labels.dtype, np.integer):
-    raise ValueError(f"{path}: arr_1 (labels) has dtype {labels.dtype} and shape "
-                     f"{labels.shape}; expected integers of shape ({num_images},), one per "
-                     "image of arr_0.")
+    raise errors.InvalidInput(
+        f"{path}: arr_1 (labels) has dtype {labels.dtype} and shape "
+        f"{labels.shape}; expected integers of shape ({num_images},), one per "
+        "image of arr_0.")
   return labels
 
 
@@ -211,9 +213,9 @@ def check_labels(labels: np.ndarray, num_classes: int, path: str) -> None:
   labels = np.asarray(labels)
   bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
   if bad.size:
-    raise ValueError(f"{path}: arr_1 holds label {labels[bad[0]]} (index {bad[0]}; "
-                     f"{bad.size} label(s) in all) outside the model's classes "
-                     f"[0, {num_classes}).")
+    raise errors.InvalidInput(f"{path}: arr_1 holds label {labels[bad[0]]} (index {bad[0]}; "
+                              f"{bad.size} label(s) in all) outside the model's classes "
+                              f"[0, {num_classes}).")
 
 
 _PALETTE_MODES = ("L", "P", "1")  # Converted to RGB without loss.
@@ -260,14 +262,15 @@ def _read_image(file: str, size: tuple[int, int]) -> np.ndarray:
     pixels = np.asarray(image)
   if mode == "RGBA":
     if not np.all(pixels[..., 3] == 255):
-      raise ValueError(f"{file}: RGBA image with transparent pixels; expected opaque RGB.")
+      raise errors.InvalidInput(f"{file}: RGBA image with transparent pixels; expected opaque RGB.")
     pixels = pixels[..., :3]
   if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[-1] != 3:
-    raise ValueError(f"{file}: image mode {mode!r} gives pixels of dtype {pixels.dtype} and "
-                     f"shape {pixels.shape}; expected 8-bit RGB (H, W, 3).")
+    raise errors.InvalidInput(
+        f"{file}: image mode {mode!r} gives pixels of dtype {pixels.dtype} and "
+        f"shape {pixels.shape}; expected 8-bit RGB (H, W, 3).")
   if pixels.shape[:2] != tuple(size):
-    raise ValueError(f"{file}: {pixels.shape[1]}x{pixels.shape[0]} pixels; the folder's "
-                     f"images are {size[1]}x{size[0]}.")
+    raise errors.InvalidInput(f"{file}: {pixels.shape[1]}x{pixels.shape[0]} pixels; the folder's "
+                              f"images are {size[1]}x{size[0]}.")
   return pixels
 
 
@@ -277,23 +280,23 @@ def _load_folder(path: str) -> ImageSet:
   files = sorted(str(file) for file in storage.path(path).iterdir()
                  if file.name.lower().endswith(IMAGE_EXTENSIONS))
   if not files:
-    raise ValueError(f"{path} holds no {'/'.join(IMAGE_EXTENSIONS)} images.")
+    raise errors.InvalidInput(f"{path} holds no {'/'.join(IMAGE_EXTENSIONS)} images.")
   size = None
   for file in files:  # Headers only: sizes and modes are checked before any pixel is read.
     try:
       with storage.path(file).open("rb") as handle, Image.open(handle) as image:
         width, height, mode = *image.size, image.mode
     except OSError as e:
-      raise ValueError(f"{file} is not a readable image: {e}") from e
+      raise errors.InvalidInput(f"{file} is not a readable image: {e}") from e
     if mode not in ("RGB", "RGBA", *_PALETTE_MODES):
-      raise ValueError(f"{file}: image mode {mode!r}; expected 8-bit RGB (or grayscale / "
-                       "palette, converted to RGB).")
+      raise errors.InvalidInput(f"{file}: image mode {mode!r}; expected 8-bit RGB (or grayscale / "
+                                "palette, converted to RGB).")
     if size is None:
       size = (height, width)
     elif (height, width) != size:
-      raise ValueError(f"{file}: {width}x{height} pixels, but {files[0]} (the first image "
-                       f"of {path}) is {size[1]}x{size[0]}: all images of a folder must "
-                       "have one size.")
+      raise errors.InvalidInput(f"{file}: {width}x{height} pixels, but {files[0]} (the first image "
+                                f"of {path}) is {size[1]}x{size[0]}: all images of a folder must "
+                                "have one size.")
   return ImageSet(path, (len(files), *size, 3), None, tuple(files))
 
 
@@ -308,12 +311,12 @@ def load_samples(path: str) -> ImageSet:
   if storage.path(path, "samples").is_dir():
     return _load_folder(path)
   if not storage.path(path).is_file():
-    raise FileNotFoundError(f"No samples at {path!r}: expected an ADM .npz or a folder of "
-                            "PNG / JPEG images.")
+    raise errors.MissingInput(f"No samples at {path!r}: expected an ADM .npz or a folder of "
+                              "PNG / JPEG images.")
   with _open_npz(path) as f:
     if "arr_0" not in f.files:
-      raise ValueError(f"{path} lacks 'arr_0' (the uint8 images): it holds "
-                       f"{sorted(f.files)}.")
+      raise errors.InvalidInput(f"{path} lacks 'arr_0' (the uint8 images): it holds "
+                                f"{sorted(f.files)}.")
     shape, dtype = _npz_member_shape(f, "arr_0")
     _check_pixels(path, "arr_0", shape, dtype)
     labels = (_check_labels_array(path, f["arr_1"], shape[0]) if "arr_1" in f.files
@@ -345,13 +348,14 @@ def load_reference(path: str) -> Reference:
   if storage.path(path, "config.eval.reference").is_dir():
     return Reference(path, None, None, load_samples(path))
   if not storage.path(path).is_file():
-    raise FileNotFoundError(f"No reference at {path!r}: expected an ADM reference batch .npz "
-                            "(or a samples .npz / image folder).")
+    raise errors.MissingInput(f"No reference at {path!r}: expected an ADM reference batch .npz "
+                              "(or a samples .npz / image folder).")
   with _open_npz(path) as f:
     keys = sorted(f.files)
     present = [k for k in STATS_KEYS if k in keys]
     if (present and len(present) < len(STATS_KEYS)) or (not present and "arr_0" not in keys):
-      raise ValueError(
+      raise errors.InvalidInput(
+
           f"{path} is not an ADM reference batch: it holds {keys}. A reference batch has "
           f"{list(STATS_KEYS)} (FID and sFID statistics of the FID Inception) and 'arr_0' "
           "(its images, for precision / recall); a samples .npz has 'arr_0' (uint8 images) "
@@ -364,10 +368,11 @@ def load_reference(path: str) -> Reference:
       dim = _STATS_DIMS[key]
       want = (dim,) if key.startswith("mu") else (dim, dim)
       if value.shape != want or not np.issubdtype(value.dtype, np.floating):
-        raise ValueError(f"{path}: '{key}' has dtype {value.dtype} and shape {value.shape}; "
-                         f"an ADM reference batch has floats of shape {want}.")
+        raise errors.InvalidInput(
+            f"{path}: '{key}' has dtype {value.dtype} and shape {value.shape}; "
+            f"an ADM reference batch has floats of shape {want}.")
       if not np.all(np.isfinite(value)):
-        raise ValueError(f"{path}: '{key}' has non-finite values.")
+        raise errors.InvalidInput(f"{path}: '{key}' has non-finite values.")
       stats[key] = value.astype(np.float64)
     has_images = "arr_0" in keys
   return Reference(path, metrics.FeatureStats(stats["mu"], stats["sigma"]),
@@ -450,13 +455,13 @@ def inception_features(images: np.ndarray | ImageSet | Iterable[np.ndarray],
   for batch in batches:
     batch = np.asarray(batch)
     if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
-      raise ValueError(f"{name}: a batch has dtype {batch.dtype} and shape {batch.shape}; "
-                       "expected uint8 RGB pixels (n, H, W, 3).")
+      raise errors.InvalidInput(f"{name}: a batch has dtype {batch.dtype} and shape {batch.shape}; "
+                                "expected uint8 RGB pixels (n, H, W, 3).")
     if image_shape is None:
       image_shape = batch.shape[1:]
     elif batch.shape[1:] != image_shape:
-      raise ValueError(f"{name}: a batch has images of shape {batch.shape[1:]} after "
-                       f"{image_shape}; all images must have one size.")
+      raise errors.InvalidInput(f"{name}: a batch has images of shape {batch.shape[1:]} after "
+                                f"{image_shape}; all images must have one size.")
     n = len(batch)
     if n < batch_size:
       batch = np.concatenate([batch, np.zeros((batch_size - n, *image_shape), np.uint8)])
@@ -468,7 +473,7 @@ def inception_features(images: np.ndarray | ImageSet | Iterable[np.ndarray],
   if pending is not None:
     collect(*pending)
   if not done:
-    raise ValueError(f"{name}: no images.")
+    raise errors.InvalidInput(f"{name}: no images.")
   return {key: np.concatenate(value) for key, value in outputs.items()}
 
 
@@ -486,7 +491,7 @@ def metrics_from_features(features: dict[str, np.ndarray], stats: metrics.Featur
   pool, spatial, logits = features["pool_3"], features["spatial"], features["logits"]
   n = len(pool)
   if n < 2:
-    raise ValueError(f"The ADM metrics need at least 2 samples; got {n}.")
+    raise errors.InvalidInput(f"The ADM metrics need at least 2 samples; got {n}.")
   result: dict[str, Any] = {
       "inception_score": metrics.inception_score(logits),
       "fid": metrics.adm_frechet_distance(pool, stats),
@@ -518,8 +523,8 @@ def reference_features(reference: Reference, inception: inception_lib.InceptionV
   if reference.stats is not None:
     return reference.stats, reference.spatial_stats, features["pool_3"]
   if len(reference.images) < 2:
-    raise ValueError(f"{reference.path}: statistics need at least 2 images; it has "
-                     f"{len(reference.images)}.")
+    raise errors.InvalidInput(f"{reference.path}: statistics need at least 2 images; it has "
+                              f"{len(reference.images)}.")
   return (metrics.feature_stats(features["pool_3"]), metrics.feature_stats(
       features["spatial"]), features["pool_3"])
 
@@ -571,9 +576,9 @@ def adm_metrics(sample_path: str, reference_path: str, inception_path: str,
   samples = load_samples(sample_path)
   reference = load_reference(reference_path)
   if reference.images is not None and reference.images.shape[1:] != samples.shape[1:]:
-    raise ValueError(f"The samples {sample_path} are {samples.shape[1:3]} images and the "
-                     f"reference {reference_path} {reference.images.shape[1:3]}: evaluate "
-                     "against the reference of the samples' resolution.")
+    raise errors.InvalidInput(f"The samples {sample_path} are {samples.shape[1:3]} images and the "
+                              f"reference {reference_path} {reference.images.shape[1:3]}: evaluate "
+                              "against the reference of the samples' resolution.")
   from mixflow_jax.convert.inception import load_inception  # Reads PyTorch files.
 
   module, variables = load_inception(inception_path)
@@ -634,17 +639,17 @@ def evaluate_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   """
   path = generate.samples_path(config, workdir)
   if not storage.path(path).exists():
-    raise FileNotFoundError(f"No samples at {path}: run `mixflow sample` with the same "
-                            "config and workdir first.")
+    raise errors.MissingInput(f"No samples at {path}: run `mixflow sample` with the same "
+                              "config and workdir first.")
   if config.eval.get("reference", ""):
     return _adm_job(config, workdir, path)
   with _open_npz(path) as f:
     if "arr_0" not in f or "arr_1" not in f:
-      raise ValueError(f"{path} lacks 'arr_0' (images) or 'arr_1' (labels): "
-                       f"it holds {sorted(f.keys())}.")
+      raise errors.InvalidInput(f"{path} lacks 'arr_0' (images) or 'arr_1' (labels): "
+                                f"it holds {sorted(f.keys())}.")
     pixels, labels = f["arr_0"], f["arr_1"]
   if pixels.dtype != np.uint8:
-    raise ValueError(f"{path}: arr_0 has dtype {pixels.dtype}; expected uint8 pixels.")
+    raise errors.InvalidInput(f"{path}: arr_0 has dtype {pixels.dtype}; expected uint8 pixels.")
   dataset = load_dataset(config.data)
   check_labels(_check_labels_array(path, labels, len(pixels)), dataset.num_classes, path)
   evaluator = Evaluator(dataset, config.eval, workdir)

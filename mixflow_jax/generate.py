@@ -27,7 +27,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from mixflow_jax import checkpoints, configuration, sampling, sharding, storage
+from mixflow_jax import checkpoints, configuration, errors, sampling, sharding, storage
 from mixflow_jax.data import ImageDataset, load_dataset
 from mixflow_jax.models.sit import SiT, SiTConfig, abstract_params, make_apply_fn
 
@@ -280,9 +280,9 @@ def _check_or_write_job(shard_dir: epath.Path, config: ml_collections.ConfigDict
     stored = storage.read_json(job_file)
     if stored != job:
       differs = sorted(k for k in set(stored) | set(job) if stored.get(k) != job.get(k))
-      raise ValueError(f"{shard_dir} holds shards of another job ({', '.join(differs)} "
-                       f"differ: {stored} vs {job}); delete it to start over.")
+      raise errors.InvalidInput(f"{shard_dir} holds shards of another job ({', '.join(differs)} "
+                                f"differ: {stored} vs {job}); delete it to start over.")
     return
   if shard_dir.is_dir() and any(shard_dir.glob("shard_*.npz")):
-    raise ValueError(f"{shard_dir} holds shards but no job.json; delete it to start over.")
+    raise errors.InvalidInput(f"{shard_dir} holds shards but no job.json; delete it to start over.")
   storage.write_json(job_file, job)

@@ -1,31 +1,33 @@
-"""The command line:
+"""The command line: ``mixflow COMMAND --flag=value ...`` for the commands in ``COMMANDS``.
 
-    mixflow train|sample|evaluate|demo --workdir=DIR [--config=...] [--config.<f>=<v>]
-        [--distributed [--coordinator_address=H:P --num_processes=N --process_id=I]]
-    mixflow slowflow --workdir=DIR [--compare=DIR2,...] [--calibrate]
-    mixflow convert --checkpoint=PATH --out=DIR [--model=SiT-XL/2] [--weights=ema|model]
-        [--time_convention=noise_to_data|data_to_noise]
-    mixflow convert --vae=PATH --out=DIR
-    mixflow encode --images=DIR|--tfds=imagenet2012 [--manual_dir=DIR] --vae=DIR --out=DIR
-        [--image_size=256] [--flip] [--distributed ...]
-    mixflow plan [--config=...] [--num_devices=N] [--out=plan.json]
-
-Flags only; the work is done by importable functions (``train.train``,
+``mixflow --help`` lists them; ``mixflow COMMAND --help`` shows a command's flags and the
+config fields it reads. A user's mistake (``errors.UserError``, an unknown flag or config
+field) is printed without a traceback and exits 2; ``--verbosity=1`` shows the traceback.
+Flags only: the work is done by importable functions (``train.train``,
 ``generate.sample_job``, ``evaluate.evaluate_job``, ``slowflow.slowflow_job``,
 ``demo.run_demo``, ``convert.export.convert_checkpoint``, ``convert.vae.convert_vae_checkpoint``,
-``data.encode.encode_folder``, ``plan.plan``).
+``data.encode.encode``, ``plan.plan``).
 """
 
+import dataclasses
+import difflib
+import functools
+import importlib.util
 import logging as py_logging
 import os
 import socket
 import sys
+import textwrap
 import time
+from collections.abc import Callable
+from typing import Any, NoReturn
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ("train", "sample", "evaluate", "slowflow", "demo", "convert", "encode", "plan")
+from mixflow_jax import errors
+
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "configs", "digits.py")
 
@@ -81,9 +83,72 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None,
 _DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
     "distributed_timeout", 300, "--distributed: seconds to wait for every process to join "
     "the coordinator before giving up with an error.")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", _DEFAULT_CONFIG, "Config file (configs/<name>.py[:variant]); fields can be "
-    "overridden with --config.<field>=<value>.", lock_config=True)
+
+
+@functools.cache
+def _config_flag() -> flags.FlagHolder:
+  """The --config flag, defined on first use rather than at import: ml_collections applies
+  sys.argv's --config.<field> overrides to the default config as the flag is defined, so a
+  mistyped field raises there, where ``run`` can report it."""
+  return config_flags.DEFINE_config_file(
+      "config", _DEFAULT_CONFIG, "Config file (configs/<name>.py[:variant]); fields can be "
+      "overridden with --config.<field>=<value>.", lock_config=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Command:
+  summary: str                  # one line for `mixflow --help`
+  usage: str                    # the command's arguments
+  flags: tuple[str, ...]        # the flags it reads
+  sections: tuple[str, ...]     # the config sections it reads
+
+
+_RUN = "--workdir=DIR [--config=configs/<file>.py[:variant]] [--config.<field>=<value> ...]"
+_JOB = ("workdir", "config", "distributed", "coordinator_address", "num_processes",
+        "process_id", "distributed_timeout")
+COMMANDS = {
+    "train": _Command(
+        "Train or post-train the config's model on its data into --workdir (rerun to resume).",
+        _RUN, _JOB, ("seed", "data", "model", "objective", "optim", "train")),
+    "sample": _Command(
+        "Sample --workdir's latest checkpoint to an ADM-layout .npz (resumable).",
+        _RUN, _JOB, ("seed", "data", "model", "objective", "sample")),
+    "evaluate": _Command(
+        "Score --workdir's samples: the embedded classifier metric, or ADM's IS / FID / sFID "
+        "/ precision / recall against eval.reference.",
+        _RUN, _JOB, ("seed", "data", "sample", "eval")),
+    "slowflow": _Command(
+        "Measure and plot Slow Flow of --workdir's model (and of --compare runs); "
+        "--calibrate proposes MixFlow's gamma from it.",
+        _RUN + " [--compare=DIR2,...] [--calibrate]", (*_JOB, "compare", "calibrate"),
+        ("seed", "data", "model", "objective", "sample", "slowflow")),
+    "demo": _Command(
+        "The embedded default end to end on one CPU: pretrain, post-train (standard and "
+        "MixFlow), sample, evaluate, Slow Flow, report.png.",
+        _RUN, ("workdir", "config"),
+        ("seed", "data", "model", "objective", "optim", "train", "sample", "eval", "slowflow",
+         "demo")),
+    "convert": _Command(
+        "Convert an official PyTorch SiT / REPA checkpoint (or an SD-VAE: --vae) to a Flax "
+        "run folder with orbax weights.",
+        "--checkpoint=PATH --out=DIR [--model=SiT-XL/2] [--weights=ema|model] "
+        "[--time_convention=...] | --vae=PATH --out=DIR",
+        ("checkpoint", "vae", "out", "model", "weights", "time_convention"), ()),
+    "encode": _Command(
+        "Encode an ImageFolder or a TFDS dataset to SD-VAE latent moments for "
+        "data.name='arrays' (resumable).",
+        "--images=DIR|--tfds=NAME [--tfds_data_dir=DIR --manual_dir=DIR --split=train] "
+        "--vae=DIR --out=DIR [--image_size=256] [--flip] [--distributed ...]",
+        ("images", "tfds", "tfds_data_dir", "manual_dir", "split", "vae", "out", "image_size",
+         "flip", *_JOB[2:]), ()),
+    "plan": _Command(
+        "Compile the config's train step for a mesh (--num_devices fakes one) and report "
+        "memory per device, FLOPs and the sharding; needs no data.",
+        "[--config=...] [--config.<field>=<value> ...] [--num_devices=N] [--out=plan.json]",
+        ("config", "num_devices", "out"), ("data", "model", "objective", "optim", "train")),
+}
+_HELP_FLAGS = ("--help", "-h", "--helpshort", "-?")
+_WIDTH = 100
 
 
 class _QuietOrbax(py_logging.Filter):
@@ -93,18 +158,168 @@ class _QuietOrbax(py_logging.Filter):
     return record.levelno > py_logging.INFO or f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
+def _wrap(text: str, indent: int = 0) -> list[str]:
+  return textwrap.wrap(text, _WIDTH, subsequent_indent=" " * indent)
+
+
+def _command_help(name: str, config: ml_collections.ConfigDict | None) -> str:
+  """``mixflow NAME --help``: the command's usage, its flags, and the config fields it reads
+  with their values in ``config``."""
+  command = COMMANDS[name]
+  lines = [*_wrap(f"mixflow {name}: {command.summary}"), "",
+           *_wrap(f"Usage: mixflow {name} {command.usage}", 4), "", "Flags:"]
+  for flag in command.flags:
+    f = flags.FLAGS[flag]
+    default = "" if f.default is None or flag == "config" else f" (default: {f.default})"
+    lines.append(f"  --{flag}{default}")
+    lines += textwrap.wrap(f.help, _WIDTH, initial_indent=" " * 6, subsequent_indent=" " * 6)
+  if command.sections and config is not None:
+    lines += ["", *_wrap("Config fields it reads, as the config sets them (override any with "
+                         "--config.<section>.<field>=<value>; documented in "
+                         "mixflow_jax/configuration.py):")]
+    for section in command.sections:
+      value = config[section]
+      if isinstance(value, ml_collections.ConfigDict):
+        text = "  ".join(f"{k}={v!r}" for k, v in value.items())
+        lines += textwrap.wrap(text, _WIDTH, initial_indent=f"  {section}: ",
+                               subsequent_indent=" " * (4 + len(section)))
+      else:
+        lines.append(f"  {section}={value!r}")
+  lines += ["", *_wrap("Every command also takes absl's flags (--helpfull); --verbosity=1 "
+                       "shows the traceback of an error.")]
+  return "\n".join(lines)
+
+
+def _overview() -> str:
+  """``mixflow --help``: the commands, a line each."""
+  lines = ["mixflow: MixFlow post-training of flow-matching transformers, in JAX.", "",
+           *_wrap("Usage: mixflow COMMAND [--flag=value ...]; `mixflow COMMAND --help` lists "
+                  "the command's flags and the config fields it reads."), "", "Commands:"]
+  for name, command in COMMANDS.items():
+    lines += textwrap.wrap(command.summary, _WIDTH, initial_indent=f"  {name:<10}",
+                           subsequent_indent=" " * 12)
+  lines += ["", *_wrap("Start with `mixflow demo --workdir=/tmp/demo`: it trains, samples, "
+                       "evaluates and plots the embedded default in minutes on one CPU "
+                       "(README.md).")]
+  return "\n".join(lines)
+
+
+def _verbose(argv: list[str]) -> bool:
+  """Whether --verbosity (-v) >= 1 is asked for, read from ``argv`` so that it also holds
+  when the flags themselves failed to parse."""
+  for i, arg in enumerate(argv):
+    name, eq, value = arg.partition("=")
+    if name in ("-v", "--v", "--verbosity", "-verbosity"):
+      value = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+      try:
+        return int(value) >= 1
+      except ValueError:
+        return False
+  return False
+
+
+def _fail(message: str, command: str | None) -> NoReturn:
+  """Prints a user's mistake (no traceback) and exits with USER_ERROR_EXIT_CODE."""
+  see = f"mixflow {command} --help" if command in COMMANDS else "mixflow --help"
+  print(f"mixflow{' ' + command if command in COMMANDS else ''}: error: {message}\n"
+        f"(`{see}` shows the flags; --verbosity=1 shows the traceback.)", file=sys.stderr)
+  sys.exit(errors.USER_ERROR_EXIT_CODE)
+
+
+def _unknown_field(argv: list[str], error: Exception) -> str:
+  """The message for a --config.<field>=<value> that names no config field: which flag,
+  which part of it, and the closest fields (ml_collections' own error is a KeyError's repr
+  inside an AttributeError)."""
+  try:
+    config = _load_config_file(argv)
+  except Exception:  # the config file's own error is reported where it is read
+    return str(error)
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    path = arg[len("--config."):].split("=", 1)[0].split(".")
+    node = config
+    for depth, key in enumerate(path):
+      if isinstance(node, ml_collections.ConfigDict) and key in node:
+        node = node[key]
+        continue
+      where = "config" + "".join("." + k for k in path[:depth])
+      fields = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      close = difflib.get_close_matches(key, fields, n=3)
+      hint = (f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else
+              f" It has: {', '.join(fields)}." if fields else "")
+      return f"{arg.split('=', 1)[0]}: {where} has no field {key!r}.{hint}"
+  return str(error)
+
+
+def _load_config_file(argv: list[str]) -> ml_collections.ConfigDict:
+  """The config that --config in ``argv`` (or the default) names, without overrides."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), _DEFAULT_CONFIG)
+  file, _, variant = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_mixflow_config", file)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(variant) if variant else module.get_config()
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a user's mistake reported by ``_fail``."""
+  return _guard_flag_errors(argv, lambda: flags.FLAGS(argv))
+
+
+def _guard_flag_errors(argv: list[str], parse: Callable[[], Any]) -> Any:
+  """``parse()``, with a user's mistake in ``argv`` (an unknown flag or config field, a bad
+  value, an unreadable config file) reported by ``_fail``."""
+  command = next((a for a in argv[1:] if not a.startswith("-")), None)
+  try:
+    return parse()
+  except Exception as e:
+    if _verbose(argv):
+      raise
+    if isinstance(e, flags.Error):  # a config file's error arrives with its traceback's text
+      message = str(e)
+      if "Traceback (most recent call last)" in message:
+        message = f"{message.splitlines()[0]} {_last_line(message)}"
+      _fail(message, command)
+    if isinstance(e, (AttributeError, KeyError)):  # --config.<field> names no field
+      _fail(_unknown_field(argv, e), command)
+    raise
+
+
+def _config() -> ml_collections.ConfigDict:
+  """--config's value; a config file that failed to load (ml_collections defers that error
+  to the first use of the config) is the user's error."""
+  config = _config_flag().value
+  try:
+    config.keys()
+  except OSError as e:
+    raise errors.UserError(f"{flags.FLAGS['config'].serialize()}: cannot load it "
+                           f"({_last_line(str(e))}).") from e
+  return config
+
+
+def _last_line(text: str) -> str:
+  return [line.strip() for line in text.splitlines() if line.strip()][-1]
+
+
 def main(argv: list[str]) -> None:
-  if len(argv) != 2 or argv[1] not in COMMANDS:
-    raise app.UsageError(f"Usage: mixflow {{{'|'.join(COMMANDS)}}} --workdir=DIR "
-                         f"[--config=configs/<file>.py] [--config.<field>=<value> ...]; "
-                         f"got {argv[1:]}.")
+  command = argv[1] if len(argv) == 2 else None
+  if command not in COMMANDS:
+    _fail(f"expected one command of {', '.join(COMMANDS)}; got {argv[1:]}.", None)
   logging.get_absl_handler().addFilter(_QuietOrbax())
-  if argv[1] == "convert":
+  try:
+    _dispatch(command)
+  except errors.UserError as e:
+    if _verbose(sys.argv):
+      raise
+    _fail(str(e), command)
+
+
+def _dispatch(command: str) -> None:
+  if command == "convert":
     if (_CHECKPOINT.value is None) == (_VAE.value is None) or _OUT.value is None:
-      raise app.UsageError("Usage: mixflow convert --checkpoint=PATH --out=DIR "
-                           "[--model=SiT-XL/2] [--weights=ema|model] "
-                           "[--time_convention=noise_to_data|data_to_noise], or "
-                           "mixflow convert --vae=PATH --out=DIR.")
+      raise errors.UserError("give --checkpoint=PATH (a SiT or REPA checkpoint) or "
+                             "--vae=PATH (an SD-VAE), and --out=DIR.")
     if _VAE.value is not None:
       from mixflow_jax.convert.vae import convert_vae_checkpoint
       print(f"Wrote {_OUT.value}: {convert_vae_checkpoint(_VAE.value, _OUT.value)}")
@@ -114,46 +329,38 @@ def main(argv: list[str]) -> None:
                                 _TIME_CONVENTION.value)
     print(f"Wrote {_OUT.value}: {config}")
     return
-  if argv[1] == "encode":
+  if command == "encode":
     if ((_IMAGES.value is None) == (_TFDS.value is None) or _VAE.value is None
         or _OUT.value is None):
-      raise app.UsageError("Usage: mixflow encode --images=DIR|--tfds=NAME [--tfds_data_dir="
-                           "DIR --manual_dir=DIR --split=train] --vae=DIR --out=DIR "
-                           "[--image_size=256] [--flip] [--distributed ...].")
+      raise errors.UserError("give --images=DIR (an ImageFolder) or --tfds=NAME, and "
+                             "--vae=DIR and --out=DIR.")
     if _DISTRIBUTED.value:
       _join_job()
     from mixflow_jax.data import encode, image_sources
-    try:
-      source = (image_sources.folder_source(_IMAGES.value) if _IMAGES.value else
-                image_sources.tfds_source(_TFDS.value, _SPLIT.value, _TFDS_DATA_DIR.value,
-                                          _MANUAL_DIR.value))
-      rows = encode.encode(source, _VAE.value, _OUT.value, _IMAGE_SIZE.value,
-                           flip=_FLIP.value)
-    except (ValueError, FileNotFoundError) as e:
-      raise app.UsageError(str(e)) from e
+    source = (image_sources.folder_source(_IMAGES.value) if _IMAGES.value else
+              image_sources.tfds_source(_TFDS.value, _SPLIT.value, _TFDS_DATA_DIR.value,
+                                        _MANUAL_DIR.value))
+    rows = encode.encode(source, _VAE.value, _OUT.value, _IMAGE_SIZE.value, flip=_FLIP.value)
     print(f"Wrote {_OUT.value}: {rows} rows of latent moments (images.npy, std.npy, "
           "labels.npy, manifest.json).")
     return
-  if argv[1] == "plan":
-    _plan(_CONFIG.value)
+  config = _config()
+  if command == "plan":
+    _plan(config)
     return
   if _WORKDIR.value is None:
-    raise app.UsageError("--workdir is required.")
-  command, config, workdir = argv[1], _CONFIG.value, _WORKDIR.value
+    raise errors.UserError("--workdir is required.")
+  workdir = _WORKDIR.value
   if _DISTRIBUTED.value:
     _join_job()
-
   from mixflow_jax import configuration, storage  # Heavy imports after flag parsing.
-  try:
-    storage.path(workdir, "--workdir")
-    configuration.validate(config)
-    _run(command, config, workdir)
-  except (configuration.ConfigError, storage.StorageError) as e:
-    raise app.UsageError(str(e)) from e
+  storage.path(workdir, "--workdir")
+  configuration.validate(config)
+  _run(command, config, workdir)
 
 
 def _wait_for_coordinator(address: str, timeout: float) -> None:
-  """Waits until ``address`` (host:port) accepts TCP connections, or raises UsageError after
+  """Waits until ``address`` (host:port) accepts TCP connections, or raises UserError after
   ``timeout`` seconds: jax.distributed's client aborts the process (no Python error) when it
   cannot register, so a worker checks the coordinator is there first."""
   host, _, port = address.rpartition(":")
@@ -164,7 +371,7 @@ def _wait_for_coordinator(address: str, timeout: float) -> None:
       return
     except OSError as e:
       if time.monotonic() > deadline:
-        raise app.UsageError(
+        raise errors.UserError(
             f"--distributed: the coordinator {address} (process 0) did not answer within "
             f"--distributed_timeout={timeout:g} s ({e}). Start the same command on process "
             "0, check --coordinator_address (host:port of process 0), or raise "
@@ -192,14 +399,11 @@ def _plan(config) -> None:
   import jax
   if _NUM_DEVICES.value is not None:
     if _NUM_DEVICES.value <= 0:
-      raise app.UsageError(f"--num_devices={_NUM_DEVICES.value}: expected a positive count.")
+      raise errors.UserError(f"--num_devices={_NUM_DEVICES.value}: expected a positive count.")
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", _NUM_DEVICES.value)
-  from mixflow_jax import configuration, plan
-  try:
-    result = plan.plan(config)
-  except configuration.ConfigError as e:
-    raise app.UsageError(str(e)) from e
+  from mixflow_jax import plan
+  result = plan.plan(config)
   print(plan.format_table(result))
   if _OUT.value:
     plan.write(result, _OUT.value)
@@ -234,14 +438,33 @@ def _run(command: str, config, workdir: str) -> None:
   elif command == "demo":
     from mixflow_jax import demo
     if "demo" not in config:
-      raise app.UsageError("`mixflow demo` needs a config with a `demo` section, such as "
+      raise errors.UserError("`mixflow demo` needs a config with a `demo` section, such as "
                            "configs/digits.py.")
     demo.run_demo(config, workdir)
 
 
 def run() -> None:
-  """Console-script entry point."""
-  app.run(main)
+  """Console-script entry point: `mixflow --help` and `mixflow CMD --help` answer here (exit
+  0); everything else goes through absl's app.run."""
+  args = sys.argv[1:]
+  _guard_flag_errors(sys.argv, _config_flag)
+  if any(a in _HELP_FLAGS for a in args):
+    rest = [a for a in args if a not in _HELP_FLAGS]
+    command = next((a for a in rest if not a.startswith("-")), None)
+    if command not in COMMANDS:
+      print(_overview())
+      sys.exit(0)
+    _parse_flags([sys.argv[0], *rest])
+    print(_command_help(command, _config_or_none()))
+    sys.exit(0)
+  app.run(main, flags_parser=_parse_flags)
+
+
+def _config_or_none() -> ml_collections.ConfigDict | None:
+  try:
+    return _config_flag().value
+  except OSError:
+    return None
 
 
 if __name__ == "__main__":

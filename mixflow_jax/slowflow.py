@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mixflow_jax import checkpoints, generate, report, sampling, sharding, storage
+from mixflow_jax import checkpoints, errors, generate, report, sampling, sharding, storage
 from mixflow_jax.data import load_dataset
 from mixflow_jax.interpolants import Path
 from mixflow_jax.models.sit import SiT, abstract_params, make_apply_fn
@@ -105,7 +105,7 @@ def calibrate_gamma(summary: dict, t_min: float = 0.1) -> float:
   t, s = np.asarray(summary["t"]), np.asarray(summary["median"])
   keep = t >= t_min
   if not keep.any():
-    raise ValueError(f"No grid time is >= t_min={t_min}.")
+    raise errors.InvalidInput(f"No grid time is >= t_min={t_min}.")
   return float(np.clip(2 * np.median(1 - s[keep] / t[keep]), 0.0, 1.0))
 
 
@@ -124,8 +124,8 @@ def slowflow_run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
   if sf.mode == "restart":
     dataset = load_dataset(config.data)
     if dataset.image_shape != shape:
-      raise ValueError(f"config.data.name={config.data.name!r} has images of shape "
-                       f"{dataset.image_shape}; the model in {run_dir!r} samples {shape}.")
+      raise errors.InvalidInput(f"config.data.name={config.data.name!r} has images of shape "
+                                f"{dataset.image_shape}; the model in {run_dir!r} samples {shape}.")
     rows = np.arange(sf.num_samples) % len(dataset.heldout_images)
     real, labels = dataset.heldout_images[rows], dataset.heldout_labels[rows]
   # Each batch is split over every device of every process (padded to a multiple of the

@@ -18,10 +18,12 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from mixflow_jax import errors
+
 SCHEMES = ("gs", "s3", "az", "hf")  # the URL schemes etils.epath serves
 
 
-class StorageError(ValueError):
+class StorageError(errors.InvalidInput):
   """A path on a scheme no installed filesystem serves."""
 
 

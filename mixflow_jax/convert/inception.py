@@ -24,6 +24,7 @@ import flax
 import jax.numpy as jnp
 import numpy as np
 
+from mixflow_jax import errors
 from mixflow_jax.convert.torch_checkpoint import load_state_dict
 from mixflow_jax.models import inception
 
@@ -85,11 +86,11 @@ def convert_inception_state_dict(state_dict: Mapping[str, Any],
           if k not in _DROPPED_KEYS and not k.endswith(_DROPPED_SUFFIXES)}
   unknown = [k for k in kept if flax_path(k) not in expected]
   if unknown:
-    raise ValueError(f"State_dict key(s) with no counterpart in the Flax FID Inception: "
-                     f"{_names(unknown)}.")
+    raise errors.InvalidInput(f"State_dict key(s) with no counterpart in the Flax FID Inception: "
+                              f"{_names(unknown)}.")
   if "fc.bias" in arrays and arrays["fc.bias"].shape != (num_classes,):
-    raise ValueError(f"State_dict key 'fc.bias' has shape {arrays['fc.bias'].shape}; the "
-                     f"model has {num_classes} classes, so ({num_classes},).")
+    raise errors.InvalidInput(f"State_dict key 'fc.bias' has shape {arrays['fc.bias'].shape}; the "
+                              f"model has {num_classes} classes, so ({num_classes},).")
 
   variables: dict[tuple[str, ...], jnp.ndarray] = {}
   for key, value in kept.items():
@@ -97,14 +98,14 @@ def convert_inception_state_dict(state_dict: Mapping[str, Any],
     flax_value = _to_flax(key, value)
     want = expected[collection, path]
     if flax_value.shape != want:
-      raise ValueError(f"State_dict key {key!r} has shape {value.shape} (as Flax "
-                       f"{flax_value.shape}); the model needs {want} at "
-                       f"{collection}/{'/'.join(path)}.")
+      raise errors.InvalidInput(f"State_dict key {key!r} has shape {value.shape} (as Flax "
+                                f"{flax_value.shape}); the model needs {want} at "
+                                f"{collection}/{'/'.join(path)}.")
     variables[(collection, *path)] = jnp.asarray(flax_value, jnp.float32)
   missing = [f"{c}/{'/'.join(p)}" for c, p in expected if (c, *p) not in variables]
   if missing:
-    raise ValueError(f"The state_dict lacks {len(missing)} variable(s) the model needs: "
-                     f"{_names(missing)}.")
+    raise errors.InvalidInput(f"The state_dict lacks {len(missing)} variable(s) the model needs: "
+                              f"{_names(missing)}.")
   return flax.traverse_util.unflatten_dict(variables)
 
 
@@ -113,6 +114,6 @@ def load_inception(path: str) -> tuple[inception.InceptionV3, dict]:
   ``pt_inception-2015-12-05-6726825d.pth``; nothing is downloaded). Apply with
   ``module.apply(variables, images)``, images (N, H, W, 3) in [0, 255]."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"No FID Inception weights at {path!r}: pass the path of "
-                            f"pytorch-fid's {WEIGHTS_FILE} (it is not downloaded).")
+    raise errors.MissingInput(f"No FID Inception weights at {path!r}: pass the path of "
+                              f"pytorch-fid's {WEIGHTS_FILE} (it is not downloaded).")
   return inception.InceptionV3(), convert_inception_state_dict(load_state_dict(path))

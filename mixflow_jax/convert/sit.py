@@ -24,6 +24,7 @@ import flax
 import jax.numpy as jnp
 import numpy as np
 
+from mixflow_jax import errors
 from mixflow_jax.models import sit
 
 _EMBEDDING_KEYS = ("y_embedder.embedding_table.weight",)
@@ -96,8 +97,9 @@ def infer_config(state_dict: Mapping[str, np.ndarray], num_heads: int | None = N
   if num_heads is None:
     named = {(d, w): h for d, w, h in sit.SIZES.values()}
     if (depth, width) not in named:
-      raise ValueError(f"Cannot infer the head count of a depth-{depth}, width-{width} SiT: "
-                       "it is not a named size; pass num_heads.")
+      raise errors.InvalidInput(
+          f"Cannot infer the head count of a depth-{depth}, width-{width} SiT: "
+          "it is not a named size; pass num_heads.")
     num_heads = named[depth, width]
   return sit.SiTConfig(
       input_size=math.isqrt(tokens) * patch, patch_size=patch, in_channels=channels,
@@ -129,27 +131,27 @@ def convert_state_dict(state_dict: Mapping[str, Any], config: sit.SiTConfig
     if key == "pos_embed":
       want = sit.sincos_pos_embed_2d(config.hidden_size, s // config.patch_size)[None]
       if value.shape != want.shape:
-        raise ValueError(f"State_dict key 'pos_embed' has shape {value.shape}; the model "
-                         f"needs {want.shape}.")
+        raise errors.InvalidInput(f"State_dict key 'pos_embed' has shape {value.shape}; the model "
+                                  f"needs {want.shape}.")
       if not np.allclose(value, want, atol=1e-5):
-        raise ValueError("State_dict key 'pos_embed' is not the fixed 2-D sin-cos "
-                         "embedding that SiT uses.")
+        raise errors.InvalidInput("State_dict key 'pos_embed' is not the fixed 2-D sin-cos "
+                                  "embedding that SiT uses.")
       continue
     if path not in expected:
       if key.split(".")[0] in _BACKBONE_MODULES:  # e.g. qk-norm weights we do not model
-        raise ValueError(f"State_dict key {key!r} has no counterpart in the Flax SiT.")
+        raise errors.InvalidInput(f"State_dict key {key!r} has no counterpart in the Flax SiT.")
       ignored.append(key)                        # heads outside the backbone (REPA's
       continue                                   # projectors)
     value = _to_flax(key, value)
     if value.shape != expected[path].shape:
-      raise ValueError(f"State_dict key {key!r} has shape {arrays[key].shape} (as Flax "
-                       f"{value.shape}); the model needs {expected[path].shape} at "
-                       f"{'/'.join(path)}.")
+      raise errors.InvalidInput(f"State_dict key {key!r} has shape {arrays[key].shape} (as Flax "
+                                f"{value.shape}); the model needs {expected[path].shape} at "
+                                f"{'/'.join(path)}.")
     params[path] = jnp.asarray(value, jnp.float32)
   missing = [path for path in expected if path not in params]
   if missing:
-    raise ValueError(f"The state_dict lacks {len(missing)} parameter(s) the model needs, "
-                     f"first {'/'.join(missing[0])!r}.")
+    raise errors.InvalidInput(f"The state_dict lacks {len(missing)} parameter(s) the model needs, "
+                              f"first {'/'.join(missing[0])!r}.")
   return flax.traverse_util.unflatten_dict(params), ignored
 
 
@@ -164,6 +166,6 @@ def resolve_config(state_dict: Mapping[str, np.ndarray], model: str | None = Non
                         time_convention=time_convention)
   for field in ("depth", "hidden_size", "patch_size", "mlp_ratio"):
     if getattr(config, field) != getattr(named, field):
-      raise ValueError(f"The checkpoint is not a {model}: its {field} is "
-                       f"{getattr(config, field)}, {model} has {getattr(named, field)}.")
+      raise errors.InvalidInput(f"The checkpoint is not a {model}: its {field} is "
+                                f"{getattr(config, field)}, {model} has {getattr(named, field)}.")
   return config

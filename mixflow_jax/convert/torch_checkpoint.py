@@ -14,6 +14,8 @@ import os
 
 import numpy as np
 
+from mixflow_jax import errors
+
 WEIGHTS = ("ema", "model")
 
 
@@ -25,35 +27,36 @@ def load_state_dict(path: str, weights: str = "ema") -> dict[str, np.ndarray]:
   """The state_dict in ``path`` as float32 arrays; from a train.py checkpoint, its
   ``weights`` entry ('ema', the default, or 'model')."""
   if weights not in WEIGHTS:
-    raise ValueError(f"weights={weights!r}; expected one of {WEIGHTS}.")
+    raise errors.InvalidInput(f"weights={weights!r}; expected one of {WEIGHTS}.")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"No checkpoint file at {path!r}.")
+    raise errors.MissingInput(f"No checkpoint file at {path!r}.")
   if path.endswith(".safetensors"):
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
     try:
       return {k: v.astype(np.float32) for k, v in load_file(path).items()}
     except SafetensorError as e:
-      raise ValueError(f"Cannot read {path!r} as safetensors ({e}): is it truncated?") from e
+      raise errors.InvalidInput(
+          f"Cannot read {path!r} as safetensors ({e}): is it truncated?") from e
 
   import torch
   try:
     with torch.serialization.safe_globals([argparse.Namespace]):
       obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises several types for corrupt or foreign files.
-    raise ValueError(f"Cannot read {path!r} as a PyTorch checkpoint ({type(e).__name__}: "
-                     f"{str(e).splitlines()[0] if str(e) else ''}): is it truncated, or "
-                     "not a checkpoint?") from e
+    raise errors.InvalidInput(f"Cannot read {path!r} as a PyTorch checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}): is it truncated, or "
+                              "not a checkpoint?") from e
   if not isinstance(obj, dict):
-    raise ValueError(f"{path!r} holds a {type(obj).__name__}, not a state_dict.")
+    raise errors.InvalidInput(f"{path!r} holds a {type(obj).__name__}, not a state_dict.")
   if "model" in obj and isinstance(obj["model"], dict):  # an official train.py checkpoint
     if weights not in obj:
-      raise ValueError(f"{path!r} is a train.py checkpoint without {weights!r}; it holds "
-                       f"{sorted(obj)}.")
+      raise errors.InvalidInput(f"{path!r} is a train.py checkpoint without {weights!r}; it holds "
+                                f"{sorted(obj)}.")
     obj = obj[weights]
   tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
   if len(tensors) != len(obj):
     other = sorted(set(obj) - set(tensors))
-    raise ValueError(f"{path!r} is neither a state_dict nor a train.py checkpoint: "
-                     f"entries {other[:5]} are not tensors.")
+    raise errors.InvalidInput(f"{path!r} is neither a state_dict nor a train.py checkpoint: "
+                              f"entries {other[:5]} are not tensors.")
   return _from_torch(tensors)

@@ -32,7 +32,7 @@ import flax
 import jax.numpy as jnp
 import numpy as np
 
-from mixflow_jax import checkpoints
+from mixflow_jax import checkpoints, errors
 from mixflow_jax.convert.torch_checkpoint import load_state_dict
 from mixflow_jax.models import vae
 
@@ -76,8 +76,8 @@ def diffusers_keys(state_dict: Mapping[str, Any]) -> dict[str, tuple[str, Any]]:
   for key, value in state_dict.items():
     new = _rename(key, num_up_blocks)
     if new in renamed:
-      raise ValueError(f"State_dict keys {renamed[new][0]!r} and {key!r} both name the "
-                       f"weight {new!r}.")
+      raise errors.InvalidInput(f"State_dict keys {renamed[new][0]!r} and {key!r} both name the "
+                                f"weight {new!r}.")
     renamed[new] = (key, value)
   return renamed
 
@@ -134,23 +134,23 @@ def infer_vae_config(state_dict: Mapping[str, Any], norm_num_groups: int = 32,
 
   def shape(key: str) -> tuple[int, ...]:
     if key not in renamed:
-      raise ValueError(f"The state_dict lacks {key!r}: it is not an AutoencoderKL "
-                       "state_dict (or not in a key style convert.vae reads).")
+      raise errors.InvalidInput(f"The state_dict lacks {key!r}: it is not an AutoencoderKL "
+                                "state_dict (or not in a key style convert.vae reads).")
     return tuple(np.shape(renamed[key][1]))
 
   in_channels = shape("encoder.conv_in.weight")[1]
   blocks = sorted({int(k.split(".")[2]) for k in renamed
                    if k.startswith("encoder.down_blocks.")})
   if not blocks or blocks != list(range(len(blocks))):
-    raise ValueError(f"The state_dict's encoder down blocks are {blocks}; expected "
-                     "0, 1, ..., n - 1.")
+    raise errors.InvalidInput(f"The state_dict's encoder down blocks are {blocks}; expected "
+                              "0, 1, ..., n - 1.")
   widths = tuple(shape(f"encoder.down_blocks.{i}.resnets.0.conv1.weight")[0] for i in blocks)
   layers = len({k.split(".")[4] for k in renamed
                 if k.startswith("encoder.down_blocks.0.resnets.")})
   encoder_out = shape("encoder.conv_out.weight")[0]
   if encoder_out % 2:
-    raise ValueError(f"State_dict key 'encoder.conv_out.weight' has {encoder_out} output "
-                     "channels; an AutoencoderKL has 2 * latent_channels (mean, logvar).")
+    raise errors.InvalidInput(f"State_dict key 'encoder.conv_out.weight' has {encoder_out} output "
+                              "channels; an AutoencoderKL has 2 * latent_channels (mean, logvar).")
   return vae.VAEConfig(
       in_channels=in_channels,
       out_channels=shape("decoder.conv_out.weight")[0],
@@ -174,8 +174,8 @@ def convert_vae_state_dict(state_dict: Mapping[str, Any], config: vae.VAEConfig)
 
   unknown = [orig for key, (orig, _) in renamed.items() if flax_path(key) not in expected]
   if unknown:
-    raise ValueError(f"State_dict key(s) with no counterpart in the Flax AutoencoderKL: "
-                     f"{_names(unknown)}.")
+    raise errors.InvalidInput(f"State_dict key(s) with no counterpart in the Flax AutoencoderKL: "
+                              f"{_names(unknown)}.")
   params: dict[tuple[str, ...], jnp.ndarray] = {}
   for key, (orig, value) in renamed.items():
     path = flax_path(key)
@@ -183,13 +183,13 @@ def convert_vae_state_dict(state_dict: Mapping[str, Any], config: vae.VAEConfig)
     flax_value = _to_flax(key, value)
     want = tuple(expected[path].shape)
     if flax_value.shape != want:
-      raise ValueError(f"State_dict key {orig!r} has shape {value.shape} (as Flax "
-                       f"{flax_value.shape}); the model needs {want} at {'/'.join(path)}.")
+      raise errors.InvalidInput(f"State_dict key {orig!r} has shape {value.shape} (as Flax "
+                                f"{flax_value.shape}); the model needs {want} at {'/'.join(path)}.")
     params[path] = jnp.asarray(flax_value, jnp.float32)
   missing = [_torch_key(path) for path in expected if path not in params]
   if missing:
-    raise ValueError(f"The state_dict lacks {len(missing)} weight(s) the model needs: "
-                     f"{_names(missing)}.")
+    raise errors.InvalidInput(f"The state_dict lacks {len(missing)} weight(s) the model needs: "
+                              f"{_names(missing)}.")
   return flax.traverse_util.unflatten_dict(params)
 
 
@@ -197,8 +197,8 @@ def read_vae_config(directory: str) -> vae.VAEConfig:
   """The ``VAEConfig`` in ``directory/vae.json``."""
   config = checkpoints.read_config(directory, VAE_JSON, vae.VAEConfig)
   if config is None:
-    raise FileNotFoundError(f"No {VAE_JSON} in {directory!r}: is it a converted VAE "
-                            "(mixflow convert --vae)?")
+    raise errors.MissingInput(f"No {VAE_JSON} in {directory!r}: is it a converted VAE "
+                              "(mixflow convert --vae)?")
   return config
 
 

@@ -50,6 +50,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from mixflow_jax import errors
 from mixflow_jax.data.image_sources import (
     IMAGE_EXTENSIONS,
     ImageSource,
@@ -131,9 +132,9 @@ def _check_fingerprint(path: str, stored: dict, fingerprint: dict) -> None:
       notes.append("the VAE's config (vae.json)")
     else:
       notes.append(f"{key}={stored.get(key)!r}, now {fingerprint.get(key)!r}")
-  raise ValueError(f"{path} records an encoding with other arguments; differing: "
-                   f"{'; '.join(notes)}. Rerun with the same arguments to resume, or use "
-                   "another --out (or delete this one) to start over.")
+  raise errors.InvalidInput(f"{path} records an encoding with other arguments; differing: "
+                            f"{'; '.join(notes)}. Rerun with the same arguments to resume, or use "
+                            "another --out (or delete this one) to start over.")
 
 
 def encode_folder(images_dir: str, vae_dir: str, out: str, image_size: int = 256,
@@ -163,17 +164,18 @@ def encode(source: ImageSource, vae_dir: str, out: str, image_size: int = 256,
   from mixflow_jax.convert.vae import load_vae  # Imported here: it pulls in orbax.
 
   if image_size < 1 or batch_size < 1:
-    raise ValueError(f"encode: image_size={image_size}, batch_size={batch_size}; expected "
-                     ">= 1.")
+    raise errors.InvalidInput(f"encode: image_size={image_size}, batch_size={batch_size}; expected "
+                              ">= 1.")
   mesh = sharding.make_mesh()
   if batch_size % mesh.size:
-    raise ValueError(f"encode: batch_size={batch_size} is not a multiple of the "
-                     f"{mesh.size} devices it is split over.")
+    raise errors.InvalidInput(f"encode: batch_size={batch_size} is not a multiple of the "
+                              f"{mesh.size} devices it is split over.")
   config, params = load_vae(vae_dir)
   factor = config.downsample_factor
   if image_size % factor:
-    raise ValueError(f"image_size={image_size} is not a multiple of the VAE's downsampling "
-                     f"factor {factor} ({vae_dir}).")
+    raise errors.InvalidInput(
+        f"image_size={image_size} is not a multiple of the VAE's downsampling "
+        f"factor {factor} ({vae_dir}).")
   sources, mirrored = row_order(source.num_images, seed, flip)
   total = len(sources)
   shape = (total, image_size // factor, image_size // factor, config.latent_channels)
@@ -273,8 +275,9 @@ class _Writer:
       self.done = 0
     batch_size = fingerprint["batch_size"]
     if self.done % batch_size and self.done != self.total:
-      raise ValueError(f"{self.progress} records rows_done={self.done}, neither a multiple "
-                       f"of batch_size={batch_size} nor all {self.total} rows.")
+      raise errors.InvalidInput(
+          f"{self.progress} records rows_done={self.done}, neither a multiple "
+          f"of batch_size={batch_size} nor all {self.total} rows.")
     shapes = {name: shape for name in MOMENTS} | {_PARTIAL_LABELS: shape[:1]}
     dtypes = {name: np.float32 for name in MOMENTS} | {_PARTIAL_LABELS: np.int32}
     if self.done == 0:
@@ -288,13 +291,14 @@ class _Writer:
       if name == _PARTIAL_LABELS and self.done == self.total:
         continue  # renamed to labels.npy when the last row was written
       if not os.path.isfile(file):
-        raise FileNotFoundError(f"{self.progress} records {self.done} rows done but {file} "
-                                f"is missing; delete {out} to start over.")
+        raise errors.MissingInput(f"{self.progress} records {self.done} rows done but {file} "
+                                  f"is missing; delete {out} to start over.")
       self.arrays[name] = np.load(file, mmap_mode="r+")
       if self.arrays[name].shape != shapes[name] or self.arrays[name].dtype != dtypes[name]:
-        raise ValueError(f"{file} holds {self.arrays[name].dtype} {self.arrays[name].shape}; "
-                         f"this encoding writes {np.dtype(dtypes[name])} {shapes[name]}. "
-                         f"Delete {out} to start over.")
+        raise errors.InvalidInput(
+            f"{file} holds {self.arrays[name].dtype} {self.arrays[name].shape}; "
+            f"this encoding writes {np.dtype(dtypes[name])} {shapes[name]}. "
+            f"Delete {out} to start over.")
 
   def _save_progress(self, rows_done: int) -> None:
     _write_json(self.progress, {"rows_done": rows_done, "rows_total": self.total,

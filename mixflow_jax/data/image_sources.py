@@ -25,6 +25,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from mixflow_jax import errors
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
@@ -48,7 +50,7 @@ def center_crop_adm(image: Image.Image, size: int) -> np.ndarray:
   (h - size) // 2).
   """
   if size < 1:
-    raise ValueError(f"center_crop_adm: size={size}; expected >= 1.")
+    raise errors.InvalidInput(f"center_crop_adm: size={size}; expected >= 1.")
   image = image.convert("RGB")
   while min(image.size) >= 2 * size:
     image = image.resize((image.width // 2, image.height // 2),
@@ -70,12 +72,13 @@ def list_image_folder(root: str) -> tuple[list[str], np.ndarray, list[str]]:
   when it has no class subfolders, or the class folders that hold no image.
   """
   if not os.path.isdir(root):
-    raise FileNotFoundError(f"The image folder {root!r} does not exist.")
+    raise errors.MissingInput(f"The image folder {root!r} does not exist.")
   class_names = sorted(entry.name for entry in os.scandir(root)
                        if entry.is_dir() and not entry.name.startswith("."))
   if not class_names:
-    raise ValueError(f"The image folder {root!r} has no class subfolders; expected the "
-                     "ImageFolder layout ROOT/<class>/<image>, e.g. train/n01440764/x.JPEG.")
+    raise errors.InvalidInput(
+        f"The image folder {root!r} has no class subfolders; expected the "
+        "ImageFolder layout ROOT/<class>/<image>, e.g. train/n01440764/x.JPEG.")
   paths: list[str] = []
   labels: list[int] = []
   empty: list[str] = []
@@ -91,14 +94,14 @@ def list_image_folder(root: str) -> tuple[list[str], np.ndarray, list[str]]:
     paths.extend(os.path.join(class_dir, f) for f in sorted(found))
     labels.extend([label] * len(found))
   if len(empty) == len(class_names):
-    raise ValueError(f"The image folder {root!r} holds no images (extensions "
-                     f"{', '.join(IMAGE_EXTENSIONS)}) in its {len(class_names)} class "
-                     "subfolder(s).")
+    raise errors.InvalidInput(f"The image folder {root!r} holds no images (extensions "
+                              f"{', '.join(IMAGE_EXTENSIONS)}) in its {len(class_names)} class "
+                              "subfolder(s).")
   if empty:
     shown = ", ".join(repr(n) for n in empty[:8]) + (
         f" and {len(empty) - 8} more" if len(empty) > 8 else "")
-    raise ValueError(f"The image folder {root!r} has class subfolder(s) with no images: "
-                     f"{shown} (extensions {', '.join(IMAGE_EXTENSIONS)}).")
+    raise errors.InvalidInput(f"The image folder {root!r} has class subfolder(s) with no images: "
+                              f"{shown} (extensions {', '.join(IMAGE_EXTENSIONS)}).")
   return paths, np.asarray(labels, np.int32), class_names
 
 
@@ -140,25 +143,26 @@ def tfds_source(name: str, split: str = "train", data_dir: str | None = None,
   if not builder.is_prepared():
     instructions = builder.MANUAL_DOWNLOAD_INSTRUCTIONS
     if not instructions:
-      raise ValueError(f"--tfds={name} is not prepared in --tfds_data_dir="
-                       f"{builder.data_dir!r} and needs a download, which encode never "
-                       "does: prepare it with `tfds build` first.")
+      raise errors.InvalidInput(f"--tfds={name} is not prepared in --tfds_data_dir="
+                                f"{builder.data_dir!r} and needs a download, which encode never "
+                                "does: prepare it with `tfds build` first.")
     if not manual_dir or not os.path.isdir(manual_dir) or not os.listdir(manual_dir):
-      raise ValueError(
+      raise errors.InvalidInput(
+
           f"--tfds={name} is not prepared in --tfds_data_dir={builder.data_dir!r}, and "
           f"--manual_dir={manual_dir!r} {'is not set' if not manual_dir else 'is missing or empty'}"
           f". TFDS prepares it from a manual download: {' '.join(instructions.split())}")
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   if split not in builder.info.splits:
-    raise ValueError(f"--tfds={name} has no split {split!r}; it has "
-                     f"{sorted(builder.info.splits)}.")
+    raise errors.InvalidInput(f"--tfds={name} has no split {split!r}; it has "
+                              f"{sorted(builder.info.splits)}.")
   try:
     records = builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
   except (NotImplementedError, ValueError) as e:
-    raise ValueError(f"--tfds={name} in {builder.data_dir} cannot be read by index ({e}): "
-                     "encode reads the array_record format; convert it with `tfds "
-                     "convert_format --output_format=array_record`.") from e
+    raise errors.InvalidInput(f"--tfds={name} in {builder.data_dir} cannot be read by index ({e}): "
+                              "encode reads the array_record format; convert it with `tfds "
+                              "convert_format --output_format=array_record`.") from e
   class_names = list(builder.info.features["label"].names)
 
   def load(i: int, size: int) -> tuple[np.ndarray, int]:

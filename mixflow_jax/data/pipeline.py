@@ -30,6 +30,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from mixflow_jax import errors
 from mixflow_jax.data.arrays import Batch, ImageDataset
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -88,14 +89,14 @@ def train_batches(dataset: ImageDataset, batch_size: int, seed: int, start: int 
   """
   n = len(dataset.train_images)
   if batch_size > n:
-    raise ValueError(f"data.batch_size={batch_size} exceeds the {n} train images of "
-                     f"{dataset.name!r}.")
+    raise errors.InvalidInput(f"data.batch_size={batch_size} exceeds the {n} train images of "
+                              f"{dataset.name!r}.")
   if batch_size % process_count:
-    raise ValueError(f"data.batch_size={batch_size} does not split over {process_count} "
-                     "processes.")
+    raise errors.InvalidInput(f"data.batch_size={batch_size} does not split over {process_count} "
+                              "processes.")
   if flip and dataset.train_mirrors is None:
-    raise ValueError(f"data.flip=True, but {dataset.name!r} holds no mirrored latents "
-                     "(encode with --flip to store them).")
+    raise errors.InvalidInput(f"data.flip=True, but {dataset.name!r} holds no mirrored latents "
+                              "(encode with --flip to store them).")
   stream = grain.MapDataset.range(n).shuffle(seed=seed % 2**32).repeat()
   local = (stream.map_with_index(lambda i, k: (i, k))[start:]
            .batch(batch_size // process_count, drop_remainder=True)
@@ -118,6 +119,7 @@ def check_resumable(stored: dict[str, Any], now: dict[str, Any], source: str) ->
   changed = [f"{key}={stored.get(key)!r}, now {now[key]!r}"
              for key in ("num_examples", "seed", "flip") if stored.get(key) != now[key]]
   if changed:
-    raise ValueError(f"{source} was trained on another input stream: {'; '.join(changed)}. "
-                     "Resume with the same data and seed, or start a new run from it with "
-                     "config.train.init_from.")
+    raise errors.InvalidInput(
+        f"{source} was trained on another input stream: {'; '.join(changed)}. "
+        "Resume with the same data and seed, or start a new run from it with "
+        "config.train.init_from.")

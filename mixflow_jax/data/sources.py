@@ -8,7 +8,7 @@ from collections.abc import Callable
 import ml_collections
 import numpy as np
 
-from mixflow_jax import storage
+from mixflow_jax import errors, storage
 from mixflow_jax.data.arrays import ImageDataset, split
 
 
@@ -55,27 +55,28 @@ def arrays(path: str, heldout_fraction: float = 0.2, num_classes: int | None = N
   manifest_file = folder / "manifest.json"
   manifest = storage.read_json(manifest_file) if manifest_file.exists() else None
   if manifest is None and (folder / "progress.json").exists():
-    raise ValueError(f"data.path={path!r} is an unfinished `mixflow encode` (progress.json, "
-                     "no manifest.json): rerun the encode to finish it.")
+    raise errors.InvalidInput(
+        f"data.path={path!r} is an unfinished `mixflow encode` (progress.json, "
+        "no manifest.json): rerun the encode to finish it.")
   names = ("images", "labels") + (("std",) if manifest and "std" in manifest["moments"] else ())
   files = {name: folder / f"{name}.npy" for name in names}
   for name, file in files.items():
     if not file.is_file():
-      raise FileNotFoundError(f"data.path={path!r} has no {name}.npy ({file}).")
+      raise errors.MissingInput(f"data.path={path!r} has no {name}.npy ({file}).")
   if manifest is not None:
     _check_manifest(manifest, files, manifest_file)
   loaded = {name: storage.load_npy(file, mmap=name != "labels") for name, file in files.items()}
   images, labels = loaded["images"], loaded["labels"].astype(np.int32)
   if images.ndim != 4 or len(labels) != len(images) or labels.ndim != 1:
-    raise ValueError(f"{files['images']} has shape {images.shape} and {files['labels']} "
-                     f"{labels.shape}; expected (N, H, W, C) and (N,).")
+    raise errors.InvalidInput(f"{files['images']} has shape {images.shape} and {files['labels']} "
+                              f"{labels.shape}; expected (N, H, W, C) and (N,).")
   if not np.issubdtype(images.dtype, np.floating):
-    raise ValueError(f"{files['images']} holds {images.dtype}; expected floats in [-1, 1] "
-                     "or scaled latents.")
+    raise errors.InvalidInput(f"{files['images']} holds {images.dtype}; expected floats in [-1, 1] "
+                              "or scaled latents.")
   num_classes = num_classes or int(labels.max()) + 1
   if labels.min() < 0 or labels.max() >= num_classes:
-    raise ValueError(f"{files['labels']} has labels in [{labels.min()}, {labels.max()}], "
-                     f"outside [0, data.num_classes={num_classes}).")
+    raise errors.InvalidInput(f"{files['labels']} has labels in [{labels.min()}, {labels.max()}], "
+                              f"outside [0, data.num_classes={num_classes}).")
   std = loaded.get("std")
   pairs = 2 if manifest is not None and manifest["mirrors"] else 1
   examples = len(images) // pairs
@@ -98,8 +99,8 @@ def _check_manifest(manifest: dict, files: dict, manifest_file) -> None:
     size = storage.path(file).stat()
     size = getattr(size, "st_size", getattr(size, "length", None))
     if expected.get("bytes") is not None and size != expected["bytes"]:
-      raise ValueError(f"{file} has {size} bytes, but {manifest_file} records "
-                       f"{expected['bytes']} (a truncated or different file).")
+      raise errors.InvalidInput(f"{file} has {size} bytes, but {manifest_file} records "
+                                f"{expected['bytes']} (a truncated or different file).")
     with storage.path(file).open("rb") as f:
       read_header = (np.lib.format.read_array_header_1_0
                      if np.lib.format.read_magic(f) == (1, 0)
@@ -107,8 +108,8 @@ def _check_manifest(manifest: dict, files: dict, manifest_file) -> None:
       file_shape, _, dtype = read_header(f)
     want = shape if name != "labels" else shape[:1]
     if tuple(file_shape) != want or (name != "labels" and np.dtype(dtype) != np.float32):
-      raise ValueError(f"{file} holds {np.dtype(dtype)} {tuple(file_shape)}, but "
-                       f"{manifest_file} records {manifest['dtype']} {want}.")
+      raise errors.InvalidInput(f"{file} holds {np.dtype(dtype)} {tuple(file_shape)}, but "
+                                f"{manifest_file} records {manifest['dtype']} {want}.")
 
 
 SOURCES: dict[str, Callable[..., ImageDataset]] = {
@@ -118,7 +119,8 @@ SOURCES: dict[str, Callable[..., ImageDataset]] = {
 def load_dataset(data: ml_collections.ConfigDict) -> ImageDataset:
   """Loads the source ``data.name`` (a key of ``SOURCES``) as ``config.data`` describes."""
   if data.name not in SOURCES:
-    raise ValueError(f"Unknown data.name={data.name!r}; expected one of {sorted(SOURCES)}.")
+    raise errors.InvalidInput(
+        f"Unknown data.name={data.name!r}; expected one of {sorted(SOURCES)}.")
   if data.name == "arrays":
     return arrays(data.path, data.heldout_fraction, data.num_classes)
   return SOURCES[data.name](heldout_fraction=data.heldout_fraction)
