@@ -59,6 +59,14 @@ _FLIP = flags.DEFINE_bool("flip", False, "encode: also store the latents of each
                           "horizontal mirror (2 rows per image), for data.flip=True.")
 _MODEL = flags.DEFINE_string("model", None, "convert: the named size to check against "
                              "(e.g. SiT-XL/2); by default inferred from the weights.")
+_NUM_HEADS = flags.DEFINE_integer(
+    "num_heads", None, "convert: the attention head count, which the weights do not hold; by "
+    "default from --model, the checkpoint's training args (args.model) or the named size of "
+    "the same depth and width. Needed for a width that is not a named size.")
+_CLASS_DROPOUT_PROB = flags.DEFINE_float(
+    "class_dropout_prob", None, "convert: the label dropout the model was trained with (its "
+    "label table then holds a null class; 0 for none); by default REPA's stored args.cfg_prob, "
+    "else 0.1, every official model's.")
 _WEIGHTS = flags.DEFINE_enum("weights", "ema", ["ema", "model"],
                              "convert: which weights of a train.py checkpoint.")
 _TIME_CONVENTION = flags.DEFINE_enum(
@@ -132,8 +140,10 @@ COMMANDS = {
         "Convert an official PyTorch SiT / REPA checkpoint (or an SD-VAE: --vae) to a Flax "
         "run folder with orbax weights.",
         "--checkpoint=PATH --out=DIR [--model=SiT-XL/2] [--weights=ema|model] "
-        "[--time_convention=...] | --vae=PATH --out=DIR",
-        ("checkpoint", "vae", "out", "model", "weights", "time_convention"), ()),
+        "[--time_convention=...] [--num_heads=N] [--class_dropout_prob=P] | --vae=PATH "
+        "--out=DIR",
+        ("checkpoint", "vae", "out", "model", "weights", "time_convention", "num_heads",
+         "class_dropout_prob"), ()),
     "encode": _Command(
         "Encode an ImageFolder or a TFDS dataset to SD-VAE latent moments for "
         "data.name='arrays' (resumable).",
@@ -326,7 +336,8 @@ def _dispatch(command: str) -> None:
       return
     from mixflow_jax.convert.export import convert_checkpoint
     config = convert_checkpoint(_CHECKPOINT.value, _OUT.value, _MODEL.value, _WEIGHTS.value,
-                                _TIME_CONVENTION.value)
+                                _TIME_CONVENTION.value, _NUM_HEADS.value,
+                                _CLASS_DROPOUT_PROB.value)
     print(f"Wrote {_OUT.value}: {config}")
     return
   if command == "encode":

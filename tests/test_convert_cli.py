@@ -12,7 +12,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from mixflow_jax import checkpoints, configuration, generate, train
+from mixflow_jax import checkpoints, configuration, errors, generate, train
 from mixflow_jax.convert.export import convert_checkpoint
 from mixflow_jax.convert.vae import convert_vae_checkpoint
 from mixflow_jax.models import sit
@@ -41,6 +41,11 @@ def test_convert_command_round_trip(checkpoint, tmp_path):
   described = json.loads((out / "model.json").read_text())
   assert (described["depth"], described["hidden_size"], described["learn_sigma"]) == (
       4, 64, True)
+  _assert_outputs_match(ref, out)
+
+
+def _assert_outputs_match(ref, out):
+  """The converted run in ``out`` computes what the PyTorch SiT ``ref`` computes."""
   config = checkpoints.read_model_config(str(out))
   model = sit.SiT(config)
   params, step = checkpoints.load_params(str(out), sit.abstract_params(config))
@@ -54,9 +59,33 @@ def test_convert_command_round_trip(checkpoint, tmp_path):
   np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), expected, atol=1e-5)
 
 
+def test_any_width_converts_with_num_heads_or_the_stored_training_args(tmp_path):
+  ref = torch_sit.random_sit(input_size=8, patch_size=2, in_channels=4, hidden_size=48,
+                             depth=2, num_heads=3, num_classes=10)  # no named size: width 48
+  plain = tmp_path / "custom.pt"
+  torch.save(ref.state_dict(), plain)
+  with pytest.raises(errors.InvalidInput, match=r"width-48 SiT: .*--num_heads=N"):
+    convert_checkpoint(str(plain), str(tmp_path / "refused"))
+  assert convert_checkpoint(str(plain), str(tmp_path / "given"), num_heads=3).num_heads == 3
+  _assert_outputs_match(ref, tmp_path / "given")
+  forked = tmp_path / "forked.pt"  # a train.py dict whose args say the head count
+  weights = ref.state_dict()
+  torch.save({"model": weights, "ema": weights, "opt": {},
+              "args": argparse.Namespace(num_heads=3, cfg_prob=0.1)}, forked)
+  convert_checkpoint(str(forked), str(tmp_path / "stored"))
+  _assert_outputs_match(ref, tmp_path / "stored")
+  named = tmp_path / "named.pt"  # official train.py args name the model: checked
+  torch.save({"model": weights, "ema": weights, "opt": {},
+              "args": argparse.Namespace(model="SiT-S/2")}, named)
+  with pytest.raises(errors.InvalidInput,
+                     match=r"not a SiT-S/2 \(the checkpoint's args\.model\): its depth is 2"):
+    convert_checkpoint(str(named), str(tmp_path / "mismatch"))
+
+
 def test_convert_errors_name_the_problem(checkpoint, tmp_path):
   _, path = checkpoint
-  with pytest.raises(ValueError, match="not a SiT-B/2: its depth is 4, SiT-B/2 has 12"):
+  with pytest.raises(ValueError,
+                     match=r"not a SiT-B/2 \(--model\): its depth is 4, SiT-B/2 has 12"):
     convert_checkpoint(str(path), str(tmp_path / "b"), model="SiT-B/2")
   with pytest.raises(ValueError, match="'SiT-Q/2'"):
     convert_checkpoint(str(path), str(tmp_path / "q"), model="SiT-Q/2")

@@ -86,8 +86,8 @@ def infer_config(state_dict: Mapping[str, np.ndarray], num_heads: int | None = N
   ``learn_sigma`` and the MLP ratio. The head count is not in the weights: pass it, or it
   is taken from the named size of the same depth and width (head width 64 or 72).
 
-  The label table is taken to hold a null class as its last row (``class_dropout_prob``
-  > 0, as in every official model). ``time_convention`` defaults to
+  The label table holds a null class as its last row when ``class_dropout_prob`` > 0 (as
+  in every official model), none when it is 0. ``time_convention`` defaults to
   ``detect_time_convention``.
   """
   width, channels, patch, _ = state_dict["x_embedder.proj.weight"].shape
@@ -98,14 +98,16 @@ def infer_config(state_dict: Mapping[str, np.ndarray], num_heads: int | None = N
     named = {(d, w): h for d, w, h in sit.SIZES.values()}
     if (depth, width) not in named:
       raise errors.InvalidInput(
-          f"Cannot infer the head count of a depth-{depth}, width-{width} SiT: "
-          "it is not a named size; pass num_heads.")
+          f"Cannot infer the head count of a depth-{depth}, width-{width} SiT: it is not a "
+          "named size and the checkpoint stores no training args naming one; pass it "
+          "(mixflow convert --num_heads=N).")
     num_heads = named[depth, width]
   return sit.SiTConfig(
       input_size=math.isqrt(tokens) * patch, patch_size=patch, in_channels=channels,
       hidden_size=width, depth=depth, num_heads=num_heads,
       mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / width,
-      num_classes=state_dict["y_embedder.embedding_table.weight"].shape[0] - 1,
+      num_classes=(state_dict["y_embedder.embedding_table.weight"].shape[0]
+                   - (class_dropout_prob > 0)),
       class_dropout_prob=class_dropout_prob,
       learn_sigma=out_dim == 2 * channels * patch * patch,
       time_convention=time_convention or detect_time_convention(state_dict))
@@ -156,16 +158,33 @@ def convert_state_dict(state_dict: Mapping[str, Any], config: sit.SiTConfig
 
 
 def resolve_config(state_dict: Mapping[str, np.ndarray], model: str | None = None,
-                   time_convention: str | None = None) -> sit.SiTConfig:
-  """The config of a checkpoint: inferred from its weights; with ``model`` (a named size,
-  e.g. 'SiT-XL/2') also checked against that size, naming the first field that differs."""
-  if model is None:
-    return infer_config(state_dict, time_convention=time_convention)
-  named = sit.SiTConfig.named(model)
-  config = infer_config(state_dict, num_heads=named.num_heads,
+                   time_convention: str | None = None, num_heads: int | None = None,
+                   class_dropout_prob: float | None = None,
+                   training_args: Mapping[str, Any] | None = None) -> sit.SiTConfig:
+  """The config of a checkpoint: what its weights determine (``infer_config``), and what
+  they do not, from the first source that has it.
+
+  The head count: ``num_heads``; else the named size ``model`` (e.g. 'SiT-XL/2'); else the
+  checkpoint's ``training_args`` (``num_heads``, or ``model``: SiT's and REPA's train.py
+  store ``--model``); else the named size of the same depth and width. A named size, given
+  or stored, is also checked against the weights, naming the first field that differs.
+  ``class_dropout_prob``: given, else REPA's stored ``cfg_prob``, else 0.1 (every official
+  model's).
+  """
+  args = dict(training_args or {})
+  stored_model = args.get("model") if args.get("model") in sit.NAMED_MODELS else None
+  name, where = (model, "--model") if model else (stored_model, "the checkpoint's args.model")
+  if num_heads is None:
+    num_heads = (sit.SiTConfig.named(name).num_heads if name else args.get("num_heads"))
+  if class_dropout_prob is None:
+    class_dropout_prob = float(args.get("cfg_prob", 0.1))
+  config = infer_config(state_dict, num_heads=num_heads, class_dropout_prob=class_dropout_prob,
                         time_convention=time_convention)
-  for field in ("depth", "hidden_size", "patch_size", "mlp_ratio"):
-    if getattr(config, field) != getattr(named, field):
-      raise errors.InvalidInput(f"The checkpoint is not a {model}: its {field} is "
-                                f"{getattr(config, field)}, {model} has {getattr(named, field)}.")
+  if name:
+    named = sit.SiTConfig.named(name)
+    for field in ("depth", "hidden_size", "patch_size", "mlp_ratio"):
+      if getattr(config, field) != getattr(named, field):
+        raise errors.InvalidInput(
+            f"The checkpoint is not a {name} ({where}): its {field} is "
+            f"{getattr(config, field)}, {name} has {getattr(named, field)}.")
   return config

@@ -26,6 +26,13 @@ def _from_torch(state_dict: dict) -> dict[str, np.ndarray]:
 def load_state_dict(path: str, weights: str = "ema") -> dict[str, np.ndarray]:
   """The state_dict in ``path`` as float32 arrays; from a train.py checkpoint, its
   ``weights`` entry ('ema', the default, or 'model')."""
+  return load_checkpoint(path, weights)[0]
+
+
+def load_checkpoint(path: str, weights: str = "ema") -> tuple[dict[str, np.ndarray], dict]:
+  """(state_dict, training args) of ``path``: the state_dict as ``load_state_dict`` reads
+  it, and the ``args`` a train.py checkpoint stores (``vars`` of its Namespace, e.g.
+  ``model='SiT-XL/2'``; empty for a plain state_dict or safetensors)."""
   if weights not in WEIGHTS:
     raise errors.InvalidInput(f"weights={weights!r}; expected one of {WEIGHTS}.")
   if not os.path.isfile(path):
@@ -34,7 +41,7 @@ def load_state_dict(path: str, weights: str = "ema") -> dict[str, np.ndarray]:
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
     try:
-      return {k: v.astype(np.float32) for k, v in load_file(path).items()}
+      return {k: v.astype(np.float32) for k, v in load_file(path).items()}, {}
     except SafetensorError as e:
       raise errors.InvalidInput(
           f"Cannot read {path!r} as safetensors ({e}): is it truncated?") from e
@@ -49,7 +56,9 @@ def load_state_dict(path: str, weights: str = "ema") -> dict[str, np.ndarray]:
                               "not a checkpoint?") from e
   if not isinstance(obj, dict):
     raise errors.InvalidInput(f"{path!r} holds a {type(obj).__name__}, not a state_dict.")
+  args = {}
   if "model" in obj and isinstance(obj["model"], dict):  # an official train.py checkpoint
+    args = vars(obj["args"]) if isinstance(obj.get("args"), argparse.Namespace) else {}
     if weights not in obj:
       raise errors.InvalidInput(f"{path!r} is a train.py checkpoint without {weights!r}; it holds "
                                 f"{sorted(obj)}.")
@@ -59,4 +68,4 @@ def load_state_dict(path: str, weights: str = "ema") -> dict[str, np.ndarray]:
     other = sorted(set(obj) - set(tensors))
     raise errors.InvalidInput(f"{path!r} is neither a state_dict nor a train.py checkpoint: "
                               f"entries {other[:5]} are not tensors.")
-  return _from_torch(tensors)
+  return _from_torch(tensors), args
