@@ -1,4 +1,4 @@
-"""README.md starts with the two set-up commands, and .ci/run runs the test one."""
+"""README.md starts with the two set-up commands, and .ci/run lints, then runs the test one."""
 
 import os
 
@@ -21,3 +21,4 @@ def test_ci_runs_exactly_the_readme_test_command():
   with open(os.path.join(REPO, ".ci", "run")) as f:
     commands = [line.strip() for line in f if line.strip() and not line.startswith("#")]
   assert commands[-1] == tests
+  assert "ruff check mixflow_jax tests" in commands[-2]  # lint runs before the tests
