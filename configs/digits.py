@@ -42,12 +42,11 @@ def get_config(variant: str = "pretrain") -> ml_collections.ConfigDict:
   )
 
   if variant == "pretrain":
-    config.objective.name, config.objective.t_law = "standard", "uniform"
+    config.objective.name = "standard"  # t ~ U[0, 1] (objective.t_law unset)
     config.optim.lr = config.demo.pretrain_lr
     config.train.steps = config.demo.pretrain_steps
   elif variant in ("mixflow", "standard"):
-    config.objective.name = variant
-    config.objective.t_law = "beta21" if variant == "mixflow" else "uniform"
+    config.objective.name = variant  # t_law unset: Beta(2, 1) for mixflow, else the base's
     config.objective.gamma = config.demo.gamma
     config.optim.lr = config.demo.posttrain_lr
     config.train.steps = config.demo.posttrain_steps

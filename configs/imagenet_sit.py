@@ -53,8 +53,7 @@ def get_config(variant: str = "sit_xl2") -> ml_collections.ConfigDict:
 
   config.objective.name = "mixflow"
   config.objective.path = "linear"
-  config.objective.t_law = "beta21"
-  config.objective.gamma = 0.8
+  config.objective.gamma = 0.8  # t_law unset: Beta(2, 1) for MixFlow, uniform for standard
 
   config.optim.lr = 1e-4
   config.optim.ema_decay = 0.9999

@@ -77,12 +77,18 @@ def read_model_config(run_dir: str) -> SiTConfig | None:
   return read_config(run_dir, MODEL_JSON, SiTConfig, optional=("time_convention",))
 
 
-def read_param_layout(run_dir: str) -> str:
-  """The parameter layout of the run in ``run_dir`` ('unrolled' if model.json predates it)."""
+def read_model_note(run_dir: str, key: str, default: Any = None) -> Any:
+  """The note ``key`` that ``write_model_config`` stored beside the architecture in
+  ``run_dir/model.json`` (``default`` if the run or its model.json predates it)."""
   path = run_root(run_dir) / MODEL_JSON
   if not path.is_file():
-    return "unrolled"
-  return storage.read_json(path).get("param_layout", "unrolled")
+    return default
+  return storage.read_json(path).get(key, default)
+
+
+def read_param_layout(run_dir: str) -> str:
+  """The parameter layout of the run in ``run_dir`` ('unrolled' if model.json predates it)."""
+  return read_model_note(run_dir, "param_layout", "unrolled")
 
 
 def make_manager(run_dir: str, save_every: int = 1, keep: int = 3,

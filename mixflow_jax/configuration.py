@@ -70,9 +70,18 @@ def default_config() -> ml_collections.ConfigDict:
   c.objective = dict(
       name="mixflow",           # standard | mixflow | input_perturbation
       path="linear",            # linear | gvp | vp
-      t_law="beta21",           # uniform | beta21
+      # uniform | beta21 | logit_normal. Unset: beta21 for mixflow (the paper's); for
+      # standard and input_perturbation the law init_from's run recorded for its
+      # pretraining, else uniform (SiT's, REPA's).
+      t_law=config_dict.placeholder(str),
+      logit_normal=(0.0, 1.0),  # SD3's (location, scale), in SD3's time (1 = noise)
+      # SD3 / RAE's time shift s after the law's draw (1: none): t -> t / (s - (s - 1) t).
+      t_shift=1.0,
       gamma=0.8,                # m_t ~ U[(1 - gamma) t, t]
-      slow_law="slowed",        # slowed | uniform (the paper's U[0, 1] ablation)
+      # slowed | interval (m_t ~ U[a t, b t], (a, b) = slow_interval; the paper's
+      # over-slowing ablation is (0.0, 0.2)) | uniform (the paper's U[0, 1] ablation)
+      slow_law="slowed",
+      slow_interval=(0.0, 0.2),
       target_time="m_t",        # regress u*(m_t) (the paper) or u*(t) (the official code)
       perturbation_scale=0.1,   # Input Perturbation's g
   )
@@ -257,8 +266,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   _check(o.name in objectives.OBJECTIVES, "objective.name", o.name,
          f"one of {objectives.OBJECTIVES}")
   _check(o.path in PATHS, "objective.path", o.path, f"one of {sorted(PATHS)}")
-  _check(o.t_law in timesteps.T_LAWS, "objective.t_law", o.t_law,
-         f"one of {sorted(timesteps.T_LAWS)}")
+  _check(o.t_law is None or o.t_law in timesteps.T_LAWS, "objective.t_law", o.t_law,
+         f"unset or one of {timesteps.T_LAWS}")
+  _check(o.t_shift > 0, "objective.t_shift", o.t_shift, "a positive shift (1: none)")
+  _check(len(o.logit_normal) == 2 and o.logit_normal[1] > 0, "objective.logit_normal",
+         o.logit_normal, "(location, scale) with scale > 0")
+  a_b = tuple(o.slow_interval)
+  _check(len(a_b) == 2 and 0 <= a_b[0] <= a_b[1] <= 1, "objective.slow_interval", a_b,
+         "(a, b) with 0 <= a <= b <= 1")
   _check(0 <= o.gamma <= 1, "objective.gamma", o.gamma, "a value in [0, 1]")
   _check(o.slow_law in timesteps.SLOW_LAWS, "objective.slow_law", o.slow_law,
          f"one of {sorted(timesteps.SLOW_LAWS)}")

@@ -48,7 +48,7 @@ def per_example_mse(prediction: Array, target: Array) -> Array:
 
 
 def flow_matching_loss(u_theta: VelocityFn, x1: Array, draws: Draws, *, path: Path,
-                       t_law: str) -> Array:
+                       t_law: str | timesteps.TimeLaw) -> Array:
   """Standard flow matching: || u_theta(x_t, t) - u*(t) ||^2."""
   x0 = jax.random.normal(draws.noise, x1.shape, x1.dtype)
   t = timesteps.sample_t(draws.t, t_law, x1.shape[:1], path.train_interval)
@@ -56,24 +56,27 @@ def flow_matching_loss(u_theta: VelocityFn, x1: Array, draws: Draws, *, path: Pa
   return per_example_mse(u_theta(x_t, t), path.velocity(t, x0, x1))
 
 
-def mixflow_loss(u_theta: VelocityFn, x1: Array, draws: Draws, *, path: Path, t_law: str,
-                 gamma: float, slow_law: str = "slowed", target_time: str = "m_t") -> Array:
+def mixflow_loss(u_theta: VelocityFn, x1: Array, draws: Draws, *, path: Path,
+                 t_law: str | timesteps.TimeLaw, gamma: float, slow_law: str = "slowed",
+                 target_time: str = "m_t", slow_bounds: tuple[float, float] = (0.0, 1.0)
+                 ) -> Array:
   """MixFlow (Algorithm 1): || u_theta(x_{m_t}, t) - u*(m_t) ||^2.
 
   ``target_time='t'`` regresses u*(t) instead, as the official code does (identical for
-  the Linear path, where u* does not depend on time).
+  the Linear path, where u* does not depend on time). ``slow_bounds``: (a, b) of the
+  'interval' slow law, m_t ~ U[a t, b t].
   """
   x0 = jax.random.normal(draws.noise, x1.shape, x1.dtype)                 # x0 ~ N(0, I)
   t = timesteps.sample_t(draws.t, t_law, x1.shape[:1], path.train_interval)  # t ~ Beta(2, 1)
   m_t = timesteps.sample_slowed_t(draws.m, t, gamma, slow_law,            # m_t ~ U[(1-γ)t, t]
-                                  path.train_interval)
+                                  path.train_interval, slow_bounds)
   x_mt = path.interpolate(m_t, x0, x1)                                    # slowed interpolation
   target = path.velocity(m_t if target_time == "m_t" else t, x0, x1)      # u*(m_t)
   return per_example_mse(u_theta(x_mt, t), target)                        # network told t
 
 
 def input_perturbation_loss(u_theta: VelocityFn, x1: Array, draws: Draws, *, path: Path,
-                            t_law: str, scale: float) -> Array:
+                            t_law: str | timesteps.TimeLaw, scale: float) -> Array:
   """Input Perturbation (Ning et al., DDPM-IP): the input's noise is x0 + scale * xi with an
   independent xi ~ N(0, I); the target keeps the unperturbed x0."""
   x0 = jax.random.normal(draws.noise, x1.shape, x1.dtype)
@@ -99,9 +102,10 @@ class Objective:
 
   name: str
   path: Path
-  t_law: str
+  t_law: str | timesteps.TimeLaw
   gamma: float = 0.8
   slow_law: str = "slowed"
+  slow_bounds: tuple[float, float] = (0.0, 1.0)
   target_time: str = "m_t"
   perturbation_scale: float = 0.1
   label_dropout: float = 0.0
@@ -120,7 +124,7 @@ class Objective:
     if self.name == "mixflow":
       return mixflow_loss(u_theta, x1, draws, path=self.path, t_law=self.t_law,
                           gamma=self.gamma, slow_law=self.slow_law,
-                          target_time=self.target_time)
+                          target_time=self.target_time, slow_bounds=self.slow_bounds)
     if self.name == "input_perturbation":
       return input_perturbation_loss(u_theta, x1, draws, path=self.path, t_law=self.t_law,
                                      scale=self.perturbation_scale)

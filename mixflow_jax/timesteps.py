@@ -7,49 +7,102 @@ random numbers are consumed.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+from jax.scipy.special import ndtri
 
 Array = jnp.ndarray
 
-# Training-time laws of t on [0, 1], as inverse CDFs of u ~ U[0, 1).
-T_LAWS = {
-    "uniform": lambda u: u,
+# Training-time laws of t on [0, 1], as inverse CDFs of u ~ U[0, 1) given the law's
+# (location, scale) for the logit-normal.
+_INVERSE_CDFS = {
+    "uniform": lambda u, loc, scale: u,
     # Beta(2, 1), density 2t: with m_t ~ U[(1 - gamma) t, t] it makes the pairs (m_t, t)
     # uniform over their support (MixFlow paper, Sec. "Beta(2,1) sampling").
-    "beta21": jnp.sqrt,
+    "beta21": lambda u, loc, scale: jnp.sqrt(u),
+    # SD3's logit-normal (Esser et al. 2024, Sec. 3.1): logit(tau) ~ N(loc, scale^2) for
+    # tau = 1 - t, SD3's time (tau = 1 noise); in ours logit(t) ~ N(-loc, scale^2).
+    "logit_normal": lambda u, loc, scale: jax.nn.sigmoid(-loc + scale * ndtri(u)),
 }
+T_LAWS = tuple(_INVERSE_CDFS)
+# The law standard (post-)training defaults to where the run's pretraining recorded none:
+# SiT's and REPA's uniform t.
+DEFAULT_T_LAW = "uniform"
 
-# Laws of the slowed time m_t given t, as functions of (t, v ~ U[0, 1), gamma).
+
+def default_t_law(objective: str, pretraining_t_law: str | None = None) -> str:
+  """``objective.t_law`` when the config leaves it unset: Beta(2, 1) for MixFlow (the
+  paper's); for standard training and Input Perturbation, the law recorded for the
+  pretraining of the run they start from, else uniform."""
+  if objective == "mixflow":
+    return "beta21"
+  return pretraining_t_law or DEFAULT_T_LAW
+
+
+def shift_time(t: Array, shift: float) -> Array:
+  """SD3's / RAE's resolution-dependent time shift, in our convention.
+
+  In theirs (tau = 1 - t, tau = 1 noise) it is ``tau' = s tau / (1 + (s - 1) tau)`` (SD3,
+  Esser et al. 2024, Sec. 5.3.2; RAE uses s = sqrt(C H W / 4096)); with t = 1 - tau that is
+  ``t' = t / (s - (s - 1) t)``: s > 1 moves t towards noise, s = 1 leaves it unchanged.
+  """
+  return t / (shift - (shift - 1.0) * t)
+
+
+@dataclasses.dataclass(frozen=True)
+class TimeLaw:
+  """A law of the training time t: ``name``'s draw, then ``shift_time`` by ``shift`` (as
+  the MixFlow patch for RAE draws Beta(2, 1) and then shifts). ``logit_normal``: the
+  (location, scale) of the 'logit_normal' law, in SD3's convention."""
+
+  name: str = "uniform"
+  shift: float = 1.0
+  logit_normal: tuple[float, float] = (0.0, 1.0)
+
+  def __call__(self, u: Array) -> Array:
+    t = _INVERSE_CDFS[self.name](u, *self.logit_normal)
+    return t if self.shift == 1.0 else shift_time(t, self.shift)
+
+
+# Laws of the slowed time m_t given t, as functions of (t, v ~ U[0, 1), gamma, (a, b)).
 SLOW_LAWS = {
     # m_t ~ U[(1 - gamma) t, t]: the paper's slowed interval, always towards noise.
-    "slowed": lambda t, v, gamma: t * (1 - gamma * v),
+    "slowed": lambda t, v, gamma, bounds: t * (1 - gamma * v),
+    # m_t ~ U[a t, b t]: a general slowed interval (the paper's over-slowing ablation is
+    # U[0, 0.2 t]).
+    "interval": lambda t, v, gamma, bounds: t * (bounds[1] - (bounds[1] - bounds[0]) * v),
     # m_t ~ U[0, 1] independent of t: the paper's ablation (includes less noisy states).
-    "uniform": lambda t, v, gamma: v,
+    "uniform": lambda t, v, gamma, bounds: v,
 }
 
 
 def sample_t(
-    key: jax.Array, law: str, shape: tuple[int, ...], interval: tuple[float, float] = (0.0, 1.0)
+    key: jax.Array, law: str | TimeLaw, shape: tuple[int, ...],
+    interval: tuple[float, float] = (0.0, 1.0),
 ) -> Array:
-  """Draws training times t ~ law, rescaled to ``interval``.  Returns ``shape`` float32."""
+  """Draws training times t ~ law (a ``TimeLaw`` or the name of one without shift),
+  rescaled to ``interval``.  Returns ``shape`` float32."""
+  law = TimeLaw(law) if isinstance(law, str) else law
   lo, hi = interval
   u = jax.random.uniform(key, shape)
-  q = T_LAWS[law](u)
+  q = law(u)
   return q if (lo, hi) == (0.0, 1.0) else lo + (hi - lo) * q
 
 
 def sample_slowed_t(
     key: jax.Array, t: Array, gamma: float, law: str = "slowed",
-    interval: tuple[float, float] = (0.0, 1.0),
+    interval: tuple[float, float] = (0.0, 1.0), bounds: tuple[float, float] = (0.0, 1.0),
 ) -> Array:
   """Draws MixFlow's slowed time m_t for each t.  t: (B,) -> m_t: (B,).
 
   With law 'slowed', ``m_t = t (1 - gamma v)``, v ~ U[0, 1), i.e. m_t ~ U[(1 - gamma) t, t];
-  gamma = 0 gives m_t = t exactly (bit for bit).
+  gamma = 0 gives m_t = t exactly (bit for bit). With law 'interval', m_t ~ U[a t, b t] for
+  ``bounds`` = (a, b).
   """
   lo, hi = interval
   v = jax.random.uniform(key, t.shape)
   if law == "uniform" and (lo, hi) != (0.0, 1.0):
     v = lo + (hi - lo) * v
-  return SLOW_LAWS[law](t, v, gamma)
+  return SLOW_LAWS[law](t, v, gamma, bounds)

@@ -32,7 +32,7 @@ from clu import metric_writers, metrics, periodic_actions
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from mixflow_jax import checkpoints, configuration, hardware, sharding, storage
+from mixflow_jax import checkpoints, configuration, hardware, sharding, storage, timesteps
 from mixflow_jax.data import ImageDataset, load_dataset, pipeline
 from mixflow_jax.interpolants import get_path
 from mixflow_jax.models import attention
@@ -93,11 +93,32 @@ def make_model(config: ml_collections.ConfigDict, image_shape: tuple[int, int, i
              activation_sharding=None if mesh is None else sharding.batch_sharding(mesh))
 
 
+PRETRAINING_T_LAW = "pretraining_t_law"  # the model.json note of the pretraining's t law
+
+
+def resolve_t_law(config: ml_collections.ConfigDict, pretraining_t_law: str | None = None
+                  ) -> ml_collections.ConfigDict:
+  """``config``, or a copy with ``objective.t_law`` set where it was unset, by
+  ``timesteps.default_t_law`` (given the pretraining's recorded law)."""
+  if config.objective.t_law is not None:
+    return config
+  resolved = config.copy_and_resolve_references()
+  resolved.objective.t_law = timesteps.default_t_law(config.objective.name, pretraining_t_law)
+  logging.info("config.objective.t_law unset: %r (%s).", resolved.objective.t_law,
+               "MixFlow's" if config.objective.name == "mixflow" else
+               f"the pretraining's, recorded by {config.train.init_from!r}"
+               if pretraining_t_law else "uniform: no pretraining law recorded")
+  return resolved
+
+
 def make_objective(config: ml_collections.ConfigDict, model: SiT) -> Objective:
   o = config.objective
   return Objective(
-      name=o.name, path=get_path(o.path), t_law=o.t_law, gamma=o.gamma,
-      slow_law=o.slow_law, target_time=o.target_time,
+      name=o.name, path=get_path(o.path),
+      t_law=timesteps.TimeLaw(o.t_law or timesteps.default_t_law(o.name), o.t_shift,
+                              tuple(o.logit_normal)),
+      gamma=o.gamma, slow_law=o.slow_law, slow_bounds=tuple(o.slow_interval),
+      target_time=o.target_time,
       perturbation_scale=o.perturbation_scale,
       label_dropout=model.config.class_dropout_prob, null_class=model.config.num_classes)
 
@@ -357,6 +378,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   tr = config.train
   mesh = sharding.make_mesh(tr.num_fsdp)
   configuration.validate(config, mesh.size)
+  # The pretraining law: this run's own when it starts from scratch, else what init_from's
+  # run recorded; standard post-training defaults to it (timesteps.default_t_law).
+  pretraining_t_law = (checkpoints.read_model_note(tr.init_from, PRETRAINING_T_LAW)
+                       if tr.init_from else None)
+  config = resolve_t_law(config, pretraining_t_law)
+  if not tr.init_from:
+    pretraining_t_law = config.objective.t_law
   dataset = dataset or load_dataset(config.data)
   s = setup_step(config, dataset.image_shape, dataset.num_classes, mesh)
   init_key, rng = jax.random.split(jax.random.key(config.seed))
@@ -368,7 +396,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   manager = checkpoints.make_manager(workdir, tr.checkpoint_every, tr.keep_checkpoints)
   state = _restore_or_init(config, workdir, s, manager, init_key)
   if jax.process_index() == 0:
-    checkpoints.write_model_config(workdir, s.model.config, param_layout=param_layout(s.model))
+    notes = {PRETRAINING_T_LAW: pretraining_t_law} if pretraining_t_law else {}
+    checkpoints.write_model_config(workdir, s.model.config, param_layout=param_layout(s.model),
+                                   **notes)
 
   start, total, batch_size = int(state.step), tr.steps, config.data.batch_size
   data_state = functools.partial(pipeline.state_json, batch_size=batch_size, seed=config.seed,

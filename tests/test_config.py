@@ -109,7 +109,7 @@ def test_digits_variants_validate():
   digits = _config_module("digits")
   for variant in ("pretrain", "mixflow", "standard"):
     configuration.validate(digits.get_config(variant))
-  assert digits.get_config("mixflow").objective.t_law == "beta21"
+  assert digits.get_config("mixflow").objective.t_law is None  # follows the objective
   with pytest.raises(ValueError, match="'post'"):
     digits.get_config("post")
 

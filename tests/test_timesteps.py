@@ -51,3 +51,33 @@ def test_uniform_slow_law_ignores_t():
 def test_interval_rescales_law():
   t = _t("beta21", interval=(0.0, 0.5))
   assert scipy.stats.kstest(t, "beta", args=(2, 1, 0.0, 0.5)).pvalue > 1e-3
+
+
+def test_logit_normal_is_sd3s_in_sd3s_time():
+  law = timesteps.TimeLaw("logit_normal", logit_normal=(0.5, 0.8))
+  t = np.asarray(timesteps.sample_t(jax.random.key(4), law, (N,)), np.float64)
+  tau = 1 - t  # SD3's time, 1 = noise: logit(tau) ~ N(0.5, 0.8^2)
+  assert scipy.stats.kstest(np.log(tau / (1 - tau)), "norm", args=(0.5, 0.8)).pvalue > 1e-3
+  assert scipy.stats.kstest(np.log(t / (1 - t)), "norm", args=(0.5, 0.8)).pvalue < 1e-6
+
+
+def test_time_shift_is_sd3s_in_our_convention_and_composes_with_beta21():
+  u = jax.random.uniform(jax.random.key(0), (N,))
+  for shift in (1.0, 3.0, 0.5):
+    law = timesteps.TimeLaw("beta21", shift=shift)
+    t = np.asarray(timesteps.sample_t(jax.random.key(0), law, (N,)), np.float64)
+    tau = 1 - np.sqrt(np.asarray(u, np.float64))  # SD3 / RAE: tau' = s tau / (1 + (s-1) tau)
+    np.testing.assert_allclose(1 - t, shift * tau / (1 + (shift - 1) * tau), atol=2e-6)
+  noisier = np.asarray(timesteps.sample_t(jax.random.key(0), timesteps.TimeLaw(
+      "beta21", shift=3.0), (N,)))
+  assert np.all(noisier <= np.sqrt(np.asarray(u)) + 1e-7)  # s > 1 moves t towards noise
+
+
+@pytest.mark.parametrize("bounds", [(0.0, 0.2), (0.3, 0.9)])
+def test_interval_slow_law_is_uniform_on_a_t_to_b_t(bounds):
+  a, b = bounds
+  t = timesteps.sample_t(jax.random.key(1), "beta21", (N,))
+  m = timesteps.sample_slowed_t(jax.random.key(2), t, 0.8, "interval", bounds=bounds)
+  ratio = np.asarray(m / t, np.float64)
+  assert scipy.stats.kstest(ratio, "uniform", args=(a, b - a)).pvalue > 1e-3
+  assert scipy.stats.kstest(ratio, "uniform", args=(a, (b - a) * 0.9)).pvalue < 1e-6

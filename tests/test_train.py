@@ -191,13 +191,23 @@ def test_model_json_guards_what_shapes_cannot(config, synthetic_dataset, tmp_pat
 
 def test_warm_start_loads_ema_params_and_fresh_optimizer(config, synthetic_dataset, tmp_path):
   config.train.steps = 4
+  config.objective.name, config.objective.t_law = "standard", "logit_normal"
   base = train.train(config, str(tmp_path / "base"), dataset=synthetic_dataset)
   config.train.init_from = str(tmp_path / "base")
+  config.objective.t_law = None  # standard post-training: the pretraining's recorded law
   config.optim.lr = 1e-30  # so that one step leaves the params where they started
   config.optim.ema_decay = 0.0
   config.train.steps = 1
   post = train.train(config, str(tmp_path / "post"), dataset=synthetic_dataset)
   assert int(post.step) == 1
+  for run in ("base", "post"):
+    note = checkpoints.read_model_note(str(tmp_path / run), train.PRETRAINING_T_LAW)
+    assert note == "logit_normal", run
+  assert train.resolve_t_law(config, "logit_normal").objective.t_law == "logit_normal"
+  config.objective.name = "mixflow"
+  assert train.resolve_t_law(config, "logit_normal").objective.t_law == "beta21"
+  config.objective.name, config.train.init_from = "standard", ""
+  assert train.resolve_t_law(config).objective.t_law == "uniform"  # none recorded
   for x, y in zip(jax.tree.leaves(post.params), jax.tree.leaves(base.ema_params)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-20)
   assert not all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(
