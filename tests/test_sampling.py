@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from mixflow_jax import sampling
+from mixflow_jax.interpolants import get_path
 
 
 @pytest.mark.parametrize("method", ["euler", "heun", "dopri5"])
@@ -43,38 +44,107 @@ def test_heun_step_matches_trapezoid():
                              rtol=1e-6)
 
 
-def _gaussian_velocity(scale):
-  """The exact velocity of the Linear path for data ~ N(0, scale^2 I): with
-  v_t = t^2 scale^2 + (1 - t)^2, E[x1 | x_t] = t scale^2 x / v_t and
-  u = (E[x1 | x] - x) / (1 - t)."""
+def _gaussian_velocity(scale, path=None):
+  """The exact velocity of ``path`` (default Linear) for data ~ N(0, scale^2 I): with
+  x = alpha x1 + sigma x0 and v_t = alpha^2 scale^2 + sigma^2, E[x1 | x] = alpha scale^2 x /
+  v_t, E[x0 | x] = sigma x / v_t and u = alpha' E[x1 | x] + sigma' E[x0 | x]."""
+  path = path or get_path("linear")
+
   def u(x, t):
     t = t[:, None]
-    var = t**2 * scale**2 + (1 - t) ** 2
-    return (t * scale**2 - (1 - t)) * x / var
+    a, s, da, ds = path.alpha(t), path.sigma(t), path.d_alpha(t), path.d_sigma(t)
+    return (da * a * scale**2 + ds * s) * x / (a**2 * scale**2 + s**2)
   return u
 
 
-@pytest.mark.parametrize("method, num_steps", [("heun", 50), ("dopri5", 1), ("sde", 400)])
-def test_samplers_reach_the_data_distribution(method, num_steps):
+@pytest.mark.parametrize("method, num_steps, path", [
+    ("heun", 50, "linear"), ("dopri5", 1, "linear"), ("sde", 400, "linear"),
+    ("heun", 50, "gvp"), ("sde", 400, "gvp"), ("heun", 50, "vp"), ("sde", 400, "vp")])
+def test_samplers_reach_the_data_distribution(method, num_steps, path):
   """With the exact velocity of Gaussian data (std 0.5), every sampler's output has the data's
-  standard deviation: a wrong sign in the SDE's score or diffusion term would not."""
-  sampler = sampling.Sampler(method, num_steps=num_steps)
+  standard deviation on every path: a wrong sign in the SDE's score or diffusion term, or
+  a diffusion w_t = 1 - t instead of sigma_t (equal only on Linear), would not."""
+  path = get_path(path)
+  # The SDE's noise-free 'Mean' last step returns a denoised estimate whose std is below
+  # the data's (the official 0.04 gives 0.495 / 0.493 / 0.479 on Linear / GVP / VP at 400
+  # steps): a short one isolates the Euler-Maruyama part.
+  sampler = sampling.Sampler(method, num_steps=num_steps, path=path, last_step_size=0.01)
   x0 = jax.random.normal(jax.random.key(0), (4000, 8))
   noise = lambda i: jax.random.normal(jax.random.fold_in(jax.random.key(1), i), x0.shape)
-  out = jax.jit(lambda x: sampling.integrate(_gaussian_velocity(0.5), x, sampler, noise))(x0)
+  out = jax.jit(lambda x: sampling.integrate(_gaussian_velocity(0.5, path), x, sampler,
+                                             noise))(x0)
   assert abs(float(jnp.std(out)) - 0.5) < 0.01
   assert abs(float(jnp.mean(out))) < 0.01
 
 
 def test_sde_grid_and_mean_last_step():
   """The official grid: num_steps Euler-Maruyama steps on linspace(0, 1 - 0.04, .) and a
-  noise-free last step of 0.04: with u = 0 and no noise, x shrinks by the score term only."""
+  noise-free last step of 0.04: with no diffusion and a constant velocity c, x moves by
+  0.96 c on the grid and by the last 0.04 c in the 'Mean' step."""
   sampler = sampling.Sampler("sde", num_steps=3, diffusion_norm=0.0)
   np.testing.assert_allclose(sampler.grid, [0.0, 0.32, 0.64, 0.96], rtol=1e-6)
-  x0 = jnp.ones((2, 3))
-  out = sampling.integrate(lambda x, t: jnp.zeros_like(x), x0, sampler,
+  x0, c = jnp.ones((2, 3)), jnp.array([0.5, -1.0, 2.0])
+  out = sampling.integrate(lambda x, t: jnp.broadcast_to(c, x.shape), x0, sampler,
                            lambda i: jnp.zeros_like(x0))
-  np.testing.assert_allclose(out, x0)  # zero diffusion: only the (zero) velocity moves x
+  np.testing.assert_allclose(out, x0 + c, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["gvp", "vp"])
+def test_sde_steps_follow_the_official_sigma_diffusion_on_every_path(path):
+  """Each Euler-Maruyama step is x + (v + w score) dt + sqrt(2 w dt) xi with the official
+  diffusion form w_t = norm * sigma_t, then the 'Mean' step x + (v + w score) * 0.04. Any
+  w gives the same marginals with an exact score, so the distribution test cannot see w;
+  this one can (sigma_t = 1 - t on Linear only)."""
+  path = get_path(path)
+  sampler = sampling.Sampler("sde", num_steps=3, path=path, diffusion_norm=0.7)
+  u = lambda x, t: jnp.sin(x) + t[:, None]
+  x = jnp.array([[0.3, -1.0, 0.5], [2.0, 0.5, -0.2]])
+  xis = [jax.random.normal(jax.random.key(i), x.shape) for i in range(3)]
+  out = sampling.integrate(u, x, sampler, lambda i: jnp.stack(xis)[i])
+  grid = [0.0, 0.32, 0.64, 0.96]
+  want = np.asarray(x, np.float64)
+  for i, t in enumerate([*grid[:3], grid[3]]):
+    tt = jnp.full((2,), t, jnp.float32)
+    v = u(jnp.asarray(want, jnp.float32), tt)
+    w = 0.7 * float(path.sigma(jnp.float32(t)))
+    drift = np.asarray(v + w * path.score_from_velocity(tt, jnp.asarray(want, jnp.float32), v))
+    if i < 3:
+      want = want + drift * 0.32 + np.sqrt(2 * w * 0.32) * np.asarray(xis[i])
+    else:
+      want = want + drift * 0.04
+  np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("path", ["linear", "gvp", "vp"])
+def test_interpolant_conversions_invert_each_other(path):
+  """noise <-> velocity <-> score on every path, against the definitions: for x = alpha x1
+  + sigma x0, the velocity alpha' x1 + sigma' x0 implies the noise x0 and the score of the
+  Gaussian conditional, -x0 / sigma."""
+  path = get_path(path)
+  t = jnp.array([0.1, 0.4, 0.7, 0.95])
+  x0 = jax.random.normal(jax.random.key(0), (4, 6))
+  x1 = jax.random.normal(jax.random.key(1), (4, 6))
+  x, v = path.interpolate(t, x0, x1), path.velocity(t, x0, x1)
+  np.testing.assert_allclose(path.noise_from_velocity(t, x, v), x0, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(path.velocity_from_noise(t, x, x0), v, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(path.score_from_velocity(t, x, v),
+                             -x0 / path.sigma(t)[:, None], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("path", ["gvp", "vp"])
+def test_epsilon_scaling_on_every_path(path):
+  """The scaled velocity is the path's velocity of the same data estimate's x with the
+  implied noise divided by lambda: v' = alpha' (x - sigma eps') / alpha + sigma' eps'."""
+  path = get_path(path)
+  u = lambda x, t: jnp.sin(x) + t[:, None]
+  x, t = jnp.array([[0.3, -1.0], [2.0, 0.5]]), jnp.array([0.25, 0.8])
+  got = sampling.epsilon_scaled(u, path, 1.004, slope=0.01)(x, t)
+  v, tt = u(x, t), t[:, None]
+  a, s, da, ds = path.alpha(tt), path.sigma(tt), path.d_alpha(tt), path.d_sigma(tt)
+  eps = (a * v - da * x) / (a * ds - da * s)  # solves x = a x1 + s eps, v = da x1 + ds eps
+  eps_scaled = eps / (1.004 + 0.01 * (1 - tt))
+  want = da * (x - s * eps_scaled) / a + ds * eps_scaled
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_epsilon_scaling_rescales_the_implied_noise():
@@ -97,11 +167,13 @@ def test_epsilon_scaling_rescales_the_implied_noise():
   np.testing.assert_allclose(slope[:2], (x[:2] - eps[:2] / lam_t) / t[:2, None], rtol=1e-5)
 
 
-def test_time_shift_picks_the_time_whose_variance_matches():
+@pytest.mark.parametrize("path", ["linear", "gvp", "vp"])
+def test_time_shift_picks_the_time_whose_variance_matches(path):
   """A state whose variance is that of time 0.45 (data variance 0.25), seen at nominal
   time 0.5 with a window of 0.1, is moved to ~0.45; outside the window it stops at the edge."""
-  sampler = sampling.Sampler("euler", time_shift_window=0.1, data_var=0.25)
-  target = lambda s: (1 - s) ** 2 + s**2 * 0.25
+  path = get_path(path)
+  sampler = sampling.Sampler("euler", time_shift_window=0.1, data_var=0.25, path=path)
+  target = lambda s: path.sigma(jnp.float32(s)) ** 2 + path.alpha(jnp.float32(s)) ** 2 * 0.25
   z = jax.random.normal(jax.random.key(0), (2, 20000))
   z = (z - z.mean(1, keepdims=True)) / z.std(1, keepdims=True)
   x = z * jnp.sqrt(jnp.array([target(0.45), target(0.2)]))[:, None]
