@@ -81,19 +81,20 @@ def official_ode_sample(model_fn, x0, method: str, num_sampling_steps: int) -> t
   return x
 
 
-def official_dopri5_sample(model_fn, x0, num_sampling_steps: int, atol: float = 1e-6,
-                          rtol: float = 1e-3) -> torch.Tensor:
-  """The official SiT adaptive ODE sampler for a Linear velocity model: torchdiffeq's
-  dopri5 (the library itself) on drift(t, x) = model_fn(x, t expanded to the batch), output
-  points torch.linspace(0, 1, N), tolerances passed as one-element lists as the official
-  code does; the sample is the last point. ``model_fn(x, t (N,))``."""
+def official_odeint_sample(model_fn, x0, num_sampling_steps: int, atol: float = 1e-6,
+                          rtol: float = 1e-3, method: str = "dopri5") -> torch.Tensor:
+  """The official SiT ODE sampler for a Linear velocity model, through torchdiffeq itself:
+  ``method`` (the adaptive 'dopri5', or a fixed-grid 'euler' / 'heun2', which step on the
+  output points) on drift(t, x) = model_fn(x, t expanded to the batch), output points
+  torch.linspace(0, 1, N), tolerances passed as one-element lists as the official code
+  does; the sample is the last point. ``model_fn(x, t (N,))``."""
   import torchdiffeq  # Only this reference needs it.
 
   def drift(t, x):
     return model_fn(x, torch.ones(x.shape[0]) * t)
 
   grid = torch.linspace(0, 1, num_sampling_steps)
-  return torchdiffeq.odeint(drift, x0, grid, method="dopri5", atol=[atol], rtol=[rtol])[-1]
+  return torchdiffeq.odeint(drift, x0, grid, method=method, atol=[atol], rtol=[rtol])[-1]
 
 
 def official_sde_sample(model_fn, x0, noises, num_sampling_steps: int,
