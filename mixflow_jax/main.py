@@ -466,16 +466,13 @@ def run() -> None:
       print(_overview())
       sys.exit(0)
     _parse_flags([sys.argv[0], *rest])
-    print(_command_help(command, _config_or_none()))
+    try:
+      config = _config()
+    except errors.UserError:  # --help still answers for a config that does not load
+      config = None
+    print(_command_help(command, config))
     sys.exit(0)
   app.run(main, flags_parser=_parse_flags)
-
-
-def _config_or_none() -> ml_collections.ConfigDict | None:
-  try:
-    return _config_flag().value
-  except OSError:
-    return None
 
 
 if __name__ == "__main__":
