@@ -187,7 +187,7 @@ def _command_help(name: str, config: ml_collections.ConfigDict | None) -> str:
     lines += ["", *_wrap("Config fields it reads, as the config sets them (override any with "
                          "--config.<section>.<field>=<value>; documented in "
                          "mixflow_jax/configuration.py):")]
-    for section in command.sections:
+    for section in (s for s in command.sections if s in config):  # demo: digits.py only
       value = config[section]
       if isinstance(value, ml_collections.ConfigDict):
         text = "  ".join(f"{k}={v!r}" for k, v in value.items())
