@@ -153,6 +153,16 @@ def read_data_state(manager: ocp.CheckpointManager, step: int) -> dict | None:
       **{DATA_ITEM: ocp.args.JsonRestore()}))[DATA_ITEM]
 
 
+def save_converted(out: str, tree: Any) -> None:
+  """Saves ``tree`` (a converter's weights) as checkpoint 0 of ``out``; OutputExists if
+  ``out`` already holds a checkpoint."""
+  with make_manager(out) as manager:
+    if manager.latest_step() is not None:
+      raise errors.OutputExists(f"{checkpoint_dir(out)} already holds a checkpoint: "
+                                "convert into another --out.")
+    save_state(manager, 0, tree)
+
+
 def _restore_args(abstract: Any) -> Any:
   return ocp.checkpoint_utils.construct_restore_args(abstract)
 

@@ -18,3 +18,7 @@ class InvalidInput(UserError, ValueError):
 
 class MissingInput(UserError, FileNotFoundError):
   """A file or folder the user named does not exist, or holds nothing usable."""
+
+
+class OutputExists(UserError, FileExistsError):
+  """An output the user named already holds what a job would write there."""

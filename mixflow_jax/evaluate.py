@@ -37,13 +37,14 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from mixflow_jax import configuration, errors, generate, metrics, sharding, storage
+from mixflow_jax import configuration, errors, generate, metrics, pretrained, sharding, storage
+from mixflow_jax import pixels as pixels_lib
 from mixflow_jax.data import ImageDataset, load_dataset, pipeline
+from mixflow_jax.data.image_sources import IMAGE_EXTENSIONS
 from mixflow_jax.models import inception as inception_lib
 from mixflow_jax.models.classifier import Classifier
 
 INCEPTION_BATCH_SIZE = 64  # The ADM evaluator's batch size.
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 # Feature dimension of each reference-batch statistic (pool_3 for FID, spatial for sFID).
 _STATS_DIMS = {"mu": inception_lib.POOL_DIM, "sigma": inception_lib.POOL_DIM,
@@ -579,9 +580,7 @@ def adm_metrics(sample_path: str, reference_path: str, inception_path: str,
     raise errors.InvalidInput(f"The samples {sample_path} are {samples.shape[1:3]} images and the "
                               f"reference {reference_path} {reference.images.shape[1:3]}: evaluate "
                               "against the reference of the samples' resolution.")
-  from mixflow_jax.convert.inception import load_inception  # Reads PyTorch files.
-
-  module, variables = load_inception(inception_path)
+  module, variables = pretrained.load_inception(inception_path)
   features = inception_features(samples, module, variables, batch_size, name=sample_path)
   stats, spatial_stats, reference_pool = cached_reference_features(
       reference, module, variables, inception_path, cache_dir, batch_size)
@@ -653,6 +652,6 @@ def evaluate_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   dataset = load_dataset(config.data)
   check_labels(_check_labels_array(path, labels, len(pixels)), dataset.num_classes, path)
   evaluator = Evaluator(dataset, config.eval, workdir)
-  result = evaluator(generate.from_uint8(pixels), labels)
+  result = evaluator(pixels_lib.from_uint8(pixels), labels)
   storage.write_json(path.replace(".npz", ".metrics.json"), result)
   return result

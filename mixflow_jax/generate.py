@@ -27,7 +27,17 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from mixflow_jax import checkpoints, configuration, errors, sampling, sharding, storage
+from mixflow_jax import (
+    checkpoints,
+    configuration,
+    errors,
+    pixels,
+    pretrained,
+    resume,
+    sampling,
+    sharding,
+    storage,
+)
 from mixflow_jax.data import ImageDataset, load_dataset
 from mixflow_jax.models.sit import SiT, SiTConfig, abstract_params, make_apply_fn
 
@@ -38,15 +48,6 @@ _HASHED_OPTIONS = ("cfg_interval", "atol", "rtol", "last_step_size", "diffusion_
                    "data_var")
 _SAMPLER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(sampling.Sampler)}
 _RANDOM_LABELS_STREAM = 1  # seeds 'random' labels apart from other draws of the same seed
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-  """[-1, 1] floats to uint8 pixels with the ADM mapping clamp(127.5 x + 128, 0, 255)."""
-  return np.clip(127.5 * np.asarray(images) + 128, 0, 255).astype(np.uint8)
-
-
-def from_uint8(pixels: np.ndarray) -> np.ndarray:
-  return (pixels.astype(np.float32) - 127.5) / 127.5
 
 
 def run_model_config(config: ml_collections.ConfigDict, run_dir: str,
@@ -123,10 +124,9 @@ def _vae_decoder(vae_dir: str, channels: int, mesh: jax.sharding.Mesh
   identity (and no params) when ``vae_dir`` is empty."""
   if not vae_dir:
     return (lambda _, z: z), None
-  from mixflow_jax.convert.vae import load_vae  # Only latent models need it.
-  from mixflow_jax.models.vae import AutoencoderKL
+  from mixflow_jax.models.vae import AutoencoderKL  # Only latent models need it.
 
-  vae_config, vae_params = load_vae(vae_dir)
+  vae_config, vae_params = pretrained.load_vae(vae_dir)
   if channels != vae_config.latent_channels:
     raise configuration.ConfigError(
         f"config.sample.vae={vae_dir!r} decodes {vae_config.latent_channels}-channel "
@@ -249,7 +249,7 @@ def sample_job(config: ml_collections.ConfigDict, workdir: str) -> str:
     first = starts[shard]
     images = batch_sampler(first, labels[first:first + s.batch_size])
     if writes:
-      storage.save_npz(shard_path(shard), arr_0=to_uint8(images),
+      storage.save_npz(shard_path(shard), arr_0=pixels.to_uint8(images),
                        arr_1=labels[first:first + len(images)])
     done += len(images)
     elapsed = time.perf_counter() - t_start
@@ -279,7 +279,7 @@ def _check_or_write_job(shard_dir: epath.Path, config: ml_collections.ConfigDict
   if job_file.exists():
     stored = storage.read_json(job_file)
     if stored != job:
-      differs = sorted(k for k in set(stored) | set(job) if stored.get(k) != job.get(k))
+      differs = resume.differing_fields(stored, job)
       raise errors.InvalidInput(f"{shard_dir} holds shards of another job ({', '.join(differs)} "
                                 f"differ: {stored} vs {job}); delete it to start over.")
     return

@@ -1,4 +1,6 @@
-"""Peak dense bf16 FLOP/s per chip (vendors' published specs, shared/REFERENCE.md), for MFU.
+"""Peak dense bf16 FLOP/s per chip, for MFU: the vendors' published specs (Google Cloud's
+TPU v4 / v5e / v5p / v6e system architecture pages; NVIDIA's A100, H100 and H200 data
+sheets, dense Tensor Core figures without sparsity).
 
 ``train.peak_flops_per_device`` overrides the table (e.g. for a chip not in it, or to
 measure against a float32 peak).

@@ -2,8 +2,8 @@
 Score and improved precision / recall.
 
 The definitions are those of openai/guided-diffusion ``evaluations/evaluator.py`` (the ADM
-evaluator, as summarised in shared/REFERENCE.md); this module is written from those
-definitions, not from that code. Features come from the FID Inception
+evaluator of Dhariwal & Nichol, "Diffusion Models Beat GANs", 2021); this module is
+written from those definitions, not from that code. Features come from the FID Inception
 (:mod:`mixflow_jax.models.inception`): ``pool_3`` (N, 2048) for FID and precision / recall,
 the 2023-d spatial features for sFID, logits (N, 1008) for the Inception Score.
 

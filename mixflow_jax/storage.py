@@ -84,6 +84,13 @@ def save_npz(p: str | os.PathLike, **arrays: np.ndarray) -> None:
   write_bytes(p, buffer.getvalue())
 
 
+def save_npy(p: str | os.PathLike, array: np.ndarray) -> None:
+  """``np.save`` to ``p``, whole or not at all (``write_bytes``)."""
+  buffer = io.BytesIO()
+  np.save(buffer, array)
+  write_bytes(p, buffer.getvalue())
+
+
 def load_npz(p: str | os.PathLike) -> dict[str, np.ndarray]:
   """All arrays of the .npz at ``p`` (read whole: a URL cannot be memory-mapped)."""
   with np.load(io.BytesIO(path(p).read_bytes())) as f:

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from mixflow_jax import configuration, evaluate, generate, metrics
-from mixflow_jax.convert.inception import load_inception
+from mixflow_jax.pretrained import load_inception
 from tests import torch_inception
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

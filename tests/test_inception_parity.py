@@ -12,12 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from mixflow_jax.convert.inception import (
-    convert_inception_state_dict,
-    flax_path,
-    load_inception,
-)
+from mixflow_jax.convert.inception import convert_inception_state_dict, flax_path
 from mixflow_jax.models import inception
+from mixflow_jax.pretrained import load_inception
 from tests import torch_inception
 
 RTOL = 1e-4

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from mixflow_jax import pretrained
 from mixflow_jax.convert import vae as convert
 from mixflow_jax.models import vae
 from tests import torch_vae
@@ -137,7 +138,7 @@ def test_checkpoint_round_trip(tmp_path, suffix):
   config = convert.convert_vae_checkpoint(path, out, norm_num_groups=8)
   assert config == vae.VAEConfig(block_out_channels=(32, 64), layers_per_block=1,
                                  norm_num_groups=8)
-  loaded_config, params = convert.load_vae(out)
+  loaded_config, params = pretrained.load_vae(out)
   assert loaded_config == config
   _assert_same_params(params, convert.convert_vae_state_dict(_state_dict(ref), config))
   with pytest.raises(FileExistsError):

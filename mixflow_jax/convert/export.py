@@ -38,10 +38,7 @@ def convert_checkpoint(path: str, out: str, model: str | None = None, weights: s
   if config.time_convention != "noise_to_data":
     logging.info("%s was trained with t = 0 data: it is told 1 - t and its velocity is "
                  "negated.", path)
-  with checkpoints.make_manager(out) as manager:
-    if manager.latest_step() is not None:
-      raise FileExistsError(f"{checkpoints.checkpoint_dir(out)} already holds a checkpoint.")
-    checkpoints.save_state(manager, 0, {"params": params, "ema_params": params})
+  checkpoints.save_converted(out, {"params": params, "ema_params": params})
   checkpoints.write_model_config(out, config, source=os.path.abspath(path), weights=weights,
                                  ignored=ignored)
   return config

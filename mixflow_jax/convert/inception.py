@@ -9,8 +9,9 @@ file maps to one variable: conv weights (O, I, kh, kw) become kernels (kh, kw, I
 
 Two kinds of keys are read and dropped: every ``*.bn.num_batches_tracked`` (a training
 counter) and ``fc.bias``. The file carries an fc bias (torchvision's Linear has one, and
-pytorch-fid loads the file strictly), but the ADM evaluator's logits are
-``pool_3 @ W`` without it (shared/REFERENCE.md), so the Flax model has no fc bias.
+pytorch-fid loads the file strictly), but the ADM evaluator's logits are ``pool_3 @ W``
+without it (openai/guided-diffusion ``evaluations/evaluator.py``), so the Flax model has no
+fc bias.
 """
 
 from __future__ import annotations
@@ -21,14 +22,15 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixflow_jax import errors
+from mixflow_jax import checkpoints, errors, pretrained, storage
+from mixflow_jax.convert import state_dicts
 from mixflow_jax.convert.torch_checkpoint import load_state_dict
 from mixflow_jax.models import inception
 
-WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 _DROPPED_SUFFIXES = (".bn.num_batches_tracked",)
 _DROPPED_KEYS = ("fc.bias",)
 _LEAVES = {  # state_dict leaf -> (collection, Flax leaf)
@@ -56,11 +58,6 @@ def _to_flax(key: str, value: np.ndarray) -> np.ndarray:
   return value
 
 
-def _names(keys: list[str], limit: int = 8) -> str:
-  shown = ", ".join(repr(k) for k in keys[:limit])
-  return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
 @functools.lru_cache(maxsize=4)
 def _expected_shapes(num_classes: int) -> dict[tuple[str, tuple[str, ...]], tuple[int, ...]]:
   """{(collection, path): shape} of every variable of ``InceptionV3(num_classes)``."""
@@ -78,16 +75,12 @@ def convert_inception_state_dict(state_dict: Mapping[str, Any],
   first key whose shape differs (with both shapes), or the variables the state_dict lacks.
   ``*.bn.num_batches_tracked`` and ``fc.bias`` are accepted and dropped (module docstring).
   """
-  arrays = {k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v)
-            for k, v in state_dict.items()}
+  arrays = {k: state_dicts.to_numpy(v) for k, v in state_dict.items()}
   expected = _expected_shapes(num_classes)
 
   kept = {k: v for k, v in arrays.items()
           if k not in _DROPPED_KEYS and not k.endswith(_DROPPED_SUFFIXES)}
-  unknown = [k for k in kept if flax_path(k) not in expected]
-  if unknown:
-    raise errors.InvalidInput(f"State_dict key(s) with no counterpart in the Flax FID Inception: "
-                              f"{_names(unknown)}.")
+  state_dicts.check_known([k for k in kept if flax_path(k) not in expected], "FID Inception")
   if "fc.bias" in arrays and arrays["fc.bias"].shape != (num_classes,):
     raise errors.InvalidInput(f"State_dict key 'fc.bias' has shape {arrays['fc.bias'].shape}; the "
                               f"model has {num_classes} classes, so ({num_classes},).")
@@ -96,24 +89,21 @@ def convert_inception_state_dict(state_dict: Mapping[str, Any],
   for key, value in kept.items():
     collection, path = flax_path(key)
     flax_value = _to_flax(key, value)
-    want = expected[collection, path]
-    if flax_value.shape != want:
-      raise errors.InvalidInput(f"State_dict key {key!r} has shape {value.shape} (as Flax "
-                                f"{flax_value.shape}); the model needs {want} at "
-                                f"{collection}/{'/'.join(path)}.")
+    state_dicts.check_shape(key, value, flax_value, expected[collection, path],
+                            f"{collection}/{'/'.join(path)}")
     variables[(collection, *path)] = jnp.asarray(flax_value, jnp.float32)
-  missing = [f"{c}/{'/'.join(p)}" for c, p in expected if (c, *p) not in variables]
-  if missing:
-    raise errors.InvalidInput(f"The state_dict lacks {len(missing)} variable(s) the model needs: "
-                              f"{_names(missing)}.")
+  state_dicts.check_complete(
+      (f"{c}/{'/'.join(p)}" for c, p in expected if (c, *p) not in variables), "variable")
   return flax.traverse_util.unflatten_dict(variables)
 
 
-def load_inception(path: str) -> tuple[inception.InceptionV3, dict]:
-  """(module, variables) from the weights file at ``path`` (pytorch-fid's
-  ``pt_inception-2015-12-05-6726825d.pth``; nothing is downloaded). Apply with
-  ``module.apply(variables, images)``, images (N, H, W, 3) in [0, 255]."""
-  if not os.path.isfile(path):
-    raise errors.MissingInput(f"No FID Inception weights at {path!r}: pass the path of "
-                              f"pytorch-fid's {WEIGHTS_FILE} (it is not downloaded).")
-  return inception.InceptionV3(), convert_inception_state_dict(load_state_dict(path))
+def convert_inception_checkpoint(path: str, out: str) -> int:
+  """Converts pytorch-fid's FID Inception weights file ``path`` into ``out/checkpoints/0``
+  (``{'variables': {'params', 'batch_stats'}}``) and ``out/inception.json`` (the class
+  count and the source), which ``pretrained.load_inception`` reads without PyTorch.
+  Returns the number of variables written."""
+  variables = convert_inception_state_dict(load_state_dict(path))
+  checkpoints.save_converted(out, {"variables": variables})
+  storage.write_json(storage.path(out) / pretrained.INCEPTION_JSON, {
+      "num_classes": inception.NUM_CLASSES, "source": os.path.abspath(path)})
+  return sum(leaf.size for leaf in jax.tree.leaves(variables))

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixflow_jax import errors
+from mixflow_jax.convert import state_dicts
 from mixflow_jax.models import sit
 
 _EMBEDDING_KEYS = ("y_embedder.embedding_table.weight",)
@@ -34,13 +35,7 @@ _BACKBONE_MODULES = ("x_embedder", "t_embedder", "y_embedder", "blocks", "final_
 
 def flax_path(key: str) -> tuple[str, ...]:
   """The Flax parameter path of a state_dict key (without the leaf transform)."""
-  path: list[str] = []
-  for part in key.split(".")[:-1]:
-    if part.isdigit() and path:
-      path[-1] = f"{path[-1]}_{part}"
-    else:
-      path.append(part)
-  leaf = key.rsplit(".", 1)[-1]
+  path, leaf = state_dicts.joined_modules(key)
   if key in _EMBEDDING_KEYS:
     leaf = "embedding"
   elif leaf == "weight":
@@ -122,8 +117,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], config: sit.SiTConfig
   mismatch, a backbone key the model lacks, a key the model needs but the state_dict
   lacks, or a ``pos_embed`` that is not the fixed sin-cos embedding.
   """
-  arrays = {k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v)
-            for k, v in state_dict.items()}
+  arrays = {k: state_dicts.to_numpy(v) for k, v in state_dict.items()}
   s = config.input_size
   expected = flax.traverse_util.flatten_dict(sit.abstract_params(config))
 
@@ -145,15 +139,10 @@ def convert_state_dict(state_dict: Mapping[str, Any], config: sit.SiTConfig
       ignored.append(key)                        # heads outside the backbone (REPA's
       continue                                   # projectors)
     value = _to_flax(key, value)
-    if value.shape != expected[path].shape:
-      raise errors.InvalidInput(f"State_dict key {key!r} has shape {arrays[key].shape} (as Flax "
-                                f"{value.shape}); the model needs {expected[path].shape} at "
-                                f"{'/'.join(path)}.")
+    state_dicts.check_shape(key, arrays[key], value, expected[path].shape, "/".join(path))
     params[path] = jnp.asarray(value, jnp.float32)
-  missing = [path for path in expected if path not in params]
-  if missing:
-    raise errors.InvalidInput(f"The state_dict lacks {len(missing)} parameter(s) the model needs, "
-                              f"first {'/'.join(missing[0])!r}.")
+  state_dicts.check_complete(("/".join(path) for path in expected if path not in params),
+                             "parameter")
   return flax.traverse_util.unflatten_dict(params), ignored
 
 

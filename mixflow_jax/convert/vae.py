@@ -32,21 +32,16 @@ import flax
 import jax.numpy as jnp
 import numpy as np
 
-from mixflow_jax import checkpoints, errors
+from mixflow_jax import checkpoints, errors, pretrained
+from mixflow_jax.convert import state_dicts
 from mixflow_jax.convert.torch_checkpoint import load_state_dict
 from mixflow_jax.models import vae
 
-VAE_JSON = "vae.json"
 _NORMS = ("norm1", "norm2", "group_norm", "conv_norm_out")
 _ATTENTION_LINEARS = ("to_q", "to_k", "to_v", "to_out.0")
 _LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 _LDM_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v",
                   "proj_out": "to_out.0"}
-
-
-def _names(keys: list[str], limit: int = 8) -> str:
-  shown = ", ".join(repr(k) for k in keys[:limit])
-  return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
 def _rename(key: str, num_up_blocks: int) -> str:
@@ -86,15 +81,9 @@ def flax_path(key: str) -> tuple[str, ...]:
   """The Flax parameter path of a current-style diffusers key, e.g.
   ``encoder.mid_block.attentions.0.to_out.0.weight`` ->
   ('encoder', 'mid_block', 'attentions_0', 'to_out_0', 'kernel')."""
-  path: list[str] = []
-  *modules, leaf = key.split(".")
-  for part in modules:
-    if part.isdigit() and path:
-      path[-1] = f"{path[-1]}_{part}"
-    else:
-      path.append(part)
+  path, leaf = state_dicts.joined_modules(key)
   if leaf == "weight":
-    leaf = "scale" if modules and modules[-1] in _NORMS else "kernel"
+    leaf = "scale" if path and path[-1] in _NORMS else "kernel"
   return (*path, leaf)
 
 
@@ -115,12 +104,6 @@ def _to_flax(key: str, value: np.ndarray) -> np.ndarray:
   if value.ndim == 4:
     return value.transpose(2, 3, 1, 0)        # (O, I, kh, kw) -> (kh, kw, I, O)
   return value
-
-
-def _numpy(value: Any) -> np.ndarray:
-  if hasattr(value, "detach"):
-    value = value.detach().cpu().float().numpy()
-  return np.asarray(value, np.float32)
 
 
 def infer_vae_config(state_dict: Mapping[str, Any], norm_num_groups: int = 32,
@@ -172,34 +155,19 @@ def convert_vae_state_dict(state_dict: Mapping[str, Any], config: vae.VAEConfig)
   renamed = diffusers_keys(state_dict)
   expected = flax.traverse_util.flatten_dict(vae.abstract_params(config))
 
-  unknown = [orig for key, (orig, _) in renamed.items() if flax_path(key) not in expected]
-  if unknown:
-    raise errors.InvalidInput(f"State_dict key(s) with no counterpart in the Flax AutoencoderKL: "
-                              f"{_names(unknown)}.")
+  state_dicts.check_known(
+      [orig for key, (orig, _) in renamed.items() if flax_path(key) not in expected],
+      "AutoencoderKL")
   params: dict[tuple[str, ...], jnp.ndarray] = {}
   for key, (orig, value) in renamed.items():
     path = flax_path(key)
-    value = _numpy(value)
+    value = state_dicts.to_numpy(value)
     flax_value = _to_flax(key, value)
-    want = tuple(expected[path].shape)
-    if flax_value.shape != want:
-      raise errors.InvalidInput(f"State_dict key {orig!r} has shape {value.shape} (as Flax "
-                                f"{flax_value.shape}); the model needs {want} at {'/'.join(path)}.")
+    state_dicts.check_shape(orig, value, flax_value, expected[path].shape, "/".join(path))
     params[path] = jnp.asarray(flax_value, jnp.float32)
-  missing = [_torch_key(path) for path in expected if path not in params]
-  if missing:
-    raise errors.InvalidInput(f"The state_dict lacks {len(missing)} weight(s) the model needs: "
-                              f"{_names(missing)}.")
+  state_dicts.check_complete((_torch_key(path) for path in expected if path not in params),
+                             "weight")
   return flax.traverse_util.unflatten_dict(params)
-
-
-def read_vae_config(directory: str) -> vae.VAEConfig:
-  """The ``VAEConfig`` in ``directory/vae.json``."""
-  config = checkpoints.read_config(directory, VAE_JSON, vae.VAEConfig)
-  if config is None:
-    raise errors.MissingInput(f"No {VAE_JSON} in {directory!r}: is it a converted VAE "
-                              "(mixflow convert --vae)?")
-  return config
 
 
 def convert_vae_checkpoint(path: str, out: str, norm_num_groups: int = 32,
@@ -212,17 +180,6 @@ def convert_vae_checkpoint(path: str, out: str, norm_num_groups: int = 32,
   state = load_state_dict(path)
   config = infer_vae_config(state, norm_num_groups, scaling_factor, shift_factor)
   params = convert_vae_state_dict(state, config)
-  with checkpoints.make_manager(out) as manager:
-    if manager.latest_step() is not None:
-      raise FileExistsError(f"{checkpoints.checkpoint_dir(out)} already holds a checkpoint.")
-    checkpoints.save_state(manager, 0, {"params": params})
-  checkpoints.write_config(out, VAE_JSON, config, source=os.path.abspath(path))
+  checkpoints.save_converted(out, {"params": params})
+  checkpoints.write_config(out, pretrained.VAE_JSON, config, source=os.path.abspath(path))
   return config
-
-
-def load_vae(directory: str) -> tuple[vae.VAEConfig, dict]:
-  """(config, params) of a VAE written by ``convert_vae_checkpoint``. Apply with
-  ``AutoencoderKL(config).apply({'params': params}, ...)``."""
-  config = read_vae_config(directory)
-  params, _ = checkpoints.load_params(directory, vae.abstract_params(config), field="params")
-  return config, params

@@ -50,7 +50,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from mixflow_jax import errors
+from mixflow_jax import errors, resume, storage
 from mixflow_jax.data.image_sources import (
     IMAGE_EXTENSIONS,
     ImageSource,
@@ -102,26 +102,11 @@ def file_digest(path: str) -> dict:
   return {"bytes": size, "sha256": digest.hexdigest()}
 
 
-def _write_atomic(path: str, write) -> None:
-  """Writes ``path`` through ``write(file)`` on a temporary file, then renames it."""
-  tmp = f"{path}.tmp"
-  with open(tmp, "wb") as f:
-    write(f)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-def _write_json(path: str, value: object) -> None:
-  _write_atomic(path, lambda f: f.write(json.dumps(value, indent=2).encode()))
-
-
 def _check_fingerprint(path: str, stored: dict, fingerprint: dict) -> None:
   """Raises naming every field of ``fingerprint`` that ``stored`` (the one in ``path``)
   records differently."""
   stored = stored.get("fingerprint", {})
-  changed = [key for key in sorted(set(stored) | set(fingerprint))
-             if stored.get(key) != fingerprint.get(key)]
+  changed = resume.differing_fields(stored, fingerprint)
   if not changed:
     return
   notes = []
@@ -160,8 +145,8 @@ def encode(source: ImageSource, vae_dir: str, out: str, image_size: int = 256,
   interruption; other arguments, another VAE config or a changed source listing raise
   ValueError naming what differs.
   """
-  from mixflow_jax import sharding  # Imported here: encode_folder needs no mesh otherwise.
-  from mixflow_jax.convert.vae import load_vae  # Imported here: it pulls in orbax.
+  # Imported here: encode_folder needs neither a mesh nor orbax.
+  from mixflow_jax import pretrained, sharding
 
   if image_size < 1 or batch_size < 1:
     raise errors.InvalidInput(f"encode: image_size={image_size}, batch_size={batch_size}; expected "
@@ -170,7 +155,7 @@ def encode(source: ImageSource, vae_dir: str, out: str, image_size: int = 256,
   if batch_size % mesh.size:
     raise errors.InvalidInput(f"encode: batch_size={batch_size} is not a multiple of the "
                               f"{mesh.size} devices it is split over.")
-  config, params = load_vae(vae_dir)
+  config, params = pretrained.load_vae(vae_dir)
   factor = config.downsample_factor
   if image_size % factor:
     raise errors.InvalidInput(
@@ -301,7 +286,7 @@ class _Writer:
             f"Delete {out} to start over.")
 
   def _save_progress(self, rows_done: int) -> None:
-    _write_json(self.progress, {"rows_done": rows_done, "rows_total": self.total,
+    storage.write_json(self.progress, {"rows_done": rows_done, "rows_total": self.total,
                                 "complete": rows_done == self.total,
                                 "fingerprint": self.fingerprint})
 
@@ -320,10 +305,10 @@ class _Writer:
     partial = os.path.join(out, f"{_PARTIAL_LABELS}.npy")
     if os.path.exists(partial):
       labels = np.array(np.load(partial))
-      _write_atomic(os.path.join(out, "labels.npy"), lambda f: np.save(f, labels))
+      storage.save_npy(os.path.join(out, "labels.npy"), labels)
       os.remove(partial)
-    _write_json(os.path.join(out, CLASSES_JSON), source.class_names)
-    _write_json(os.path.join(out, MANIFEST_JSON), {
+    storage.write_json(os.path.join(out, CLASSES_JSON), source.class_names)
+    storage.write_json(os.path.join(out, MANIFEST_JSON), {
         "format_version": FORMAT_VERSION, "rows": self.total,
         "num_images": source.num_images, "shape": list(self.shape), "dtype": "float32",
         "num_classes": len(source.class_names), "moments": list(MOMENTS), "mirrors": flip,

@@ -3,7 +3,8 @@ sFID, precision / recall and the Inception Score (the ADM evaluator's network), 
 weights of pytorch-fid's PyTorch port (``pt_inception-2015-12-05-6726825d.pth``).
 
 Written from the published architecture (torchvision's Inception3 with pytorch-fid's FID
-blocks, as summarised in shared/REFERENCE.md). Preprocessing is the TF graph's, as the ADM
+blocks: pytorch/vision ``torchvision/models/inception.py``, mseitzer/pytorch-fid
+``src/pytorch_fid/inception.py``). Preprocessing is the TF graph's, as the ADM
 evaluator runs it, not pytorch-fid's: images (N, H, W, 3) in [0, 255] of any size go
 through the TF1 legacy bilinear resize to 299 x 299 (no half-pixel centres), then
 (x - 128) / 128.

@@ -1,0 +1,64 @@
+"""What every converter of a PyTorch state_dict to Flax variables does the same way: the
+Flax path of a key, tensors as NumPy, and the errors that name a key the model does not
+know, a shape that differs, or the weights the state_dict lacks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from mixflow_jax import errors
+
+
+def joined_modules(key: str) -> tuple[list[str], str]:
+  """(module path, leaf) of a state_dict key, every numeric part joined to the part before
+  it, as Flax names list entries: ``blocks.3.adaLN_modulation.1.weight`` ->
+  (['blocks_3', 'adaLN_modulation_1'], 'weight')."""
+  path: list[str] = []
+  *modules, leaf = key.split(".")
+  for part in modules:
+    if part.isdigit() and path:
+      path[-1] = f"{path[-1]}_{part}"
+    else:
+      path.append(part)
+  return path, leaf
+
+
+def to_numpy(value: Any) -> np.ndarray:
+  """A tensor (or array) as a float32 NumPy array."""
+  if hasattr(value, "detach"):
+    value = value.detach().cpu().float().numpy()
+  return np.asarray(value, np.float32)
+
+
+def names(keys: list[str], limit: int = 8) -> str:
+  """The first ``limit`` of ``keys``, quoted, and how many more there are."""
+  shown = ", ".join(repr(k) for k in keys[:limit])
+  return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def check_known(unknown: list[str], model: str) -> None:
+  """Raises InvalidInput naming the state_dict keys ``model`` has no variable for."""
+  if unknown:
+    raise errors.InvalidInput(f"State_dict key(s) with no counterpart in the Flax {model}: "
+                              f"{names(unknown)}.")
+
+
+def check_shape(key: str, value: np.ndarray, flax_value: np.ndarray,
+                want: tuple[int, ...], where: str) -> None:
+  """Raises InvalidInput naming ``key`` when its Flax form ``flax_value`` (of the state_dict's
+  ``value``) does not have the model's shape ``want`` at the variable ``where``."""
+  if tuple(flax_value.shape) != tuple(want):
+    raise errors.InvalidInput(f"State_dict key {key!r} has shape {value.shape} (as Flax "
+                              f"{flax_value.shape}); the model needs {tuple(want)} at {where}.")
+
+
+def check_complete(missing: Iterable[str], what: str) -> None:
+  """Raises InvalidInput naming the ``what`` (e.g. 'weight') the model needs and the
+  state_dict lacks, ``missing`` given as Flax paths 'a/b/c' or state_dict keys."""
+  missing = list(missing)
+  if missing:
+    raise errors.InvalidInput(f"The state_dict lacks {len(missing)} {what}(s) the model needs: "
+                              f"{names(missing)}.")
