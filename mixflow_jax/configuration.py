@@ -13,7 +13,7 @@ import re
 import ml_collections
 from ml_collections import config_dict
 
-from mixflow_jax import errors, objectives, sampling, timesteps
+from mixflow_jax import errors, objectives, sampling, time_shift, timesteps
 from mixflow_jax.data import SOURCES
 from mixflow_jax.interpolants import PATHS
 from mixflow_jax.models import attention, sit
@@ -113,21 +113,27 @@ def default_config() -> ml_collections.ConfigDict:
   )
 
   c.sample = ml_collections.ConfigDict(dict(
-      sampler="euler",          # euler | heun | dopri5 | sde (see sampling.py)
+      sampler="euler",          # euler | heun | dopri5 | sde | repa_heun | repa_sde
       num_steps=10,             # integration steps (official --num-sampling-steps N: N - 1)
       cfg_scale=1.0,            # 1.0: no guidance
       guided_channels="all",    # all | first3 (the official SiT rule)
-      cfg_interval=(0.0, 1.0),  # guide only where lo <= t <= hi
+      # Guide only where lo <= t <= hi, t in the model's own time (model.time_convention:
+      # REPA's guidance_low / guidance_high for 'data_to_noise').
+      cfg_interval=(0.0, 1.0),
       atol=1e-6, rtol=1e-3,     # dopri5 tolerances (the official defaults)
       last_step_size=0.04,      # sde: the noise-free 'Mean' step ends the trajectory
       diffusion_norm=1.0,       # sde: w_t = diffusion_norm * sigma_t
       # Epsilon scaling (ADM-ES): predicted noise / (eps_scale + eps_scale_slope (1 - t)).
       eps_scale=1.0,
       eps_scale_slope=0.0,
-      # Time-shift sampler (TS-DPM), euler/heun: 0 disables; see sampling.Sampler.
-      time_shift_window=0.0,
-      time_shift_cutoff=1.0,
-      data_var=1.0,             # variance of the data, for the time shift's expected variance
+      # Time-shift sampler (TS-DPM, time_shift.py), euler/heun: window and cutoff in steps
+      # of a 1000-step DDPM with the given schedule (linear | cosine), matched to our time
+      # by SNR; window 0 disables it. mode: target (the published code) | network.
+      time_shift_window=0,
+      time_shift_cutoff=300,
+      time_shift_schedule="cosine",
+      time_shift_mode="target",
+      data_var=0.0,             # expected variance sigma^2 + alpha^2 data_var (0: published)
       num_samples=1000,
       batch_size=500,
       # balanced (0..K-1 repeated) | random (uniform from the seed) | comma-separated class
@@ -318,12 +324,20 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   _check(0 < s.last_step_size < 1, "sample.last_step_size", s.last_step_size, "in (0, 1)")
   _check(s.diffusion_norm >= 0, "sample.diffusion_norm", s.diffusion_norm, ">= 0")
   _check(s.eps_scale > 0, "sample.eps_scale", s.eps_scale, "> 0 (1.0 disables it)")
-  _check(s.time_shift_window >= 0, "sample.time_shift_window", s.time_shift_window,
-         ">= 0 (0 disables the time shift)")
+  _check(isinstance(s.time_shift_window, int) and s.time_shift_window >= 0,
+         "sample.time_shift_window", s.time_shift_window,
+         "DDPM steps of 1000, an integer >= 0 (0 disables the time shift)")
+  _check(isinstance(s.time_shift_cutoff, int) and 0 <= s.time_shift_cutoff < 1000,
+         "sample.time_shift_cutoff", s.time_shift_cutoff, "a DDPM step in [0, 1000)")
   if s.time_shift_window > 0:
-    _check(s.sampler in ("euler", "heun"), "sample.sampler", s.sampler,
-           "'euler' or 'heun' with the time shift (sample.time_shift_window > 0)")
-  _check(s.data_var > 0, "sample.data_var", s.data_var, "> 0")
+    _check(s.sampler in sampling.TIME_SHIFT_METHODS, "sample.sampler", s.sampler,
+           f"one of {sampling.TIME_SHIFT_METHODS} with the time shift "
+           "(sample.time_shift_window > 0)")
+  _check(s.time_shift_schedule in time_shift.SCHEDULES, "sample.time_shift_schedule",
+         s.time_shift_schedule, f"one of {time_shift.SCHEDULES}")
+  _check(s.time_shift_mode in time_shift.MODES, "sample.time_shift_mode",
+         s.time_shift_mode, f"one of {time_shift.MODES}")
+  _check(s.data_var >= 0, "sample.data_var", s.data_var, ">= 0")
   sf = config.slowflow
   _check(sf.mode in ("trajectory", "restart"), "slowflow.mode", sf.mode,
          "'trajectory' or 'restart'")

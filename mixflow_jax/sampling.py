@@ -1,7 +1,8 @@
 """Samplers whose whole trajectory runs inside one jit: Euler, Heun, adaptive dopri5 and the
-Euler-Maruyama SDE, with classifier-free guidance and the inference-time exposure-bias
-baselines (epsilon scaling, time shift), all in this project's time convention (t = 0
-noise, t = 1 data).
+Euler-Maruyama SDE of the official SiT code, REPA's Heun and SDE, with classifier-free
+guidance and the inference-time exposure-bias baselines (epsilon scaling, the time-shift
+sampler of ``time_shift.py``), all in this project's time convention (t = 0 noise, t = 1
+data).
 
 Grids follow the official SiT sampler (willisma/SiT ``transport``), with ``num_steps``
 counting integration steps: the official ``--num-sampling-steps N`` is ``num_steps = N - 1``.
@@ -14,6 +15,15 @@ counting integration steps: the official ``--num-sampling-steps N`` is ``num_ste
 - sde: Euler-Maruyama on ``linspace(0, 1 - last_step_size, num_steps + 1)`` with the
   official diffusion form 'sigma' (w_t = norm * sigma_t) and drift v + w_t * score, then
   the noise-free 'Mean' last step x + drift(x, 1 - last_step_size) * last_step_size.
+- repa_heun: REPA's Heun (sihyun-yu/REPA ``samplers.py``, ``euler_sampler(heun=True)``):
+  the grid of 'heun', the corrector on every step but the last, which is a plain Euler
+  step, and the corrector guided where the step's start time is inside ``cfg_interval``.
+  REPA's ``--num-steps N`` is ``num_steps = N``.
+- repa_sde: REPA's Euler-Maruyama (``euler_maruyama_sampler``), the sampler of its
+  published FID: the grid and 'Mean' last step of 'sde' (REPA's ``linspace(1, 0.04, N)``
+  then 0, in its time), diffusion 2 t_REPA, i.e. w_t = norm * (1 - t) on every path (the
+  official SiT form's sigma_t on Linear only). REPA's ``--num-steps N`` is
+  ``num_steps = N - 1``.
 
 Every sample's noise (its initial x0 and each SDE increment) is drawn from a key folded
 with the sample's global index, so samples do not depend on batch size, device count or
@@ -30,26 +40,35 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from mixflow_jax import time_shift
 from mixflow_jax.interpolants import Linear, Path, get_path
 
 Array = jnp.ndarray
-VelocityFn = Callable[[Array, Array], Array]  # (x (B, ...), t (B,)) -> (B, ...)
+# (x (B, ...), t (B,), guide_t (B,) or None) -> (B, ...); guide_t, where given, is the time
+# whose place in the guidance interval decides whether to guide (REPA's Heun corrector).
+VelocityFn = Callable[..., Array]
 NoiseFn = Callable[[Array], Array]            # step index -> standard normal (B, ...)
 
-METHODS = ("euler", "heun", "dopri5", "sde")
+METHODS = ("euler", "heun", "dopri5", "sde", "repa_heun", "repa_sde")
+SDE_METHODS = ("sde", "repa_sde")
+TIME_SHIFT_METHODS = ("euler", "heun")
 GUIDED_CHANNELS = ("all", "first3")
+TIME_CONVENTIONS = ("noise_to_data", "data_to_noise")
 
 
 @dataclasses.dataclass(frozen=True)
 class Sampler:
   """What to integrate and how; hashable, so that it is a static argument of the jit.
 
-  ``eps_scale``, ``eps_scale_slope``: epsilon scaling (ADM-ES), the predicted noise divided
-  by lambda(t) = eps_scale + eps_scale_slope * (1 - t) (for t > 0). ``time_shift_window``
-  > 0 turns on the time-shift sampler (TS-DPM) for Euler and Heun: from the second step on,
-  wherever the nominal t <= ``time_shift_cutoff``, each sample's time is replaced by the time
-  within +- window whose expected variance sigma_t^2 + alpha_t^2 ``data_var`` is closest to
-  the sample's variance; the network is told that time and the step ends on the grid.
+  ``cfg_interval``: guidance where lo <= t <= hi, in our time. ``eps_scale``,
+  ``eps_scale_slope``: epsilon scaling (ADM-ES), the predicted noise divided by
+  lambda(t) = eps_scale + eps_scale_slope * (1 - t) (for t > 0). ``time_shift_window`` > 0
+  turns on the time-shift sampler (TS-DPM, ``time_shift.py``) for Euler and Heun: window
+  and cutoff in steps of a 1000-step DDPM with schedule ``time_shift_schedule``, matched
+  to our time by signal-to-noise ratio; ``time_shift_mode`` 'target' (the published code:
+  network at the nominal time, the step's end moved) or 'network' (the network told the
+  shifted time); ``data_var`` enters the expected variance sigma^2 + alpha^2 data_var
+  (0: the published 1 - abar).
   """
 
   method: str = "euler"
@@ -64,9 +83,11 @@ class Sampler:
   diffusion_norm: float = 1.0
   eps_scale: float = 1.0
   eps_scale_slope: float = 0.0
-  time_shift_window: float = 0.0
-  time_shift_cutoff: float = 1.0
-  data_var: float = 1.0
+  time_shift_window: int = 0
+  time_shift_cutoff: int = 300
+  time_shift_schedule: str = "cosine"
+  time_shift_mode: str = "target"
+  data_var: float = 0.0
 
   def __post_init__(self):
     if self.method not in METHODS:
@@ -74,31 +95,56 @@ class Sampler:
     if self.guided_channels not in GUIDED_CHANNELS:
       raise ValueError(f"guided_channels={self.guided_channels!r}; expected one of "
                        f"{GUIDED_CHANNELS}.")
-    if self.time_shift_window > 0 and self.method not in ("euler", "heun"):
+    if self.time_shift_window > 0 and self.method not in TIME_SHIFT_METHODS:
       raise ValueError("The time-shift sampler runs on the fixed grid: method 'euler' or "
                        f"'heun', not {self.method!r}.")
+    if self.time_shift_schedule not in time_shift.SCHEDULES:
+      raise ValueError(f"time_shift_schedule={self.time_shift_schedule!r}; expected one of "
+                       f"{time_shift.SCHEDULES}.")
+    if self.time_shift_mode not in time_shift.MODES:
+      raise ValueError(f"time_shift_mode={self.time_shift_mode!r}; expected one of "
+                       f"{time_shift.MODES}.")
 
   @classmethod
   def from_config(cls, sample: ml_collections.ConfigDict, path: str,
-                  num_steps: int | None = None) -> Sampler:
-    """The sampler of a ``config.sample`` section, on the path named ``path``."""
+                  num_steps: int | None = None,
+                  time_convention: str = "noise_to_data") -> Sampler:
+    """The sampler of a ``config.sample`` section, on the path named ``path``, for a model
+    trained in ``time_convention``: ``sample.cfg_interval`` is given in the model's own
+    time (REPA's guidance_low / guidance_high for 'data_to_noise') and translated here,
+    once, to ours."""
     return cls(
         method=sample.sampler, num_steps=num_steps or sample.num_steps, path=get_path(path),
         cfg_scale=sample.cfg_scale, guided_channels=sample.guided_channels,
-        cfg_interval=tuple(sample.cfg_interval), atol=sample.atol, rtol=sample.rtol,
+        cfg_interval=ours_interval(tuple(sample.cfg_interval), time_convention),
+        atol=sample.atol, rtol=sample.rtol,
         last_step_size=sample.last_step_size, diffusion_norm=sample.diffusion_norm,
         eps_scale=sample.eps_scale, eps_scale_slope=sample.eps_scale_slope,
         time_shift_window=sample.time_shift_window,
-        time_shift_cutoff=sample.time_shift_cutoff, data_var=sample.data_var)
+        time_shift_cutoff=sample.time_shift_cutoff,
+        time_shift_schedule=sample.time_shift_schedule,
+        time_shift_mode=sample.time_shift_mode, data_var=sample.data_var)
 
   @property
   def grid(self) -> Array:
     """The time grid of the fixed-step methods, (num_steps + 1,) float32."""
-    if self.method == "sde":
+    if self.method in SDE_METHODS:
       return jnp.linspace(0.0, 1.0 - self.last_step_size, self.num_steps + 1,
                           dtype=jnp.float32)
     t0, t1 = self.path.sample_interval
     return jnp.linspace(t0, t1, self.num_steps + 1, dtype=jnp.float32)
+
+
+def ours_interval(interval: tuple[float, float], time_convention: str
+                  ) -> tuple[float, float]:
+  """A time interval (lo, hi) of a model trained in ``time_convention``, in our time:
+  unchanged for 'noise_to_data'; (1 - hi, 1 - lo) for 'data_to_noise' (REPA's
+  ``guidance_high=0.7`` is our t >= 0.3)."""
+  if time_convention not in TIME_CONVENTIONS:
+    raise ValueError(f"time_convention={time_convention!r}; expected one of "
+                     f"{TIME_CONVENTIONS}.")
+  lo, hi = interval
+  return (lo, hi) if time_convention == "noise_to_data" else (1.0 - hi, 1.0 - lo)
 
 
 def _expand(t: Array, x: Array) -> Array:
@@ -113,21 +159,22 @@ def guided_velocity(apply_fn: Callable, params, y: Array, *, cfg_scale: float,
   The conditional and unconditional passes run as one doubled batch. With
   ``guided_channels='first3'`` only channels 0-2 are guided and the rest keep the
   conditional output, as in the official SiT ``forward_with_cfg``. Guidance applies where
-  ``cfg_interval[0] <= t <= cfg_interval[1]``, elsewhere the conditional output is used.
-  ``cfg_scale = 1`` is a plain conditional pass.
+  ``cfg_interval[0] <= guide_t <= cfg_interval[1]`` (guide_t = t unless given), elsewhere
+  the conditional output is used. ``cfg_scale = 1`` is a plain conditional pass.
   """
   if cfg_scale == 1.0:
-    return lambda x, t: apply_fn(params, x, t, y)
+    return lambda x, t, guide_t=None: apply_fn(params, x, t, y)
   y_both = jnp.concatenate([y, jnp.full_like(y, null_class)])
 
-  def velocity(x, t):
+  def velocity(x, t, guide_t=None):
     out = apply_fn(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]), y_both)
     cond, uncond = jnp.split(out, 2)
     guided = uncond + cfg_scale * (cond - uncond)
     if guided_channels == "first3":
       guided = jnp.concatenate([guided[..., :3], cond[..., 3:]], axis=-1)
     if tuple(cfg_interval) != (0.0, 1.0):
-      inside = (t >= cfg_interval[0]) & (t <= cfg_interval[1])
+      at = t if guide_t is None else guide_t
+      inside = (at >= cfg_interval[0]) & (at <= cfg_interval[1])
       guided = jnp.where(_expand(inside, guided), guided, cond)
     return guided
 
@@ -140,8 +187,8 @@ def epsilon_scaled(u: VelocityFn, path: Path, scale: float, slope: float = 0.0) 
   velocity recomputed from it; (x - x0 / lambda) / t for Linear. At t = 0 (where alpha = 0
   and the map is singular) the velocity is left unchanged."""
 
-  def velocity(x, t):
-    v = u(x, t)
+  def velocity(x, t, guide_t=None):
+    v = u(x, t) if guide_t is None else u(x, t, guide_t)
     lam = _expand(scale + slope * (1.0 - t), x)
     scaled = path.velocity_from_noise(t, x, path.noise_from_velocity(t, x, v) / lam)
     return jnp.where(_expand(t > 0, x), scaled, v)
@@ -173,21 +220,34 @@ def heun_step(u: VelocityFn, x: Array, t: Array, t_next: Array) -> Array:
   return x + 0.5 * dt * (k1 + k2)
 
 
+def repa_heun_step(u: VelocityFn, x: Array, t: Array, t_next: Array, last: Array) -> Array:
+  """REPA's Heun step: the trapezoid with the corrector guided by t's place in the
+  guidance interval, or the Euler predictor alone where ``last`` (a scalar bool)."""
+  dt = _expand(t_next - t, x)
+  k1 = u(x, t)
+  predictor = x + dt * k1
+  return jax.lax.cond(last, lambda: predictor,
+                      lambda: x + 0.5 * dt * (k1 + u(predictor, t_next, t)))
+
+
 STEPPERS = {"euler": euler_step, "heun": heun_step}
 
 
-def shifted_time(x: Array, t: Array, sampler: Sampler, num_candidates: int = 41) -> Array:
-  """The time-shift sampler's time: per sample, the time in [t - w, t + w] (clipped to
-  [0, 1], ``num_candidates`` evenly spaced) whose expected variance
-  sigma^2 + alpha^2 data_var is closest to the variance of x over all its elements."""
-  var = jnp.var(x.reshape(x.shape[0], -1), axis=1)                        # (B,)
-  offsets = jnp.linspace(-sampler.time_shift_window, sampler.time_shift_window,
-                         num_candidates)
-  candidates = jnp.clip(t[:, None] + offsets[None], 0.0, 1.0)            # (B, K)
-  p = sampler.path
-  expected = p.sigma(candidates) ** 2 + p.alpha(candidates) ** 2 * sampler.data_var
-  best = jnp.argmin(jnp.abs(expected - var[:, None]), axis=1)
-  return jnp.take_along_axis(candidates, best[:, None], axis=1)[:, 0]
+def _time_shifted_step(u: VelocityFn, sampler: Sampler, i: Array, x: Array, t: Array,
+                       t_next: Array) -> Array:
+  """The step from grid time t to t_next (scalars) with the time shift of ``time_shift``:
+  from the second step on and beyond the cutoff, t_s per sample; 'target' steps with the
+  velocity at t to t_next + (t_s - t), 'network' from t_s to t_next."""
+  step, p = STEPPERS[sampler.method], sampler.path
+  nominal = jnp.full((x.shape[0],), t)
+  shift = (i >= 1) & time_shift.beyond_cutoff(t, p, cutoff=sampler.time_shift_cutoff,
+                                               schedule=sampler.time_shift_schedule)
+  t_s = jnp.where(shift, time_shift.shifted_time(
+      x, t, p, window=sampler.time_shift_window, schedule=sampler.time_shift_schedule,
+      data_var=sampler.data_var), nominal)
+  if sampler.time_shift_mode == "network":
+    return step(u, x, t_s, jnp.full_like(nominal, t_next))
+  return step(u, x, nominal, jnp.clip(t_next + t_s - t, 0.0, 1.0))
 
 
 def _grid_step(u: VelocityFn, sampler: Sampler, noise: NoiseFn | None
@@ -195,7 +255,7 @@ def _grid_step(u: VelocityFn, sampler: Sampler, noise: NoiseFn | None
   """``step(i, x)``: step i of a fixed-grid method, from grid[i] to grid[i + 1]."""
   grid = sampler.grid
 
-  if sampler.method == "sde":
+  if sampler.method in SDE_METHODS:
     dt = grid[1] - grid[0]
 
     def sde_step(i, x):
@@ -204,28 +264,30 @@ def _grid_step(u: VelocityFn, sampler: Sampler, noise: NoiseFn | None
 
     return sde_step
 
-  step = STEPPERS[sampler.method]
-
   def ode_step(i, x):
-    t, t_next = jnp.full((x.shape[0],), grid[i]), jnp.full((x.shape[0],), grid[i + 1])
     if sampler.time_shift_window > 0:
-      shift = (i >= 1) & (grid[i] <= sampler.time_shift_cutoff)
-      t = jnp.where(shift, shifted_time(x, t, sampler), t)
-    return step(u, x, t, t_next)
+      return _time_shifted_step(u, sampler, i, x, grid[i], grid[i + 1])
+    t, t_next = jnp.full((x.shape[0],), grid[i]), jnp.full((x.shape[0],), grid[i + 1])
+    if sampler.method == "repa_heun":
+      return repa_heun_step(u, x, t, t_next, i == sampler.num_steps - 1)
+    return STEPPERS[sampler.method](u, x, t, t_next)
 
   return ode_step
 
 
 def _sde_drift(u: VelocityFn, sampler: Sampler, x: Array, t: Array) -> tuple[Array, Array]:
-  """(drift v + w_t score, w_t) of the official SDE, diffusion form 'sigma'."""
+  """(drift v + w_t score, w_t): the official SDE's diffusion form 'sigma' (w_t = norm
+  sigma_t), or REPA's w_t = norm (1 - t)."""
   v = u(x, t)
-  w = sampler.diffusion_norm * sampler.path.sigma(_expand(t, x))
+  t_x = _expand(t, x)
+  scale = sampler.path.sigma(t_x) if sampler.method == "sde" else 1.0 - t_x
+  w = sampler.diffusion_norm * scale
   return v + w * sampler.path.score_from_velocity(t, x, v), w
 
 
 def _finish(u: VelocityFn, sampler: Sampler, x: Array) -> Array:
   """The SDE's noise-free 'Mean' last step from the end of its grid; identity for ODEs."""
-  if sampler.method != "sde":
+  if sampler.method not in SDE_METHODS:
     return x
   drift, _ = _sde_drift(u, sampler, x, jnp.full((x.shape[0],), sampler.grid[-1]))
   return x + drift * sampler.last_step_size
@@ -249,7 +311,7 @@ def integrate(u: VelocityFn, x0: Array, sampler: Sampler, noise: NoiseFn | None 
   standard normal increments of SDE step i. Returns the sample (B, ...)."""
   if sampler.method == "dopri5":
     return _dopri5(u, x0, sampler)
-  if sampler.method == "sde" and noise is None:
+  if sampler.method in SDE_METHODS and noise is None:
     raise ValueError("The SDE sampler needs a noise function.")
   x = jax.lax.fori_loop(0, sampler.num_steps, _grid_step(u, sampler, noise), x0)
   return _finish(u, sampler, x)
@@ -261,7 +323,7 @@ def trajectory(u: VelocityFn, x_start: Array, sampler: Sampler, noise: NoiseFn |
   (B, ...): returns (states (T, B, ...) at ``grid[start_index:]``, the sample (B, ...));
   for the SDE the sample is the 'Mean' step after the grid's last state."""
   if sampler.method == "dopri5":
-    raise ValueError("Trajectories need a fixed grid: method 'euler', 'heun' or 'sde'.")
+    raise ValueError("Trajectories need a fixed grid, not method 'dopri5'.")
   step = _grid_step(u, sampler, noise)
 
   def body(x, i):
@@ -297,21 +359,3 @@ def sample(apply_fn: Callable, params, indices: Array, y: Array, key: jax.Array,
 def balanced_labels(num_samples: int, num_classes: int) -> Array:
   """Labels 0, 1, ..., K-1, 0, 1, ...: every class equally often (up to one)."""
   return jnp.arange(num_samples, dtype=jnp.int32) % num_classes
-
-
-def generate(apply_fn: Callable, params, labels: Array, shape: tuple[int, ...],
-             key: jax.Array, *, batch_size: int, sampler: Sampler, null_class: int,
-             first_index: int = 0) -> Array:
-  """Samples one image per label, ``batch_size`` at a time (the last batch padded, so that
-  one program serves all): (N,) -> (N, *shape). Sample j has global index
-  ``first_index + j``."""
-  out = []
-  for start in range(0, len(labels), batch_size):
-    y = labels[start:start + batch_size]
-    pad = batch_size - len(y)
-    indices = first_index + start + jnp.arange(batch_size, dtype=jnp.int32)
-    y_padded = jnp.concatenate([y, jnp.zeros((pad,), y.dtype)])
-    x = sample(apply_fn, params, indices, y_padded, key, sampler=sampler, shape=shape,
-               null_class=null_class)
-    out.append(x[:len(y)])
-  return jnp.concatenate(out)

@@ -127,6 +127,6 @@ def test_imagenet_variants_validate_once_given_data():
 
 
 def test_time_shift_needs_a_fixed_grid(config):
-  config.sample.sampler, config.sample.time_shift_window = "dopri5", 0.1
+  config.sample.sampler, config.sample.time_shift_window = "dopri5", 80
   with pytest.raises(configuration.ConfigError, match=r"config\.sample\.sampler='dopri5'"):
     configuration.validate(config)

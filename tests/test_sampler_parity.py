@@ -133,3 +133,45 @@ def test_dopri5_matches_torchdiffeq_at_official_tolerances(models):
   bound = atol + rtol * np.abs(exact).max()
   for a, b in [(got, want), (got, exact), (want, exact)]:
     np.testing.assert_allclose(a, b, rtol=0, atol=bound)
+
+
+@pytest.fixture(scope="module")
+def repa_models():
+  ref = torch_sit.random_sit(8, repa=True, input_size=8, patch_size=2, in_channels=4,
+                             hidden_size=32, depth=2, num_heads=2, num_classes=NUM_CLASSES,
+                             encoder_depth=1)
+  config = infer_config(ref.state_dict(), num_heads=2)
+  params, _ = convert_state_dict(ref.state_dict(), config)
+  apply = lambda p, x, t, y: sit.SiT(config).apply({"params": p}, x, t, y)
+  return ref, apply, params
+
+
+@pytest.mark.parametrize("method", ["repa_heun", "repa_sde"])
+def test_repa_samplers_match_repas_semantics(repa_models, method):
+  """REPA's Heun (last step plain Euler, the corrector guided by the step's start) and its
+  Euler-Maruyama SDE, with CFG 1.8 on REPA's t <= 0.7 given in REPA's own time, equal a
+  PyTorch reference of REPA's samplers.py run in REPA's time and float64 state. 8 REPA
+  steps: 0.7 falls between grid points, so the guided steps are the same in both times."""
+  ref, apply, params = repa_models
+  repa_steps = 8
+  num_steps = repa_steps if method == "repa_heun" else repa_steps - 1
+  sampler = sampling.Sampler(method, num_steps=num_steps, cfg_scale=1.8,
+                             cfg_interval=sampling.ours_interval((0.0, 0.7), "data_to_noise"))
+  indices, y = jnp.arange(BATCH), np.array([0, 3, 4])
+  key = jax.random.key(12)
+  got = sampling.sample(apply, params, indices, jnp.asarray(y), key, sampler=sampler,
+                        shape=SHAPE, null_class=NUM_CLASSES)
+  init_key, sde_key = jax.random.split(key)
+  x_noise = _nchw(sampling.initial_noise(init_key, indices, SHAPE))
+  kwargs = dict(cfg_scale=1.8, null_class=NUM_CLASSES, guidance_high=0.7)
+  with torch.no_grad():
+    if method == "repa_heun":
+      want = torch_transport.repa_heun_sample(ref, x_noise, torch.from_numpy(y), repa_steps,
+                                              **kwargs)
+    else:
+      noises = [_nchw(sampling.step_noise(sde_key, indices, i, SHAPE))
+                for i in range(num_steps)]
+      want = torch_transport.repa_sde_sample(ref, x_noise, torch.from_numpy(y), noises,
+                                             repa_steps, **kwargs)
+  np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), want.numpy(), rtol=0,
+                             atol=2e-5)

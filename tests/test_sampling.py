@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixflow_jax import sampling
+from mixflow_jax import sampling, time_shift
 from mixflow_jax.interpolants import get_path
 
 
@@ -89,14 +89,15 @@ def test_sde_grid_and_mean_last_step():
   np.testing.assert_allclose(out, x0 + c, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["sde", "repa_sde"])
 @pytest.mark.parametrize("path", ["gvp", "vp"])
-def test_sde_steps_follow_the_official_sigma_diffusion_on_every_path(path):
+def test_sde_steps_follow_the_official_sigma_diffusion_on_every_path(path, method):
   """Each Euler-Maruyama step is x + (v + w score) dt + sqrt(2 w dt) xi with the official
-  diffusion form w_t = norm * sigma_t, then the 'Mean' step x + (v + w score) * 0.04. Any
-  w gives the same marginals with an exact score, so the distribution test cannot see w;
-  this one can (sigma_t = 1 - t on Linear only)."""
+  diffusion form w_t = norm * sigma_t (REPA's: norm * (1 - t)), then the 'Mean' step
+  x + (v + w score) * 0.04. Any w gives the same marginals with an exact score, so the
+  distribution test cannot see w; this one can (sigma_t = 1 - t on Linear only)."""
   path = get_path(path)
-  sampler = sampling.Sampler("sde", num_steps=3, path=path, diffusion_norm=0.7)
+  sampler = sampling.Sampler(method, num_steps=3, path=path, diffusion_norm=0.7)
   u = lambda x, t: jnp.sin(x) + t[:, None]
   x = jnp.array([[0.3, -1.0, 0.5], [2.0, 0.5, -0.2]])
   xis = [jax.random.normal(jax.random.key(i), x.shape) for i in range(3)]
@@ -106,7 +107,7 @@ def test_sde_steps_follow_the_official_sigma_diffusion_on_every_path(path):
   for i, t in enumerate([*grid[:3], grid[3]]):
     tt = jnp.full((2,), t, jnp.float32)
     v = u(jnp.asarray(want, jnp.float32), tt)
-    w = 0.7 * float(path.sigma(jnp.float32(t)))
+    w = 0.7 * (float(path.sigma(jnp.float32(t))) if method == "sde" else 1 - t)
     drift = np.asarray(v + w * path.score_from_velocity(tt, jnp.asarray(want, jnp.float32), v))
     if i < 3:
       want = want + drift * 0.32 + np.sqrt(2 * w * 0.32) * np.asarray(xis[i])
@@ -167,33 +168,84 @@ def test_epsilon_scaling_rescales_the_implied_noise():
   np.testing.assert_allclose(slope[:2], (x[:2] - eps[:2] / lam_t) / t[:2, None], rtol=1e-5)
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
 @pytest.mark.parametrize("path", ["linear", "gvp", "vp"])
-def test_time_shift_picks_the_time_whose_variance_matches(path):
-  """A state whose variance is that of time 0.45 (data variance 0.25), seen at nominal
-  time 0.5 with a window of 0.1, is moved to ~0.45; outside the window it stops at the edge."""
-  path = get_path(path)
-  sampler = sampling.Sampler("euler", time_shift_window=0.1, data_var=0.25, path=path)
-  target = lambda s: path.sigma(jnp.float32(s)) ** 2 + path.alpha(jnp.float32(s)) ** 2 * 0.25
+def test_ddpm_steps_map_to_the_time_of_equal_snr(path, schedule):
+  """DDPM step k is the time t_k of our path with alpha^2 / sigma^2 = abar_k / (1 - abar_k)
+  (for Linear, t / (1 - t) = sqrt(abar / (1 - abar))), wherever the path reaches that SNR."""
+  p = get_path(path)
+  abar = time_shift.ddpm_alphas_cumprod(schedule)
+  times = time_shift.ddpm_times(schedule, p)
+  if path == "linear":
+    r = np.sqrt(abar / (1 - abar))
+    np.testing.assert_allclose(times, r / (1 + r), atol=2e-6)
+  snr = np.asarray(p.alpha(jnp.asarray(times)) ** 2 / p.sigma(jnp.asarray(times)) ** 2)
+  reached = (times > 1e-3) & (times < 0.999)
+  np.testing.assert_allclose(snr[reached], (abar / (1 - abar))[reached], rtol=2e-3)
+  assert np.all(np.diff(times) <= 0)
+
+
+def _published_time_shift(u, x, grid, *, window, cutoff, data_var, mode):
+  """A reference of the published TS-DDIM rule (TS-DPM-ADM ``ddim_sample``), per sample and
+  step in plain loops on the Linear path, where the DDIM update with the data and noise
+  estimates at t to a target time t' is x + (t' - t) u(x, t). DDPM step k is the time with
+  its SNR, t_k = r / (1 + r), r = sqrt(abar_k / (1 - abar_k)) (cosine schedule)."""
+  abar = time_shift.ddpm_alphas_cumprod("cosine")
+  r = np.sqrt(abar / (1 - abar))
+  times = r / (1 + r)
+  x = np.array(x, np.float64)
+  for i in range(len(grid) - 1):
+    t, t_next = float(grid[i]), float(grid[i + 1])
+    k = int(np.argmin(np.abs(times - t)))
+    half = window // 2
+    steps = range(k - half, k + half + 1) if k - half > 0 else range(window + 1)
+    steps = [j for j in steps if j < len(times)]
+    for b in range(len(x)):
+      t_s = t
+      if i >= 1 and k > cutoff:
+        var = x[b].var()
+        expected = [(1 - times[j]) ** 2 + times[j] ** 2 * data_var for j in steps]
+        t_s = times[steps[int(np.argmin((var - np.array(expected)) ** 2))]]
+      xb = jnp.asarray(x[b:b + 1], jnp.float32)
+      if mode == "target":
+        target = min(max(t_next + t_s - t, 0.0), 1.0)
+        x[b] = x[b] + (target - t) * np.asarray(u(xb, jnp.full((1,), t, jnp.float32)))[0]
+      else:
+        x[b] = x[b] + (t_next - t_s) * np.asarray(u(xb, jnp.full((1,), t_s, jnp.float32)))[0]
+  return x
+
+
+@pytest.mark.parametrize("mode", ["target", "network"])
+def test_time_shift_follows_the_published_rule(mode):
+  """The whole trajectory equals the reference of the published rule: window +- w // 2 in
+  DDPM steps, the network at the nominal time with the step's end moved ('target', the
+  published code) or told the shifted time ('network'), only from the second step on and
+  beyond the cutoff. The velocity is that of data with std 0.5 for states of other
+  scales, so that the states lag and the shifts hit both the window's inside and edge."""
+  u = _gaussian_velocity(0.5)
+  x0 = jax.random.normal(jax.random.key(3), (4, 256)) * jnp.array([0.7, 0.9, 1.1, 1.4])[:, None]
+  sampler = sampling.Sampler("euler", num_steps=6, time_shift_window=100,
+                             time_shift_cutoff=300, time_shift_mode=mode, data_var=0.1)
+  got = sampling.integrate(u, x0, sampler)
+  want = _published_time_shift(u, x0, np.asarray(sampler.grid), window=100, cutoff=300,
+                               data_var=0.1, mode=mode)
+  plain = sampling.integrate(u, x0, sampling.Sampler("euler", num_steps=6))
+  assert np.abs(np.asarray(plain) - want).max() > 1e-2  # the shift changes the samples
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_time_shift_picks_the_step_whose_variance_matches():
+  """A state with the expected variance of DDPM step 530, seen at the time of step 500
+  with a window of 100, is moved to step 530's time; one of step 700's stops at the
+  window's edge, step 550. Without data variance (the published 1 - abar) on GVP."""
+  path = get_path("gvp")
+  times = time_shift.ddpm_times("linear", path)
   z = jax.random.normal(jax.random.key(0), (2, 20000))
   z = (z - z.mean(1, keepdims=True)) / z.std(1, keepdims=True)
-  x = z * jnp.sqrt(jnp.array([target(0.45), target(0.2)]))[:, None]
-  got = sampling.shifted_time(x, jnp.array([0.5, 0.5]), sampler)
-  np.testing.assert_allclose(got, [0.45, 0.4], atol=0.003)
-
-
-def test_time_shift_only_after_the_first_step_and_below_the_cutoff():
-  """The time the network is told: nominal on the first step and above the cutoff."""
-  told = []
-  sampler = sampling.Sampler("euler", num_steps=4, time_shift_window=0.2,
-                             time_shift_cutoff=0.5, data_var=100.0)
-
-  def u(x, t):
-    jax.debug.callback(lambda tt: told.append(float(tt[0])), t)
-    return jnp.zeros_like(x)
-
-  sampling.integrate(u, jnp.ones((1, 64)), sampler)
-  # Variance 0 of a constant state is closest to the window's low end at every shift.
-  np.testing.assert_allclose(told, [0.0, 0.05, 0.3, 0.75], atol=1e-6)
+  x = z * path.sigma(jnp.asarray(times[[530, 700]]))[:, None]
+  got = time_shift.shifted_time(x, jnp.float32(times[500]), path, window=100,
+                                schedule="linear", data_var=0.0)
+  np.testing.assert_allclose(got, times[[530, 550]], atol=2e-4)
 
 
 def _fake_apply(params, x, t, y):
@@ -231,21 +283,24 @@ def test_cfg_interval_guides_only_inside():
 
 
 @pytest.mark.parametrize("method", ["heun", "sde"])
-def test_generate_is_deterministic_and_batch_independent(tiny_model, method):
+def test_samples_do_not_depend_on_the_batch(tiny_model, method):
   """Sample j's noise comes from its global index: batch size and where a job starts do
   not change it."""
   model, params = tiny_model
   apply = lambda p, x, t, y: model.apply({"params": p}, x, t, y)
   labels = sampling.balanced_labels(10, 4)
   np.testing.assert_array_equal(labels, [0, 1, 2, 3, 0, 1, 2, 3, 0, 1])
-  kwargs = dict(sampler=sampling.Sampler(method, num_steps=3, cfg_scale=2.0), null_class=4)
+  kwargs = dict(sampler=sampling.Sampler(method, num_steps=3, cfg_scale=2.0), null_class=4,
+                shape=(8, 8, 1))
   key = jax.random.key(0)
-  a = sampling.generate(apply, params, labels, (8, 8, 1), key, batch_size=5, **kwargs)
-  b = sampling.generate(apply, params, labels, (8, 8, 1), key, batch_size=5, **kwargs)
+
+  def batches(first, size):
+    return jnp.concatenate([
+        sampling.sample(apply, params, jnp.arange(i, min(i + size, 10)),
+                        labels[i:i + size], key, **kwargs) for i in range(first, 10, size)])
+
+  a, b = batches(0, 5), batches(0, 5)
   assert a.shape == (10, 8, 8, 1)
   np.testing.assert_array_equal(a, b)
-  c = sampling.generate(apply, params, labels, (8, 8, 1), key, batch_size=4, **kwargs)
-  np.testing.assert_allclose(a, c, atol=1e-5)
-  d = sampling.generate(apply, params, labels[6:], (8, 8, 1), key, batch_size=4,
-                        first_index=6, **kwargs)
-  np.testing.assert_allclose(a[6:], d, atol=1e-5)
+  np.testing.assert_allclose(a, batches(0, 4), atol=1e-5)
+  np.testing.assert_allclose(a[6:], batches(6, 4), atol=1e-5)

@@ -119,3 +119,60 @@ def official_sde_sample(model_fn, x0, noises, num_sampling_steps: int,
     x = x + d * dt + torch.sqrt(2 * w) * (noises[i] * torch.sqrt(dt))
   d, _ = drift(x, grid[-1])
   return x + d * last_step_size
+
+
+def _repa_guided(model, y, null_class, cfg_scale, guidance_low, guidance_high):
+  """REPA's guided velocity in its time s (t = 0 data): ``f(x, s_input, s_decide)`` runs a
+  doubled batch [y, null] and mixes ``uncond + cfg (cond - uncond)`` where
+  guidance_low <= s_decide <= guidance_high and cfg_scale > 1, else the conditional pass;
+  the model runs in float32 on a float64 state."""
+  def f(x, s, s_decide):
+    tt = torch.full((x.shape[0],), float(s), dtype=torch.float32)
+    if cfg_scale > 1.0 and guidance_low <= s_decide <= guidance_high:
+      both = torch.cat([x, x]).float()
+      out = model(both, torch.cat([tt, tt]),
+                  torch.cat([y, torch.full_like(y, null_class)]))[0].double()
+      cond, uncond = out.chunk(2)
+      return uncond + cfg_scale * (cond - uncond)
+    return model(x.float(), tt, y)[0].double()
+  return f
+
+
+def repa_heun_sample(model, x_noise, y, num_steps: int, cfg_scale: float, null_class: int,
+                     guidance_low: float = 0.0, guidance_high: float = 1.0) -> torch.Tensor:
+  """REPA's ``euler_sampler(heun=True)`` (sihyun-yu/REPA samplers.py, from its published
+  semantics), in REPA's time: grid linspace(1, 0, num_steps + 1) in float64, a float64
+  state; each step the Euler predictor, then on every step but the last the trapezoid
+  with the corrector at s_next, guided by whether s_cur is in the interval."""
+  f = _repa_guided(model, y, null_class, cfg_scale, guidance_low, guidance_high)
+  grid = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)
+  x = x_noise.double()
+  for i, (s, s_next) in enumerate(itertools.pairwise(grid)):
+    d = f(x, s, s)
+    x_next = x + (s_next - s) * d
+    if i < num_steps - 1:
+      x_next = x + (s_next - s) * 0.5 * (d + f(x_next, s_next, s))
+    x = x_next
+  return x
+
+
+def repa_sde_sample(model, x_noise, y, noises, num_steps: int, cfg_scale: float,
+                    null_class: int, guidance_low: float = 0.0,
+                    guidance_high: float = 1.0) -> torch.Tensor:
+  """REPA's ``euler_maruyama_sampler`` ('linear' path), in its time: grid linspace(1, 0.04,
+  num_steps) then 0; diffusion 2 s; score (-(1 - s) v - x) / s; drift v - s score, guided
+  as the velocity; x + drift ds + sqrt(2 s) noise sqrt(|ds|) on all but the last interval,
+  whose drift step from 0.04 to 0 has no noise. ``noises[i]``: step i's normal draw."""
+  f = _repa_guided(model, y, null_class, cfg_scale, guidance_low, guidance_high)
+  grid = torch.cat([torch.linspace(1, 0.04, num_steps, dtype=torch.float64),
+                    torch.zeros(1, dtype=torch.float64)])
+  x = x_noise.double()
+
+  def drift(x, s):
+    v = f(x, s, s)
+    return v - s * ((-(1 - s) * v - x) / s)
+
+  for i, (s, s_next) in enumerate(itertools.pairwise(grid[:-1])):
+    ds = s_next - s
+    x = x + drift(x, s) * ds + torch.sqrt(2 * s) * noises[i].double() * torch.sqrt(ds.abs())
+  return x + drift(x, grid[-2]) * (grid[-1] - grid[-2])
