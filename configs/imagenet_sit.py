@@ -6,8 +6,11 @@
     mixflow sample --config=configs/imagenet_sit.py:sit_xl2 --workdir=$RUN \\
         --config.sample.vae=$VAE
 
-Variants: 'sit_xl2' (default), 'sit_b2' (official SiT, learned sigma, 3-channel CFG) and
-'repa_xl2' (REPA: no learned sigma, trained with t = 0 data, all-channel CFG). The data is
+Variants: 'sit_xl2' (default), 'sit_b2' (official SiT, learned sigma, 3-channel CFG),
+'repa_xl2' (REPA: no learned sigma, trained with t = 0 data, all-channel CFG, sampled with
+REPA's published protocol: its SDE, ``--num-steps 250``, CFG 1.8 on t_REPA <= 0.7) and
+'repa_xl2_heun' (the same model sampled with the MixFlow paper's protocol: Heun, 250
+steps, REPA's Heun, no guidance). The data is
 an ``arrays`` folder of SD-VAE latents (32x32x4, scaled by 0.18215) with ImageNet labels;
 ``sample.vae`` is a VAE converted with ``mixflow convert --vae``. Settings are the paper's
 (post-training keeps the original models' optimiser: AdamW lr 1e-4, wd 0, batch 256, EMA
@@ -23,6 +26,7 @@ _MODELS = {
     "sit_xl2": ("SiT-XL/2", True, "noise_to_data", "first3"),
     "sit_b2": ("SiT-B/2", True, "noise_to_data", "first3"),
     "repa_xl2": ("SiT-XL/2", False, "data_to_noise", "all"),
+    "repa_xl2_heun": ("SiT-XL/2", False, "data_to_noise", "all"),
 }
 
 
@@ -70,4 +74,14 @@ def get_config(variant: str = "sit_xl2") -> ml_collections.ConfigDict:
   config.sample.num_samples = 50_000
   config.sample.batch_size = 250
   config.sample.labels = "random"         # the ADM / SiT FID protocol's random labels
+  if variant == "repa_xl2":
+    # REPA's README: generate.py --mode=sde --num-steps=250 --cfg-scale=1.8
+    # --guidance-high=0.7; its Euler-Maruyama takes 249 noisy steps and the 'Mean' step.
+    config.sample.sampler = "repa_sde"
+    config.sample.num_steps = 249
+    config.sample.cfg_scale = 1.8
+    config.sample.cfg_interval = (0.0, 0.7)  # REPA's own time (t = 0 data): ours t >= 0.3
+  elif variant == "repa_xl2_heun":
+    config.sample.sampler = "repa_heun"    # REPA's Heun: its --num-steps 250 is 250 steps
+    config.sample.num_steps = 250
   return config

@@ -196,6 +196,15 @@ def epsilon_scaled(u: VelocityFn, path: Path, scale: float, slope: float = 0.0) 
   return velocity
 
 
+def adm_es_schedule(b: float, k: float, num_steps: int) -> tuple[float, float]:
+  """(eps_scale, eps_scale_slope) of ADM-ES's linear schedule lambda_i = b + k (i - (S - 1)
+  / 2) over the S = ``num_steps`` sampling steps, i = S - 1 at the first (noisiest) step
+  and 0 at the last (forever208/ADM-ES ``guided_diffusion/gaussian_diffusion.py``): step j
+  of our uniform grid is evaluated at t_j = j / S, where 1 - t_j = (i + 1) / S, so
+  lambda = b - k (S + 1) / 2 + k S (1 - t). ``k = 0`` is the constant lambda = b."""
+  return b - k * (num_steps + 1) / 2, k * num_steps
+
+
 def velocity_field(apply_fn: Callable, params, y: Array, sampler: Sampler,
                    null_class: int) -> VelocityFn:
   """The velocity the sampler integrates: the network with guidance and epsilon scaling."""

@@ -6,9 +6,10 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from mixflow_jax import configuration
+from mixflow_jax import configuration, sampling
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -116,7 +117,7 @@ def test_digits_variants_validate():
 
 def test_imagenet_variants_validate_once_given_data():
   imagenet = _config_module("imagenet_sit")
-  for variant in ("sit_xl2", "sit_b2", "repa_xl2"):
+  for variant in ("sit_xl2", "sit_b2", "repa_xl2", "repa_xl2_heun"):
     config = imagenet.get_config(variant)
     with pytest.raises(configuration.ConfigError, match=r"config\.data\.path=''"):
       configuration.validate(config)
@@ -124,6 +125,11 @@ def test_imagenet_variants_validate_once_given_data():
     configuration.validate(config)
   repa = imagenet.get_config("repa_xl2")
   assert (repa.model.time_convention, repa.model.learn_sigma) == ("data_to_noise", False)
+  # REPA's guidance_high=0.7 in its own time is our t >= 0.3, translated once.
+  sampler = sampling.Sampler.from_config(repa.sample, repa.objective.path,
+                                         time_convention=repa.model.time_convention)
+  assert (sampler.method, sampler.num_steps, sampler.cfg_scale) == ("repa_sde", 249, 1.8)
+  np.testing.assert_allclose(sampler.cfg_interval, (0.3, 1.0))
 
 
 def test_time_shift_needs_a_fixed_grid(config):

@@ -168,6 +168,21 @@ def test_epsilon_scaling_rescales_the_implied_noise():
   np.testing.assert_allclose(slope[:2], (x[:2] - eps[:2] / lam_t) / t[:2, None], rtol=1e-5)
 
 
+def test_adm_es_schedule_gives_adm_es_lambda_at_every_step():
+  """ADM-ES's per-step lambda_i = b + k (i - (S - 1) / 2), i = S - 1 first, is what the
+  sampler divides the noise by at grid step j = S - 1 - i (t = j / S; t = 0 unscaled)."""
+  b, k, steps = 1.0041, 0.0002, 20
+  scale, slope = sampling.adm_es_schedule(b, k, steps)
+  sampler = sampling.Sampler("euler", num_steps=steps, eps_scale=scale, eps_scale_slope=slope)
+  apply = lambda p, x, t, y: jnp.full_like(x, 3.0)
+  u = sampling.velocity_field(apply, None, None, sampler, null_class=0)
+  t = sampler.grid[1:-1]
+  x = jnp.ones((len(t), 1))
+  lam = (x - t[:, None] * 3.0) / (x - t[:, None] * u(x, t))  # noise / scaled noise
+  i = np.arange(steps - 2, -1, -1)
+  np.testing.assert_allclose(lam[:, 0], b + k * (i - (steps - 1) / 2), rtol=1e-5)
+
+
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 @pytest.mark.parametrize("path", ["linear", "gvp", "vp"])
 def test_ddpm_steps_map_to_the_time_of_equal_snr(path, schedule):
