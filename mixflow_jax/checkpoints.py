@@ -3,13 +3,10 @@
 A run's checkpoints live in ``<workdir>/checkpoints/<step>``; each holds the whole
 ``TrainState`` (step, params, EMA params, optimizer state) as its item ``default`` and,
 for training runs, the input pipeline's state (``data.pipeline.state_json``) as ``data``.
-``<workdir>/model.json`` records the architecture (a ``SiTConfig``), written by training
-and by ``mixflow convert``, so that sampling needs no data and a warm start can check it,
-and the parameter layout of the blocks (``param_layout``: 'unrolled' as the official
-state_dict, or 'scanned' with the layer axis first; runs and conversions written before it
-existed are 'unrolled').
-Loading params (a warm start, sampling) converts between the layouts; resuming a run keeps
-its layout.
+What defines the run's model (architecture, path, ...) and the parameter layout of its
+blocks ('unrolled' as the official state_dict, or 'scanned' with the layer axis first) are
+in its record, ``<workdir>/model.json`` (``runs``). Loading params (a warm start,
+sampling) converts between the layouts; resuming a run keeps its layout.
 """
 
 from __future__ import annotations
@@ -25,11 +22,10 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from mixflow_jax import errors, storage
-from mixflow_jax.models.sit import SiTConfig, to_layout
+from mixflow_jax.models.sit import to_layout
 from mixflow_jax.sharding import path_str
 
 CHECKPOINT_DIR = "checkpoints"
-MODEL_JSON = "model.json"
 STATE_ITEM = "default"  # the name orbax gives a single item: checkpoints before DATA_ITEM
 DATA_ITEM = "data"
 
@@ -65,30 +61,6 @@ def read_config(run_dir: str, filename: str, cls: type, optional: tuple[str, ...
   if missing:
     raise errors.InvalidInput(f"{path} lacks the field(s) {missing} of {cls.__name__}.")
   return cls(**{name: stored[name] for name in fields if name in stored})
-
-
-def write_model_config(run_dir: str, config: SiTConfig, **extra: Any) -> None:
-  """Writes ``run_dir/model.json``: the fields of ``config`` plus ``extra`` notes."""
-  write_config(run_dir, MODEL_JSON, config, **extra)
-
-
-def read_model_config(run_dir: str) -> SiTConfig | None:
-  """The ``SiTConfig`` in ``run_dir/model.json``, or None if the run has none."""
-  return read_config(run_dir, MODEL_JSON, SiTConfig, optional=("time_convention",))
-
-
-def read_model_note(run_dir: str, key: str, default: Any = None) -> Any:
-  """The note ``key`` that ``write_model_config`` stored beside the architecture in
-  ``run_dir/model.json`` (``default`` if the run or its model.json predates it)."""
-  path = run_root(run_dir) / MODEL_JSON
-  if not path.is_file():
-    return default
-  return storage.read_json(path).get(key, default)
-
-
-def read_param_layout(run_dir: str) -> str:
-  """The parameter layout of the run in ``run_dir`` ('unrolled' if model.json predates it)."""
-  return read_model_note(run_dir, "param_layout", "unrolled")
 
 
 def make_manager(run_dir: str, save_every: int = 1, keep: int = 3,

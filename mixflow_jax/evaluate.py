@@ -37,7 +37,16 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from mixflow_jax import configuration, errors, generate, metrics, pretrained, sharding, storage
+from mixflow_jax import (
+    configuration,
+    errors,
+    generate,
+    metrics,
+    pretrained,
+    runs,
+    sharding,
+    storage,
+)
 from mixflow_jax import pixels as pixels_lib
 from mixflow_jax.data import ImageDataset, load_dataset, pipeline
 from mixflow_jax.data.image_sources import IMAGE_EXTENSIONS
@@ -592,9 +601,14 @@ def adm_metrics(sample_path: str, reference_path: str, inception_path: str,
 
 
 def _run_num_classes(config: ml_collections.ConfigDict, workdir: str) -> int | None:
-  """The run's number of classes (its model.json, else the config's data), or None."""
+  """The run's number of classes (its record, checked against ``config``; else the
+  config's data), or None."""
+  record = runs.read_record(workdir)
+  if record is not None:
+    runs.check_config(record, config, f"{workdir!r} (its {runs.MODEL_JSON})")
+    return record.model.num_classes
   try:
-    return generate.run_model_config(config, workdir).num_classes
+    return load_dataset(config.data).num_classes
   except (OSError, ValueError) as e:
     logging.warning("The run's classes are unknown (%s): sample labels are not checked.", e)
     return None

@@ -20,7 +20,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -28,18 +27,18 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from mixflow_jax import (
-    checkpoints,
     configuration,
     errors,
     pixels,
     pretrained,
     resume,
+    runs,
     sampling,
     sharding,
     storage,
 )
-from mixflow_jax.data import ImageDataset, load_dataset
-from mixflow_jax.models.sit import SiT, SiTConfig, abstract_params, make_apply_fn
+from mixflow_jax.data import ImageDataset
+from mixflow_jax.models.sit import make_apply_fn
 
 # The inference-time options that do not appear in the name itself; those changed from
 # their defaults (the ``sampling.Sampler`` field defaults) enter the name's hash.
@@ -48,17 +47,6 @@ _HASHED_OPTIONS = ("cfg_interval", "atol", "rtol", "last_step_size", "diffusion_
                    "data_var")
 _SAMPLER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(sampling.Sampler)}
 _RANDOM_LABELS_STREAM = 1  # seeds 'random' labels apart from other draws of the same seed
-
-
-def run_model_config(config: ml_collections.ConfigDict, run_dir: str,
-                     dataset: ImageDataset | None = None) -> SiTConfig:
-  """The architecture of the run in ``run_dir``: its ``model.json`` (written by training
-  and by ``mixflow convert``), else ``config.model`` on the data's shape."""
-  stored = checkpoints.read_model_config(run_dir)
-  if stored is not None:
-    return stored
-  dataset = dataset or load_dataset(config.data)
-  return configuration.model_config(config, dataset.image_shape, dataset.num_classes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,22 +72,19 @@ class BatchSampler:
     return sharding.gather(self.fn(self.params, self.vae_params, batch["i"], batch["y"]))[:n]
 
 
-def make_batch_sampler(config: ml_collections.ConfigDict, run_dir: str,
-                       dataset: ImageDataset | None = None, num_steps: int | None = None
-                       ) -> BatchSampler:
-  """Loads the latest checkpoint of ``run_dir`` (EMA params unless ``sample.use_ema`` is
-  off), replicated over the mesh, and compiles its sampler (+ VAE decoder)."""
+def make_batch_sampler(config: ml_collections.ConfigDict, run: runs.Run,
+                       num_steps: int | None = None) -> BatchSampler:
+  """Loads the latest checkpoint of ``run`` (EMA params unless ``sample.use_ema`` is off),
+  replicated over the mesh, and compiles its sampler (+ VAE decoder) on the run's path."""
   s = config.sample
-  model_config = run_model_config(config, run_dir, dataset)
+  model_config = run.model_config
   mesh = sharding.make_mesh()
   if s.batch_size % mesh.size:
     raise configuration.ConfigError(f"config.sample.batch_size={s.batch_size} is not a "
                                     f"multiple of the device count {mesh.size}.")
-  model = SiT(model_config, dtype=jnp.dtype(config.sample.dtype))
-  params, step = checkpoints.load_params(run_dir, abstract_params(model_config),
-                                         "ema_params" if s.use_ema else "params")
+  model, params, step = runs.load_model(run, config)
   params = jax.device_put(params, sharding.replicated(mesh))
-  sampler = sampling.Sampler.from_config(s, config.objective.path, num_steps)
+  sampler = sampling.Sampler.from_config(s, run.path, num_steps)
   shape = (model_config.input_size, model_config.input_size, model_config.in_channels)
   decode, vae_params = _vae_decoder(s.vae, model_config.in_channels, mesh)
   key = jax.random.key(config.seed)
@@ -111,7 +96,7 @@ def make_batch_sampler(config: ml_collections.ConfigDict, run_dir: str,
         apply_fn, params, indices, y, key, sampler=sampler, shape=shape,
         null_class=model_config.num_classes))
 
-  logging.info("Sampling step %d of %s on %d devices (%d processes).", step, run_dir,
+  logging.info("Sampling step %d of %s on %d devices (%d processes).", step, run.directory,
                mesh.size, jax.process_count())
   return BatchSampler(fn, params, vae_params, s.batch_size, model_config.num_classes, step,
                       mesh)
@@ -176,7 +161,8 @@ def sample_run(config: ml_collections.ConfigDict, run_dir: str,
   """Samples ``config.sample.num_samples`` images (``config.sample.labels``) in memory.
   Returns (images (N, H, W, C) in about [-1, 1], labels (N,))."""
   s = config.sample
-  batch_sampler = make_batch_sampler(config, run_dir, dataset, num_steps)
+  batch_sampler = make_batch_sampler(config, runs.load_run(run_dir, config, dataset),
+                                     num_steps)
   labels = sample_labels(s.labels, s.num_samples, batch_sampler.num_classes, config.seed)
   start = time.perf_counter()
   images = np.concatenate([batch_sampler(i, labels[i:i + s.batch_size])
@@ -219,7 +205,8 @@ def sample_job(config: ml_collections.ConfigDict, workdir: str) -> str:
   into ``samples_path(config, workdir)`` and returns that path. Latent models (neither 1
   nor 3 channels) need ``config.sample.vae`` to decode them."""
   s = config.sample
-  model_config = run_model_config(config, workdir)
+  run = runs.load_run(workdir, config)
+  model_config = run.model_config
   labels = sample_labels(s.labels, s.num_samples, model_config.num_classes, config.seed)
   channels = model_config.in_channels
   if channels not in (1, 3) and not s.vae:
@@ -230,7 +217,7 @@ def sample_job(config: ml_collections.ConfigDict, workdir: str) -> str:
   if sharding.decided_by_process_zero(lambda: np.array([storage.path(path).exists()]), 1)[0]:
     logging.info("%s exists; nothing to sample.", path)
     return path
-  batch_sampler = make_batch_sampler(config, workdir)
+  batch_sampler = make_batch_sampler(config, run)
   shard_dir = storage.path(path[:-len(".npz")] + ".shards")
   starts = range(0, s.num_samples, s.batch_size)
   shard_path = lambda i: shard_dir / f"shard_{i:05d}.npz"

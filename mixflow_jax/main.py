@@ -74,6 +74,11 @@ _TIME_CONVENTION = flags.DEFINE_enum(
     "convert: the time convention the weights were trained in (t = 0 noise: SiT; t = 0 "
     "data: REPA, RAE). By default data_to_noise for REPA checkpoints (projector heads), "
     "else noise_to_data.")
+_PATH = flags.DEFINE_enum(
+    "path", None, ["linear", "gvp", "vp"],
+    "convert: the interpolant path the weights were trained on, recorded in DIR/model.json "
+    "(sampling refuses a config with another objective.path). By default the checkpoint's "
+    "training args' path_type (REPA's cosine is gvp), else linear.")
 _COMPARE = flags.DEFINE_list("compare", [], "slowflow: more run folders to measure and "
                              "plot next to --workdir's.")
 _CALIBRATE = flags.DEFINE_bool("calibrate", False, "slowflow: also propose MixFlow's gamma "
@@ -140,10 +145,10 @@ COMMANDS = {
         "Convert an official PyTorch SiT / REPA checkpoint (or an SD-VAE: --vae) to a Flax "
         "run folder with orbax weights.",
         "--checkpoint=PATH --out=DIR [--model=SiT-XL/2] [--weights=ema|model] "
-        "[--time_convention=...] [--num_heads=N] [--class_dropout_prob=P] | --vae=PATH "
-        "--out=DIR",
+        "[--time_convention=...] [--num_heads=N] [--class_dropout_prob=P] [--path=...] | "
+        "--vae=PATH --out=DIR",
         ("checkpoint", "vae", "out", "model", "weights", "time_convention", "num_heads",
-         "class_dropout_prob"), ()),
+         "class_dropout_prob", "path"), ()),
     "encode": _Command(
         "Encode an ImageFolder or a TFDS dataset to SD-VAE latent moments for "
         "data.name='arrays' (resumable).",
@@ -337,7 +342,7 @@ def _dispatch(command: str) -> None:
     from mixflow_jax.convert.export import convert_checkpoint
     config = convert_checkpoint(_CHECKPOINT.value, _OUT.value, _MODEL.value, _WEIGHTS.value,
                                 _TIME_CONVENTION.value, _NUM_HEADS.value,
-                                _CLASS_DROPOUT_PROB.value)
+                                _CLASS_DROPOUT_PROB.value, _PATH.value)
     print(f"Wrote {_OUT.value}: {config}")
     return
   if command == "encode":

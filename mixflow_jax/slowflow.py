@@ -30,10 +30,10 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mixflow_jax import checkpoints, errors, generate, report, sampling, sharding, storage
+from mixflow_jax import errors, report, runs, sampling, sharding, storage
 from mixflow_jax.data import load_dataset
 from mixflow_jax.interpolants import Path
-from mixflow_jax.models.sit import SiT, abstract_params, make_apply_fn
+from mixflow_jax.models.sit import make_apply_fn
 
 Array = jnp.ndarray
 MODES = ("trajectory", "restart")
@@ -110,14 +110,14 @@ def calibrate_gamma(summary: dict, t_min: float = 0.1) -> float:
 
 
 def slowflow_run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
-  """Slow Flow of the run in ``run_dir`` with ``config.sample``'s sampler, over
-  ``config.slowflow.num_samples`` samples (balanced labels)."""
+  """Slow Flow of the run in ``run_dir`` (on the path it was trained on) with
+  ``config.sample``'s sampler, over ``config.slowflow.num_samples`` samples (balanced
+  labels)."""
   sf, s = config.slowflow, config.sample
-  model_config = generate.run_model_config(config, run_dir)
-  model = SiT(model_config, dtype=jnp.dtype(config.sample.dtype))
-  params, step = checkpoints.load_params(run_dir, abstract_params(model_config),
-                                         "ema_params" if s.use_ema else "params")
-  sampler = sampling.Sampler.from_config(s, config.objective.path)
+  run = runs.load_run(run_dir, config)
+  model_config = run.model_config
+  model, params, step = runs.load_model(run, config)
+  sampler = sampling.Sampler.from_config(s, run.path)
   shape = (model_config.input_size, model_config.input_size, model_config.in_channels)
   labels = np.asarray(sampling.balanced_labels(sf.num_samples, model_config.num_classes))
   real = None

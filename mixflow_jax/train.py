@@ -32,7 +32,15 @@ from clu import metric_writers, metrics, periodic_actions
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from mixflow_jax import checkpoints, configuration, hardware, sharding, storage, timesteps
+from mixflow_jax import (
+    checkpoints,
+    configuration,
+    hardware,
+    runs,
+    sharding,
+    storage,
+    timesteps,
+)
 from mixflow_jax.data import ImageDataset, load_dataset, pipeline
 from mixflow_jax.interpolants import get_path
 from mixflow_jax.models import attention
@@ -91,9 +99,6 @@ def make_model(config: ml_collections.ConfigDict, image_shape: tuple[int, int, i
   return SiT(model_config, dtype=dtype, remat=m.remat, scan_blocks=m.scan_blocks,
              attention=implementation,
              activation_sharding=None if mesh is None else sharding.batch_sharding(mesh))
-
-
-PRETRAINING_T_LAW = "pretraining_t_law"  # the model.json note of the pretraining's t law
 
 
 def resolve_t_law(config: ml_collections.ConfigDict, pretraining_t_law: str | None = None
@@ -307,7 +312,8 @@ class _Throughput:
 def _restore_or_init(config: ml_collections.ConfigDict, workdir: str, s: StepSetup,
                      manager: ocp.CheckpointManager, init_key: jax.Array) -> TrainState:
   if manager.latest_step() is not None:
-    stored = checkpoints.read_param_layout(workdir)
+    record = runs.read_record(workdir)
+    stored = record.param_layout if record else "unrolled"
     if stored != param_layout(s.model):
       raise configuration.ConfigError(
           f"The checkpoints in {workdir!r} hold the {stored!r} parameter layout, but "
@@ -380,8 +386,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   configuration.validate(config, mesh.size)
   # The pretraining law: this run's own when it starts from scratch, else what init_from's
   # run recorded; standard post-training defaults to it (timesteps.default_t_law).
-  pretraining_t_law = (checkpoints.read_model_note(tr.init_from, PRETRAINING_T_LAW)
-                       if tr.init_from else None)
+  base = runs.read_record(tr.init_from) if tr.init_from else None
+  pretraining_t_law = base.pretraining_t_law if base else None
   config = resolve_t_law(config, pretraining_t_law)
   if not tr.init_from:
     pretraining_t_law = config.objective.t_law
@@ -389,16 +395,20 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   s = setup_step(config, dataset.image_shape, dataset.num_classes, mesh)
   init_key, rng = jax.random.split(jax.random.key(config.seed))
 
-  for run_dir in (workdir, tr.init_from):
-    stored = run_dir and checkpoints.read_model_config(run_dir)
-    if stored:
-      configuration.check_model(s.model.config, stored, f"{run_dir!r} (its model.json)")
+  # A resumed run keeps what defines its model; a warm start keeps the architecture (its
+  # objective, path included, is the post-training's choice).
+  own = runs.read_record(workdir)
+  if own:
+    runs.check_config(own, config, f"{workdir!r} (its {runs.MODEL_JSON})", s.model.config)
+  if base:
+    configuration.check_model(s.model.config, base.model,
+                              f"{tr.init_from!r} (its {runs.MODEL_JSON})")
   manager = checkpoints.make_manager(workdir, tr.checkpoint_every, tr.keep_checkpoints)
   state = _restore_or_init(config, workdir, s, manager, init_key)
   if jax.process_index() == 0:
-    notes = {PRETRAINING_T_LAW: pretraining_t_law} if pretraining_t_law else {}
-    checkpoints.write_model_config(workdir, s.model.config, param_layout=param_layout(s.model),
-                                   **notes)
+    runs.write_record(workdir, s.model.config, config.objective.path,
+                      param_layout=param_layout(s.model), pretraining_t_law=pretraining_t_law,
+                      config=config)
 
   start, total, batch_size = int(state.step), tr.steps, config.data.batch_size
   data_state = functools.partial(pipeline.state_json, batch_size=batch_size, seed=config.seed,

@@ -17,7 +17,7 @@ import safetensors.torch
 import torch
 from PIL import Image
 
-from mixflow_jax import checkpoints, train
+from mixflow_jax import runs, train
 from mixflow_jax.convert.vae import convert_vae_checkpoint
 from mixflow_jax.data import image_sources, load_dataset
 from mixflow_jax.models.sit import abstract_params
@@ -64,7 +64,7 @@ _SAMPLE_EVALUATE = textwrap.dedent("""
     import importlib.util, sys
     sys.path.insert(0, {repo!r})
     import jax, numpy as np
-    from mixflow_jax import checkpoints, evaluate, generate
+    from mixflow_jax import checkpoints, evaluate, generate, runs
     from mixflow_jax.models.sit import abstract_params
 
     spec = importlib.util.spec_from_file_location("config", {config!r})
@@ -74,7 +74,7 @@ _SAMPLE_EVALUATE = textwrap.dedent("""
     print("SAMPLES", generate.sample_job(config, run))
     print("METRICS", evaluate.evaluate_job(config, run))
     params, step = checkpoints.load_params(
-        run, abstract_params(checkpoints.read_model_config(run)))
+        run, abstract_params(runs.read_record(run).model))
     np.savez({params!r}, *jax.tree.leaves(params), step=step)
 """)
 
@@ -153,7 +153,7 @@ def test_tfds_encode_preempted_train_sample_evaluate_on_gcs(tmp_path):
   ema = jax.tree.leaves(uninterrupted.ema_params)
   for i, leaf in enumerate(ema):
     np.testing.assert_allclose(stored[f"arr_{i}"], leaf, rtol=1e-5, atol=1e-6)
-  model_config = checkpoints.read_model_config(str(tmp_path / "uninterrupted"))
+  model_config = runs.read_record(str(tmp_path / "uninterrupted")).model
   assert jax.tree.structure(abstract_params(model_config)) == jax.tree.structure(
       uninterrupted.ema_params)
 

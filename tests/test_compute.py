@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixflow_jax import checkpoints, configuration, sharding, train
+from mixflow_jax import checkpoints, configuration, runs, sharding, train
 from mixflow_jax.data import pipeline
 from mixflow_jax.models.sit import SiT, SiTConfig, abstract_params, to_layout
 
@@ -112,9 +112,9 @@ def test_scanned_run_warm_starts_converted_and_refuses_resume_in_other_layout(
   # end); the first and last scanned runs then share one compiled step.
   config.optim.lr = 1e-30
   state = train.train(config, str(tmp_path / "scanned"), dataset=synthetic_dataset)
-  assert checkpoints.read_param_layout(str(tmp_path / "scanned")) == "scanned"
+  assert runs.read_record(str(tmp_path / "scanned")).param_layout == "scanned"
   # Sampling and warm starts read the unrolled layout from it.
-  model_config = checkpoints.read_model_config(str(tmp_path / "scanned"))
+  model_config = runs.read_record(str(tmp_path / "scanned")).model
   params, step = checkpoints.load_params(str(tmp_path / "scanned"),
                                          abstract_params(model_config))
   assert step == 2
@@ -128,7 +128,7 @@ def test_scanned_run_warm_starts_converted_and_refuses_resume_in_other_layout(
     train.train(config, str(tmp_path / "scanned"), dataset=synthetic_dataset)
   config.train.init_from = str(tmp_path / "scanned")
   unrolled = train.train(config, str(tmp_path / "unrolled"), dataset=synthetic_dataset)
-  assert checkpoints.read_param_layout(str(tmp_path / "unrolled")) == "unrolled"
+  assert runs.read_record(str(tmp_path / "unrolled")).param_layout == "unrolled"
   # And back, as a converted official (unrolled) checkpoint warm-starts a scanned run.
   config.model.scan_blocks, config.train.steps = True, 1
   config.train.init_from = str(tmp_path / "unrolled")

@@ -12,7 +12,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from mixflow_jax import checkpoints, configuration, errors, generate, train
+from mixflow_jax import checkpoints, configuration, errors, generate, runs, train
 from mixflow_jax.convert.export import convert_checkpoint
 from mixflow_jax.convert.vae import convert_vae_checkpoint
 from mixflow_jax.models import sit
@@ -46,7 +46,7 @@ def test_convert_command_round_trip(checkpoint, tmp_path):
 
 def _assert_outputs_match(ref, out):
   """The converted run in ``out`` computes what the PyTorch SiT ``ref`` computes."""
-  config = checkpoints.read_model_config(str(out))
+  config = runs.read_record(str(out)).model
   model = sit.SiT(config)
   params, step = checkpoints.load_params(str(out), sit.abstract_params(config))
   assert step == 0
@@ -114,8 +114,11 @@ def latent_checkpoints(tmp_path_factory):
   return paths, vae_file
 
 
-def _sample_config(vae_dir):
+def _sample_config(vae_dir, learn_sigma=True, time_convention="noise_to_data"):
+  """The default config with the converted models' architecture: SiT-T/2, a learned sigma
+  but for REPA, REPA's time convention for REPA."""
   config = configuration.default_config()
+  config.model.update(learn_sigma=learn_sigma, time_convention=time_convention)
   config.sample.update(num_samples=6, batch_size=6, num_steps=2, vae=str(vae_dir))
   return config
 
@@ -127,8 +130,9 @@ def test_every_format_converts_to_a_checkpoint_that_samples(latent_checkpoints, 
   for kind, path in paths.items():
     config = convert_checkpoint(str(path), str(tmp_path / kind))
     assert config.time_convention == ("data_to_noise" if kind == "repa" else "noise_to_data")
-    with np.load(generate.sample_job(_sample_config(tmp_path / "vae"),
-                                     str(tmp_path / kind))) as npz:
+    sample_config = _sample_config(tmp_path / "vae", config.learn_sigma,
+                                   config.time_convention)
+    with np.load(generate.sample_job(sample_config, str(tmp_path / kind))) as npz:
       samples[kind] = npz["arr_0"]
       assert npz["arr_0"].shape == (6, 16, 16, 3) and npz["arr_0"].dtype == np.uint8
       np.testing.assert_array_equal(npz["arr_1"], [0, 1, 2, 3, 4, 5])
@@ -148,7 +152,8 @@ def test_convert_vae_then_sample_command_line(latent_checkpoints, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   assert json.loads((tmp_path / "vae" / "vae.json").read_text())["block_out_channels"] == [
       32, 64]
-  result = run("sample", f"--workdir={tmp_path / 'sit'}", "--config.sample.num_samples=4",
+  result = run("sample", f"--workdir={tmp_path / 'sit'}", "--config.model.learn_sigma=True",
+               "--config.sample.num_samples=4",
                "--config.sample.num_steps=2", f"--config.sample.vae={tmp_path / 'vae'}")
   assert result.returncode == 0, result.stderr[-3000:]
   with np.load(tmp_path / "sit" / "samples" / "ema_euler2_cfg1_n4.npz") as npz:
@@ -170,7 +175,7 @@ def test_converted_checkpoint_warm_starts_post_training(tmp_path):
   t, y = np.array([0.3, 0.8], np.float32), np.array([1, 10])
   with torch.no_grad():
     expected = ref(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y)).numpy()
-  model = sit.SiT(checkpoints.read_model_config(str(tmp_path / "post")))
+  model = sit.SiT(runs.read_record(str(tmp_path / "post")).model)
   got = model.apply({"params": state.params}, x.transpose(0, 2, 3, 1), t, y)
   np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), expected, atol=1e-5)
   config.model.learn_sigma = True

@@ -11,7 +11,7 @@ import textwrap
 import jax
 import numpy as np
 
-from mixflow_jax import checkpoints, slowflow, train
+from mixflow_jax import checkpoints, runs, slowflow, train
 from mixflow_jax.models.sit import abstract_params
 from mixflow_jax.report import read_scalar
 from tests import distributed
@@ -60,7 +60,7 @@ _SCRIPT = textwrap.dedent("""
 
 
 def _params(run_dir):
-  model_config = checkpoints.read_model_config(run_dir)
+  model_config = runs.read_record(run_dir).model
   return {which: checkpoints.load_params(run_dir, abstract_params(model_config), which)
           for which in ("params", "ema_params")}
 
@@ -124,7 +124,7 @@ def test_two_processes_of_four_devices_train_as_one_device(config, synthetic_dat
   distributed.run_mixflow("train", f"--workdir={two}", f"--config={config_file}")
   config.train.steps = 4
   one = train.train(config, str(tmp_path / "one"), dataset=synthetic_dataset)
-  model_config = checkpoints.read_model_config(two)
+  model_config = runs.read_record(two).model
   for which in ("params", "ema_params"):
     restored, step = checkpoints.load_params(two, abstract_params(model_config), which)
     assert step == 4

@@ -81,8 +81,10 @@ def test_slowflow_command_writes_figure_and_gamma(tmp_path):
   config.train.steps, config.optim.ema_decay = 4, 0.0
   for name in ("a", "b"):
     train.train(config, str(tmp_path / name))
+  model = [f"--config.model.{k}={config.model[k]}" for k in (
+      "name", "depth", "hidden_size", "num_heads", "patch_size")]  # the runs' architecture
   args = [f"--workdir={tmp_path / 'a'}", f"--compare={tmp_path / 'b'}", "--calibrate",
-          "--config.sample.num_steps=4",
+          *model, "--config.sample.num_steps=4",
           "--config.slowflow.num_samples=8", "--config.slowflow.batch_size=8"]
   result = subprocess.run([sys.executable, "-m", "mixflow_jax", "slowflow", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=300)

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from mixflow_jax import checkpoints, configuration, sharding, train
+from mixflow_jax import checkpoints, configuration, runs, sharding, train
 from mixflow_jax.data import pipeline
 from mixflow_jax.report import read_scalar
 
@@ -181,7 +181,7 @@ def test_model_json_guards_what_shapes_cannot(config, synthetic_dataset, tmp_pat
   config.train.steps = 1
   config.model.time_convention = "data_to_noise"
   train.train(config, str(tmp_path / "repa"), dataset=synthetic_dataset)
-  assert checkpoints.read_model_config(str(tmp_path / "repa")).time_convention == (
+  assert runs.read_record(str(tmp_path / "repa")).model.time_convention == (
       "data_to_noise")
   config.model.time_convention = "noise_to_data"
   config.train.init_from = str(tmp_path / "repa")
@@ -201,8 +201,10 @@ def test_warm_start_loads_ema_params_and_fresh_optimizer(config, synthetic_datas
   post = train.train(config, str(tmp_path / "post"), dataset=synthetic_dataset)
   assert int(post.step) == 1
   for run in ("base", "post"):
-    note = checkpoints.read_model_note(str(tmp_path / run), train.PRETRAINING_T_LAW)
-    assert note == "logit_normal", run
+    record = runs.read_record(str(tmp_path / run))
+    assert record.pretraining_t_law == "logit_normal", run
+    # The record holds the path and the resolved config (post's t_law: the recorded one).
+    assert record.path == "linear" and record.config["objective"]["t_law"] == "logit_normal"
   assert train.resolve_t_law(config, "logit_normal").objective.t_law == "logit_normal"
   config.objective.name = "mixflow"
   assert train.resolve_t_law(config, "logit_normal").objective.t_law == "beta21"

@@ -1,0 +1,160 @@
+"""A run folder's record (``<run>/model.json``) and the one loader of a run's model, so that
+a run is sampled as it was trained.
+
+The record holds what defines the model: its architecture (the ``SiTConfig`` fields,
+among them the time convention of the weights), the interpolant ``path`` it was trained
+on, the ``prediction`` target (velocity) and the model ``family`` (SiT); beside them the
+parameter layout of the checkpoints, the pretraining's time law, the resolved config that
+trained the run (``config``; absent for converted checkpoints) and a converter's notes
+(source file, training args). Training and ``mixflow convert`` write it; ``load_run`` reads
+it for ``sample``, ``slowflow``, ``evaluate`` and ``demo`` and refuses a config that
+disagrees with it in what defines the model, naming the field; sampler settings are free.
+
+Records written before the path, prediction and family were recorded keep loading: those
+fields read as what the code assumed then (the config's ``objective.path``, velocity, SiT),
+with a logged warning. A run folder without any record (its checkpoints only) takes its
+model from the config and the data's shape, as before records existed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+
+from mixflow_jax import checkpoints, configuration, errors, storage
+from mixflow_jax.data import ImageDataset, load_dataset
+from mixflow_jax.models.sit import SiT, SiTConfig, abstract_params
+
+MODEL_JSON = "model.json"
+PREDICTION = "velocity"  # what every network here predicts (objectives, samplers)
+FAMILY = "SiT"           # models.sit.SiT
+# Fields added to model.json after the architecture: what a record without them means.
+_SINCE_RECORD = ("path", "prediction", "family")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+  """What ``<run>/model.json`` says (module docstring). ``path`` is None for a record that
+  predates it (the config's path is then taken)."""
+
+  model: SiTConfig
+  path: str | None
+  prediction: str = PREDICTION
+  family: str = FAMILY
+  param_layout: str = "unrolled"
+  pretraining_t_law: str | None = None
+  config: dict | None = None
+
+
+def write_record(run_dir: str, model: SiTConfig, path: str, *, param_layout: str,
+                 prediction: str = PREDICTION, pretraining_t_law: str | None = None,
+                 config: ml_collections.ConfigDict | None = None, **notes: Any) -> None:
+  """Writes ``run_dir/model.json``: the architecture ``model``, the interpolant ``path``,
+  the ``prediction`` target and the family, ``param_layout``, the pretraining's time law
+  (if known), the resolved ``config`` that trains the run (if any) and ``notes`` (a
+  converter's ``source``, ``training_args``, ...)."""
+  record = {**dataclasses.asdict(model), "path": path, "prediction": prediction,
+            "family": FAMILY, "param_layout": param_layout, **notes}
+  if pretraining_t_law:
+    record["pretraining_t_law"] = pretraining_t_law
+  if config is not None:
+    record["config"] = json.loads(json.dumps(config.to_dict(), default=str))
+  storage.write_json(checkpoints.run_root(run_dir) / MODEL_JSON, record)
+
+
+def read_record(run_dir: str) -> RunRecord | None:
+  """The record in ``run_dir/model.json`` (None if the run has none); a record written
+  before the path, prediction and family were recorded reads them as the old defaults,
+  with a warning."""
+  file = checkpoints.run_root(run_dir) / MODEL_JSON
+  model = checkpoints.read_config(run_dir, MODEL_JSON, SiTConfig,
+                                  optional=("time_convention",))
+  if model is None:
+    return None
+  stored = storage.read_json(file)
+  missing = [name for name in _SINCE_RECORD if name not in stored]
+  if missing:
+    logging.warning("%s predates the run record and does not record %s: taking what the code "
+                    "assumed then (the config's objective.path, %s prediction, the %s family).",
+                    file, ", ".join(missing), PREDICTION, FAMILY)
+  return RunRecord(model=model, path=stored.get("path"),
+                   prediction=stored.get("prediction", PREDICTION),
+                   family=stored.get("family", FAMILY),
+                   param_layout=stored.get("param_layout", "unrolled"),
+                   pretraining_t_law=stored.get("pretraining_t_law"),
+                   config=stored.get("config"))
+
+
+def _config_model(config: ml_collections.ConfigDict, recorded: SiTConfig) -> SiTConfig:
+  """The architecture ``config.model`` describes, on the data shape and classes the config
+  names (``data.image_shape``, ``data.num_classes``), else the recorded ones: sampling reads
+  no data."""
+  d = config.data
+  shape = (tuple(d.image_shape) if d.image_shape is not None else
+           (recorded.input_size, recorded.input_size, recorded.in_channels))
+  num_classes = d.num_classes if d.num_classes is not None else recorded.num_classes
+  return configuration.model_config(config, shape, num_classes)
+
+
+def check_config(record: RunRecord, config: ml_collections.ConfigDict, source: str,
+                 model: SiTConfig | None = None) -> None:
+  """Raises InvalidInput naming the field in which ``config`` (or its architecture
+  ``model``, when the caller has built it on the data) disagrees with ``record``, the
+  record of the run ``source``: family, prediction target, interpolant path, architecture
+  (time convention included)."""
+  if record.family != FAMILY:
+    raise errors.InvalidInput(f"{source} records family={record.family!r}: this code runs "
+                              f"{FAMILY} models only.")
+  if record.prediction != PREDICTION:
+    raise errors.InvalidInput(f"{source} records prediction={record.prediction!r}: this code "
+                              f"runs {PREDICTION}-prediction models only.")
+  if record.path is not None and record.path != config.objective.path:
+    raise errors.InvalidInput(
+        f"{source} was trained on path={record.path!r}, but config.objective.path="
+        f"{config.objective.path!r}: set --config.objective.path={record.path} (the path "
+        "decides what the sampler integrates).")
+  configuration.check_model(model or _config_model(config, record.model), record.model,
+                            source)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """A run as it was trained: its folder, architecture, interpolant path (the name of
+  ``interpolants.PATHS``) and record (None for a folder without one)."""
+
+  directory: str
+  model_config: SiTConfig
+  path: str
+  record: RunRecord | None
+
+
+def load_run(run_dir: str, config: ml_collections.ConfigDict,
+             dataset: ImageDataset | None = None) -> Run:
+  """The run in ``run_dir``, checked against ``config`` (``check_config``). A folder without
+  a record takes its model from ``config`` on ``dataset``'s (else ``config.data``'s) shape
+  and its path from ``config.objective.path``."""
+  record = read_record(run_dir)
+  if record is None:
+    dataset = dataset or load_dataset(config.data)
+    logging.warning("%s has no %s: the config defines its model and path.", run_dir,
+                    MODEL_JSON)
+    return Run(run_dir, configuration.model_config(config, dataset.image_shape,
+                                                   dataset.num_classes),
+               config.objective.path, None)
+  check_config(record, config, f"{run_dir!r} (its {MODEL_JSON})")
+  return Run(run_dir, record.model, record.path or config.objective.path, record)
+
+
+def load_model(run: Run, config: ml_collections.ConfigDict) -> tuple[SiT, Any, int]:
+  """(model in ``config.sample.dtype``, params, step) of ``run``'s latest checkpoint: its
+  EMA params unless ``config.sample.use_ema`` is off."""
+  s = config.sample
+  model = SiT(run.model_config, dtype=jnp.dtype(s.dtype))
+  params, step = checkpoints.load_params(run.directory, abstract_params(run.model_config),
+                                         "ema_params" if s.use_ema else "params")
+  return model, params, step
