@@ -159,8 +159,9 @@ def default_config() -> ml_collections.ConfigDict:
       # ADM reference batch .npz (mu, sigma, mu_s, sigma_s, arr_0), or a samples .npz /
       # image folder whose statistics are computed. Empty: the embedded classifier metric.
       reference="",
-      # With reference: the path of pytorch-fid's FID Inception weights
-      # (pt_inception-2015-12-05-6726825d.pth); nothing is downloaded.
+      # With reference: the FID Inception, a folder written once by `mixflow convert
+      # --inception=pt_inception-2015-12-05-6726825d.pth --out=DIR` (read without PyTorch),
+      # or that pytorch-fid .pth itself (converted on every load); nothing is downloaded.
       inception="",
   )
   return c

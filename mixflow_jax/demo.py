@@ -25,7 +25,7 @@ import numpy as np
 
 from mixflow_jax import generate, report, slowflow, train
 from mixflow_jax.data import load_dataset
-from mixflow_jax.evaluate import Evaluator
+from mixflow_jax.evaluation.classifier_metric import Evaluator
 
 MODELS = ("base", "standard", "mixflow")
 

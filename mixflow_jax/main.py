@@ -6,7 +6,7 @@ field) is printed without a traceback and exits 2; ``--verbosity=1`` shows the t
 Flags only: the work is done by importable functions (``train.train``,
 ``generate.sample_job``, ``evaluate.evaluate_job``, ``slowflow.slowflow_job``,
 ``demo.run_demo``, ``convert.export.convert_checkpoint``, ``convert.vae.convert_vae_checkpoint``,
-``data.encode.encode``, ``plan.plan``).
+``convert.inception.convert_inception_checkpoint``, ``data.encode.encode``, ``plan.plan``).
 """
 
 import dataclasses
@@ -79,6 +79,10 @@ _PATH = flags.DEFINE_enum(
     "convert: the interpolant path the weights were trained on, recorded in DIR/model.json "
     "(sampling refuses a config with another objective.path). By default the checkpoint's "
     "training args' path_type (REPA's cosine is gvp), else linear.")
+_INCEPTION = flags.DEFINE_string(
+    "inception", None, "convert: pytorch-fid's FID Inception weights "
+    "(pt_inception-2015-12-05-6726825d.pth), converted once to an orbax folder that "
+    "`mixflow evaluate` reads without PyTorch (config.eval.inception=DIR).")
 _COMPARE = flags.DEFINE_list("compare", [], "slowflow: more run folders to measure and "
                              "plot next to --workdir's.")
 _CALIBRATE = flags.DEFINE_bool("calibrate", False, "slowflow: also propose MixFlow's gamma "
@@ -142,13 +146,13 @@ COMMANDS = {
         ("seed", "data", "model", "objective", "optim", "train", "sample", "eval", "slowflow",
          "demo")),
     "convert": _Command(
-        "Convert an official PyTorch SiT / REPA checkpoint (or an SD-VAE: --vae) to a Flax "
-        "run folder with orbax weights.",
+        "Convert an official PyTorch SiT / REPA checkpoint (or an SD-VAE: --vae; the FID "
+        "Inception: --inception) to a Flax run folder with orbax weights.",
         "--checkpoint=PATH --out=DIR [--model=SiT-XL/2] [--weights=ema|model] "
         "[--time_convention=...] [--num_heads=N] [--class_dropout_prob=P] [--path=...] | "
-        "--vae=PATH --out=DIR",
-        ("checkpoint", "vae", "out", "model", "weights", "time_convention", "num_heads",
-         "class_dropout_prob", "path"), ()),
+        "--vae=PATH --out=DIR | --inception=PATH --out=DIR",
+        ("checkpoint", "vae", "inception", "out", "model", "weights", "time_convention",
+         "num_heads", "class_dropout_prob", "path"), ()),
     "encode": _Command(
         "Encode an ImageFolder or a TFDS dataset to SD-VAE latent moments for "
         "data.name='arrays' (resumable).",
@@ -332,12 +336,20 @@ def main(argv: list[str]) -> None:
 
 def _dispatch(command: str) -> None:
   if command == "convert":
-    if (_CHECKPOINT.value is None) == (_VAE.value is None) or _OUT.value is None:
-      raise errors.UserError("give --checkpoint=PATH (a SiT or REPA checkpoint) or "
-                             "--vae=PATH (an SD-VAE), and --out=DIR.")
+    given = [v for v in (_CHECKPOINT.value, _VAE.value, _INCEPTION.value) if v is not None]
+    if len(given) != 1 or _OUT.value is None:
+      raise errors.UserError("give one of --checkpoint=PATH (a SiT or REPA checkpoint), "
+                             "--vae=PATH (an SD-VAE) or --inception=PATH (the FID Inception), "
+                             "and --out=DIR.")
     if _VAE.value is not None:
       from mixflow_jax.convert.vae import convert_vae_checkpoint
       print(f"Wrote {_OUT.value}: {convert_vae_checkpoint(_VAE.value, _OUT.value)}")
+      return
+    if _INCEPTION.value is not None:
+      from mixflow_jax.convert.inception import convert_inception_checkpoint
+      count = convert_inception_checkpoint(_INCEPTION.value, _OUT.value)
+      print(f"Wrote {_OUT.value}: the FID Inception ({count} values); evaluate with "
+            f"--config.eval.inception={_OUT.value}")
       return
     from mixflow_jax.convert.export import convert_checkpoint
     config = convert_checkpoint(_CHECKPOINT.value, _OUT.value, _MODEL.value, _WEIGHTS.value,

@@ -17,6 +17,7 @@ import re
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 import scipy.linalg
@@ -26,6 +27,11 @@ import torch
 from PIL import Image
 
 from mixflow_jax import configuration, evaluate, generate, metrics
+from mixflow_jax.convert.inception import (
+    convert_inception_checkpoint,
+    convert_inception_state_dict,
+)
+from mixflow_jax.evaluation import adm_inputs, adm_report, inception_pass
 from mixflow_jax.pretrained import load_inception
 from tests import torch_inception
 
@@ -81,7 +87,8 @@ def files(tmp_path_factory):
   reference, samples = _images(np.random.default_rng(0))
   torch_ref, torch_samples = _torch_features(model, reference), _torch_features(model, samples)
 
-  paths = {"weights": weights}
+  paths = {"weights": weights, "converted": str(root / "inception")}
+  convert_inception_checkpoint(weights, paths["converted"])  # the documented path: once
   labels = np.arange(N) % 10
   paths["samples"] = str(root / "samples.npz")
   np.savez(paths["samples"], arr_0=samples, arr_1=labels)
@@ -106,7 +113,7 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def inception(files):
-  return load_inception(files["paths"]["weights"])
+  return load_inception(files["paths"]["converted"])
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +121,7 @@ def jax_samples(files, inception):
   """JAX features of the samples, fed as uneven batches (3 + 5) that get rebatched."""
   module, variables = inception
   pixels = files["samples"]
-  return evaluate.inception_features([pixels[:3], pixels[3:]], module, variables, BATCH)
+  return inception_pass.inception_features([pixels[:3], pixels[3:]], module, variables, BATCH)
 
 
 # Independent NumPy / SciPy definitions (written from shared/REFERENCE.md).
@@ -178,10 +185,10 @@ def test_adm_metrics_match_torch_features_and_scipy(files, tmp_path, monkeypatch
   PyTorch reference's features and the NumPy / SciPy definitions; a second run reads the
   reference's features from the cache."""
   paths = files["paths"]
-  got = evaluate.adm_metrics(paths["samples"], paths["ref_batch"], paths["weights"],
+  got = adm_report.adm_metrics(paths["samples"], paths["ref_batch"], paths["weights"],
                              batch_size=BATCH, cache_dir=str(tmp_path))
-  monkeypatch.setattr(evaluate, "reference_features", None)  # Not called again.
-  assert evaluate.adm_metrics(paths["samples"], paths["ref_batch"], paths["weights"],
+  monkeypatch.setattr(adm_report, "reference_features", None)  # Not called again.
+  assert adm_report.adm_metrics(paths["samples"], paths["ref_batch"], paths["weights"],
                               batch_size=BATCH, cache_dir=str(tmp_path)) == got
   assert len(os.listdir(tmp_path / "eval_cache")) == 1
   assert list(got) == ["inception_score", "fid", "sfid", "precision", "recall", "num_samples"]
@@ -190,6 +197,22 @@ def test_adm_metrics_match_torch_features_and_scipy(files, tmp_path, monkeypatch
   _check_against_expected(got, expected)
   assert 0 < expected["precision"] < 1 and 0 < expected["recall"] < 1
   assert expected["fid"] > 1 and expected["sfid"] > 1 and expected["inception_score"] > 1
+
+
+def test_the_converted_inception_evaluates_without_torch(files, inception, monkeypatch):
+  """`mixflow convert --inception` once, then the ADM metrics with PyTorch unimportable:
+  the converted folder holds the .pth's variables, and the metrics are the PyTorch
+  reference's."""
+  pth_variables = convert_inception_state_dict(torch.load(files["paths"]["weights"]))
+  for a, b in zip(jax.tree.leaves(inception[1]), jax.tree.leaves(pth_variables)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+  with pytest.raises(ImportError):
+    load_inception(files["paths"]["weights"])  # the .pth needs PyTorch
+  paths = files["paths"]
+  got = adm_report.adm_metrics(paths["samples"], paths["ref_batch"], paths["converted"],
+                               batch_size=BATCH)
+  _check_against_expected(got, _expected(files))
 
 
 @pytest.mark.filterwarnings("ignore:Matrix is singular")  # sqrtm at D = 40 > N
@@ -225,14 +248,14 @@ def test_statistics_match_scipy_on_the_same_features(files, jax_samples):
 def test_folder_of_pngs_gives_the_npz_features(files, inception, jax_samples):
   """A folder of PNGs (one of them grayscale) reads as the .npz pixels and, as a reference
   without statistics, gets the statistics of its features."""
-  folder = evaluate.load_samples(files["paths"]["folder"])
+  folder = adm_inputs.load_samples(files["paths"]["folder"])
   assert folder.shape == (N, SIZE, SIZE, 3) and folder.labels is None
   assert [os.path.basename(f) for f in folder.files] == [f"{i:03d}.png" for i in range(N)]
   np.testing.assert_array_equal(np.concatenate(list(folder.batches(3))), files["samples"])
-  reference = evaluate.load_reference(files["paths"]["folder"])
+  reference = adm_inputs.load_reference(files["paths"]["folder"])
   assert reference.stats is None and reference.images == folder
   module, variables = inception
-  stats, spatial_stats, pool = evaluate.reference_features(reference, module, variables, BATCH)
+  stats, spatial_stats, pool = adm_report.reference_features(reference, module, variables, BATCH)
   np.testing.assert_array_equal(pool, jax_samples["pool_3"])
   for got, key in ((stats, "pool_3"), (spatial_stats, "spatial")):
     want = metrics.feature_stats(jax_samples[key])
@@ -242,18 +265,18 @@ def test_folder_of_pngs_gives_the_npz_features(files, inception, jax_samples):
 
 def test_reference_kinds(files):
   paths = files["paths"]
-  batch = evaluate.load_reference(paths["ref_batch"])
+  batch = adm_inputs.load_reference(paths["ref_batch"])
   assert batch.stats.mu.shape == (2048,) and batch.spatial_stats.sigma.shape == (2023, 2023)
   assert batch.images.shape == (N, SIZE, SIZE, 3)
-  stats_only = evaluate.load_reference(paths["ref_stats_only"])
+  stats_only = adm_inputs.load_reference(paths["ref_stats_only"])
   assert stats_only.images is None and stats_only.stats is not None
-  samples_as_reference = evaluate.load_reference(paths["ref_images"])
+  samples_as_reference = adm_inputs.load_reference(paths["ref_images"])
   assert samples_as_reference.stats is None and len(samples_as_reference.images) == N
 
 
 def test_stats_only_reference_skips_precision_recall(files, jax_samples, caplog):
-  reference = evaluate.load_reference(files["paths"]["ref_stats_only"])
-  got = evaluate.metrics_from_features(jax_samples, reference.stats, reference.spatial_stats)
+  reference = adm_inputs.load_reference(files["paths"]["ref_stats_only"])
+  got = adm_report.metrics_from_features(jax_samples, reference.stats, reference.spatial_stats)
   assert "precision" not in got and "recall" not in got
   assert "precision and recall skipped" in caplog.text
   expected = _expected(files)
@@ -267,23 +290,23 @@ def test_stats_only_reference_skips_precision_recall(files, jax_samples, caplog)
 def test_missing_weights_file(files, tmp_path):
   missing = str(tmp_path / "pt_inception-2015-12-05-6726825d.pth")
   with pytest.raises(FileNotFoundError, match=re.escape(missing)):
-    evaluate.adm_metrics(files["paths"]["samples"], files["paths"]["ref_batch"], missing)
+    adm_report.adm_metrics(files["paths"]["samples"], files["paths"]["ref_batch"], missing)
 
 
 def test_reference_of_the_wrong_kind(tmp_path):
   fid_stats = str(tmp_path / "pytorch_fid_stats.npz")  # pytorch-fid's mu / sigma only
   np.savez(fid_stats, mu=np.zeros(2048), sigma=np.eye(2048))
   with pytest.raises(ValueError, match=re.escape(fid_stats) + r".*holds \['mu', 'sigma'\]"):
-    evaluate.load_reference(fid_stats)
+    adm_inputs.load_reference(fid_stats)
   features = str(tmp_path / "features.npz")
   np.savez(features, feats=np.zeros((4, 2048)))
   with pytest.raises(ValueError, match=re.escape(features) + r".*holds \['feats'\]"):
-    evaluate.load_reference(features)
+    adm_inputs.load_reference(features)
   wrong_dim = str(tmp_path / "wrong_dim.npz")
   np.savez(wrong_dim, mu=np.zeros(64), sigma=np.eye(64), mu_s=np.zeros(2023),
            sigma_s=np.eye(2023))
   with pytest.raises(ValueError, match=re.escape(wrong_dim) + r": 'mu' .*\(64,\)"):
-    evaluate.load_reference(wrong_dim)
+    adm_inputs.load_reference(wrong_dim)
 
 
 @pytest.mark.parametrize("images, shape", [
@@ -295,16 +318,16 @@ def test_images_of_the_wrong_dtype_or_shape(tmp_path, images, shape):
   path = str(tmp_path / "bad.npz")
   np.savez(path, arr_0=images)
   with pytest.raises(ValueError, match=re.escape(path) + ": arr_0 has dtype " + shape):
-    evaluate.load_samples(path)
+    adm_inputs.load_samples(path)
   with pytest.raises(ValueError, match=re.escape(path)):
-    evaluate.load_reference(path)
+    adm_inputs.load_reference(path)
 
 
 def test_inception_features_rejects_non_uint8_batches(inception):
   module, variables = inception
   with pytest.raises(ValueError, match=r"samples: a batch has dtype float32 and shape "
                                        r"\(2, 16, 16, 3\)"):
-    evaluate.inception_features(np.zeros((2, 16, 16, 3), np.float32), module, variables,
+    inception_pass.inception_features(np.zeros((2, 16, 16, 3), np.float32), module, variables,
                                 name="samples")
 
 
@@ -314,14 +337,14 @@ def test_folder_with_mismatched_sizes(tmp_path):
                        ("d.png", (8, 8))):
     Image.fromarray(rng.integers(0, 256, (h, w, 3)).astype(np.uint8)).save(tmp_path / name)
   with pytest.raises(ValueError, match=re.escape(str(tmp_path / "c.png")) + r": 17x16 pixels"):
-    evaluate.load_samples(str(tmp_path))
+    adm_inputs.load_samples(str(tmp_path))
 
 
 def test_samples_and_reference_of_different_sizes(files, tmp_path):
   path = str(tmp_path / "big.npz")
   np.savez(path, arr_0=np.zeros((4, 32, 32, 3), np.uint8))
   with pytest.raises(ValueError, match=re.escape(path) + r".*\(32, 32\).*\(16, 16\)"):
-    evaluate.adm_metrics(path, files["paths"]["ref_batch"], files["paths"]["weights"])
+    adm_report.adm_metrics(path, files["paths"]["ref_batch"], files["paths"]["weights"])
 
 
 def _adm_config(files, workdir, **eval_fields):
@@ -365,8 +388,9 @@ def _digits_config():
 
 
 def test_evaluate_command_line(files, tmp_path):
-  """`mixflow evaluate` against a reference batch without images: IS, FID and sFID from
-  its stored statistics, precision / recall skipped with a warning."""
+  """`mixflow evaluate` on the converted Inception against a reference batch without
+  images: IS, FID and sFID from its stored statistics, precision / recall skipped with a
+  warning."""
   config = _digits_config()
   path = generate.samples_path(config, str(tmp_path))
   os.makedirs(os.path.dirname(path))
@@ -375,7 +399,7 @@ def test_evaluate_command_line(files, tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "mixflow_jax", "evaluate", f"--workdir={tmp_path}",
        "--config=configs/digits.py", f"--config.eval.reference={reference}",
-       f"--config.eval.inception={files['paths']['weights']}"],
+       f"--config.eval.inception={files['paths']['converted']}"],
       cwd=REPO, capture_output=True, text=True, timeout=600,
       env=dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1"))
   assert result.returncode == 0, result.stdout + result.stderr[-4000:]
