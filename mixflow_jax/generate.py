@@ -40,12 +40,13 @@ from mixflow_jax import (
 from mixflow_jax.data import ImageDataset
 from mixflow_jax.models.sit import make_apply_fn
 
-# The inference-time options that do not appear in the name itself; those changed from
-# their defaults (the ``sampling.Sampler`` field defaults) enter the name's hash.
-_HASHED_OPTIONS = ("cfg_interval", "atol", "rtol", "last_step_size", "diffusion_norm",
-                   "eps_scale", "eps_scale_slope", "time_shift_window", "time_shift_cutoff",
-                   "data_var")
-_SAMPLER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(sampling.Sampler)}
+# The inference-time options that do not appear in the name itself (every ``Sampler`` field
+# but those and the path, which the run records); those changed from their defaults (the
+# ``sampling.Sampler`` field defaults) enter the name's hash.
+_SAMPLER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(sampling.Sampler)
+                     if f.name not in ("method", "num_steps", "cfg_scale", "guided_channels",
+                                       "path")}
+_HASHED_OPTIONS = tuple(_SAMPLER_DEFAULTS)
 _RANDOM_LABELS_STREAM = 1  # seeds 'random' labels apart from other draws of the same seed
 
 
@@ -84,7 +85,8 @@ def make_batch_sampler(config: ml_collections.ConfigDict, run: runs.Run,
                                     f"multiple of the device count {mesh.size}.")
   model, params, step = runs.load_model(run, config)
   params = jax.device_put(params, sharding.replicated(mesh))
-  sampler = sampling.Sampler.from_config(s, run.path, num_steps)
+  sampler = sampling.Sampler.from_config(s, run.path, num_steps,
+                                         time_convention=model_config.time_convention)
   shape = (model_config.input_size, model_config.input_size, model_config.in_channels)
   decode, vae_params = _vae_decoder(s.vae, model_config.in_channels, mesh)
   key = jax.random.key(config.seed)

@@ -107,8 +107,7 @@ class Sampler:
 
   @classmethod
   def from_config(cls, sample: ml_collections.ConfigDict, path: str,
-                  num_steps: int | None = None,
-                  time_convention: str = "noise_to_data") -> Sampler:
+                  num_steps: int | None = None, *, time_convention: str) -> Sampler:
     """The sampler of a ``config.sample`` section, on the path named ``path``, for a model
     trained in ``time_convention``: ``sample.cfg_interval`` is given in the model's own
     time (REPA's guidance_low / guidance_high for 'data_to_noise') and translated here,

@@ -117,7 +117,8 @@ def slowflow_run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
   run = runs.load_run(run_dir, config)
   model_config = run.model_config
   model, params, step = runs.load_model(run, config)
-  sampler = sampling.Sampler.from_config(s, run.path)
+  sampler = sampling.Sampler.from_config(s, run.path,
+                                         time_convention=model_config.time_convention)
   shape = (model_config.input_size, model_config.input_size, model_config.in_channels)
   labels = np.asarray(sampling.balanced_labels(sf.num_samples, model_config.num_classes))
   real = None

@@ -80,6 +80,10 @@ def test_name_tells_samplers_and_baselines_apart():
   assert scaled.startswith(base + "_") and scaled != base
   config.sample.eps_scale, config.seed = 1.0, 3
   assert generate.samples_name(config) == base + "_seed3"
+  config.seed, config.sample.time_shift_window = 0, 80
+  shifted = generate.samples_name(config)
+  config.sample.time_shift_mode = "network"  # every sampler field enters the hash
+  assert len({base, shifted, generate.samples_name(config)}) == 3
 
 
 def test_given_labels_are_sampled_and_named(run_dir):
