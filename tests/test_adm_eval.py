@@ -17,7 +17,6 @@ import re
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 import scipy.linalg
@@ -27,10 +26,7 @@ import torch
 from PIL import Image
 
 from mixflow_jax import configuration, evaluate, generate, metrics
-from mixflow_jax.convert.inception import (
-    convert_inception_checkpoint,
-    convert_inception_state_dict,
-)
+from mixflow_jax.convert.inception import convert_inception_checkpoint
 from mixflow_jax.evaluation import adm_inputs, adm_report, inception_pass
 from mixflow_jax.pretrained import load_inception
 from tests import torch_inception
@@ -124,7 +120,8 @@ def jax_samples(files, inception):
   return inception_pass.inception_features([pixels[:3], pixels[3:]], module, variables, BATCH)
 
 
-# Independent NumPy / SciPy definitions (written from shared/REFERENCE.md).
+# Independent NumPy / SciPy definitions (written from the ADM evaluator's definitions,
+# openai/guided-diffusion ``evaluations/evaluator.py``).
 
 
 def _fid(features_a: np.ndarray, features_b: np.ndarray) -> float:
@@ -181,15 +178,19 @@ def test_the_independent_trace_formula_is_sqrtm():
 
 
 def test_adm_metrics_match_torch_features_and_scipy(files, tmp_path, monkeypatch):
-  """The whole JAX pipeline (.pth -> Flax, features, statistics, metrics) against the
-  PyTorch reference's features and the NumPy / SciPy definitions; a second run reads the
-  reference's features from the cache."""
+  """The whole JAX pipeline (the .pth converted once by `mixflow convert --inception`, then
+  features, statistics, metrics) against the PyTorch reference's features and the NumPy /
+  SciPy definitions, with PyTorch unimportable; a second run reads the reference's
+  features from the cache."""
+  monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
   paths = files["paths"]
-  got = adm_report.adm_metrics(paths["samples"], paths["ref_batch"], paths["weights"],
-                             batch_size=BATCH, cache_dir=str(tmp_path))
+  with pytest.raises(ImportError):
+    load_inception(paths["weights"])  # the .pth itself needs PyTorch; the folder does not
+  got = adm_report.adm_metrics(paths["samples"], paths["ref_batch"], paths["converted"],
+                               batch_size=BATCH, cache_dir=str(tmp_path))
   monkeypatch.setattr(adm_report, "reference_features", None)  # Not called again.
-  assert adm_report.adm_metrics(paths["samples"], paths["ref_batch"], paths["weights"],
-                              batch_size=BATCH, cache_dir=str(tmp_path)) == got
+  assert adm_report.adm_metrics(paths["samples"], paths["ref_batch"], paths["converted"],
+                                batch_size=BATCH, cache_dir=str(tmp_path)) == got
   assert len(os.listdir(tmp_path / "eval_cache")) == 1
   assert list(got) == ["inception_score", "fid", "sfid", "precision", "recall", "num_samples"]
   assert got["num_samples"] == N
@@ -197,22 +198,6 @@ def test_adm_metrics_match_torch_features_and_scipy(files, tmp_path, monkeypatch
   _check_against_expected(got, expected)
   assert 0 < expected["precision"] < 1 and 0 < expected["recall"] < 1
   assert expected["fid"] > 1 and expected["sfid"] > 1 and expected["inception_score"] > 1
-
-
-def test_the_converted_inception_evaluates_without_torch(files, inception, monkeypatch):
-  """`mixflow convert --inception` once, then the ADM metrics with PyTorch unimportable:
-  the converted folder holds the .pth's variables, and the metrics are the PyTorch
-  reference's."""
-  pth_variables = convert_inception_state_dict(torch.load(files["paths"]["weights"]))
-  for a, b in zip(jax.tree.leaves(inception[1]), jax.tree.leaves(pth_variables)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
-  with pytest.raises(ImportError):
-    load_inception(files["paths"]["weights"])  # the .pth needs PyTorch
-  paths = files["paths"]
-  got = adm_report.adm_metrics(paths["samples"], paths["ref_batch"], paths["converted"],
-                               batch_size=BATCH)
-  _check_against_expected(got, _expected(files))
 
 
 @pytest.mark.filterwarnings("ignore:Matrix is singular")  # sqrtm at D = 40 > N
@@ -328,7 +313,7 @@ def test_inception_features_rejects_non_uint8_batches(inception):
   with pytest.raises(ValueError, match=r"samples: a batch has dtype float32 and shape "
                                        r"\(2, 16, 16, 3\)"):
     inception_pass.inception_features(np.zeros((2, 16, 16, 3), np.float32), module, variables,
-                                name="samples")
+                                      name="samples")
 
 
 def test_folder_with_mismatched_sizes(tmp_path):

@@ -1,7 +1,7 @@
 """A PyTorch reference of the FID Inception-v3 for parity tests only, written from the
-published architecture (torchvision's Inception3 with pytorch-fid's FID blocks; facts in
-shared/REFERENCE.md): module and buffer names are those of the weights file
-``pt_inception-2015-12-05-6726825d.pth`` (``Conv2d_1a_3x3.conv.weight``,
+published architecture (torchvision's Inception3 with pytorch-fid's FID blocks:
+mseitzer/pytorch-fid ``src/pytorch_fid/inception.py``): module and buffer names are those
+of the weights file ``pt_inception-2015-12-05-6726825d.pth`` (``Conv2d_1a_3x3.conv.weight``,
 ``Mixed_6d.branch1x1.bn.running_mean``, ``fc.weight``, ...), without the auxiliary head.
 The forward pass includes the ADM evaluator's preprocessing (TF1 legacy bilinear resize to
 299 x 299, then (x - 128) / 128). Nothing here is imported by the library."""

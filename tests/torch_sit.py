@@ -1,6 +1,7 @@
 """A PyTorch reference SiT for parity tests only, written from the published architecture
-(DiT / SiT papers and the facts in shared/REFERENCE.md): module and parameter names are
-those of the official state_dict. Nothing here is imported by the library."""
+(Peebles & Xie, DiT; Ma et al., SiT; the official facebookresearch/DiT and willisma/SiT
+``models.py``): module and parameter names are those of the official state_dict. Nothing
+here is imported by the library."""
 
 import math
 

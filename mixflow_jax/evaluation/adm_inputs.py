@@ -88,7 +88,8 @@ _PALETTE_MODES = ("L", "P", "1")  # Converted to RGB without loss.
 @dataclasses.dataclass(frozen=True)
 class ImageSet:
   """Images to evaluate, read lazily: an ADM ``.npz`` (``arr_0`` uint8 (N, H, W, 3), optional
-  ``arr_1`` labels (N,)) or a folder of PNG / JPEG files (sorted by name, all of one size).
+  ``arr_1`` labels (N,)) or a folder of images (``IMAGE_EXTENSIONS``; sorted by name, all of
+  one size).
 
   shape: (N, H, W, 3); labels: (N,) ints or None; files: a folder's image paths, else None.
   Use :meth:`batches` to read the pixels; :func:`load_samples` builds and checks one.
@@ -166,8 +167,8 @@ def _load_folder(path: str) -> ImageSet:
 
 def load_samples(path: str) -> ImageSet:
   """Samples to evaluate: an ADM ``.npz`` (``arr_0`` uint8 (N, H, W, 3), optional ``arr_1``
-  integer labels (N,)) or a folder of PNG / JPEG images (sorted by file name, all of one
-  size; grayscale / palette converted to RGB).
+  integer labels (N,)) or a folder of images (``IMAGE_EXTENSIONS``; sorted by file name,
+  all of one size; grayscale / palette converted to RGB).
 
   Checks everything but pixel values up front (npz headers, image headers) and raises
   FileNotFoundError / ValueError naming the file and the offending shape, dtype or size.
@@ -176,7 +177,7 @@ def load_samples(path: str) -> ImageSet:
     return _load_folder(path)
   if not storage.path(path).is_file():
     raise errors.MissingInput(f"No samples at {path!r}: expected an ADM .npz or a folder of "
-                              "PNG / JPEG images.")
+                              f"images ({', '.join(IMAGE_EXTENSIONS)}).")
   with open_npz(path) as f:
     if "arr_0" not in f.files:
       raise errors.InvalidInput(f"{path} lacks 'arr_0' (the uint8 images): it holds "
