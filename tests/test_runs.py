@@ -47,7 +47,7 @@ def test_sampler_settings_are_free_and_the_sampler_gets_the_runs_path(gvp_run, m
   assert run.record.config["objective"]["path"] == "gvp"
   paths = []
 
-  def spy(s, path, num_steps=None):  # the sampler's path, before anything compiles
+  def spy(s, path, *args, **kwargs):  # the sampler's path, before anything compiles
     paths.append(path)
     raise KeyboardInterrupt
 
