@@ -1,5 +1,7 @@
-"""A PyTorch reference of the official SiT transport's velocity training loss, written
-from its published formulas (shared/REFERENCE.md), for parity tests only."""
+"""PyTorch references, for parity tests only, written from the published semantics: the
+official SiT transport's velocity loss and samplers (willisma/SiT ``transport/``), REPA's
+loss and samplers (sihyun-yu/REPA ``loss.py``, ``samplers.py``) and the published MixFlow
+snippet (its patch to RAE's transport)."""
 
 import itertools
 import math
