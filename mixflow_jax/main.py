@@ -5,8 +5,9 @@ config fields it reads. A user's mistake (``errors.UserError``, an unknown flag 
 field) is printed without a traceback and exits 2; ``--verbosity=1`` shows the traceback.
 Flags only: the work is done by importable functions (``train.train``,
 ``generate.sample_job``, ``evaluate.evaluate_job``, ``slowflow.slowflow_job``,
-``demo.run_demo``, ``convert.export.convert_checkpoint``, ``convert.vae.convert_vae_checkpoint``,
-``convert.inception.convert_inception_checkpoint``, ``data.encode.encode``, ``plan.plan``).
+``demo.run_demo``, ``study.run_study``, ``convert.export.convert_checkpoint``,
+``convert.vae.convert_vae_checkpoint``, ``convert.inception.convert_inception_checkpoint``,
+``data.encode.encode``, ``plan.plan``).
 """
 
 import dataclasses
@@ -87,6 +88,10 @@ _COMPARE = flags.DEFINE_list("compare", [], "slowflow: more run folders to measu
                              "plot next to --workdir's.")
 _CALIBRATE = flags.DEFINE_bool("calibrate", False, "slowflow: also propose MixFlow's gamma "
                                "from --workdir's Slow Flow (written to DIR/gamma.json).")
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "study: rebuild report.md and its "
+                                 "figures from the finished cells, running nothing.")
+_QUICK = flags.DEFINE_bool("quick", False, "study: apply the config's study.quick overrides "
+                           "(the pipeline in seconds, not the outcome).")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Join a multi-process job with jax.distributed before any work: "
     "run the same command on every host. TPU pods, SLURM and Open MPI are detected; "
@@ -145,6 +150,11 @@ COMMANDS = {
         _RUN, ("workdir", "config"),
         ("seed", "data", "model", "objective", "optim", "train", "sample", "eval", "slowflow",
          "demo")),
+    "study": _Command(
+        "When does MixFlow help? Pretrain bases, post-train every variant over seeds, sample, "
+        "score and measure Slow Flow (resumable cells), then write report.md.",
+        _RUN + " [--report_only] [--quick]", ("workdir", "config", "report_only", "quick"),
+        ("seed", "data", "model", "optim", "train", "sample", "eval", "slowflow", "study")),
     "convert": _Command(
         "Convert an official PyTorch SiT / REPA checkpoint (or an SD-VAE: --vae; the FID "
         "Inception: --inception) to a Flax run folder with orbax weights.",
@@ -463,6 +473,19 @@ def _run(command: str, config, workdir: str) -> None:
     print(f"Wrote {workdir}/slowflow.png and slowflow.json")
     if "gamma" in result:
       print(f"Proposed gamma: {result['gamma']:.3f} (written to {workdir}/gamma.json)")
+  elif command == "study":
+    from mixflow_jax import study, study_report
+    if "study" not in config:
+      raise errors.UserError("`mixflow study` needs a config with a `study` section, such as "
+                             "configs/study_digits.py.")
+    if _QUICK.value:
+      config = study.quick(config)
+    import jax  # Runs of one size share their compiled steps across cells and relaunches.
+    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    if not _REPORT_ONLY.value:
+      study.run_study(config, workdir)
+    print(f"Wrote {study_report.write_report(config, workdir)}")
   elif command == "demo":
     from mixflow_jax import demo
     if "demo" not in config:

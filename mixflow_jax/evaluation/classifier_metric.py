@@ -57,6 +57,7 @@ class Evaluator:
     self.params = self._load_or_train(eval_config, cache_dir)
     self._apply = jax.jit(lambda p, x: self.model.apply({"params": p}, x))
     self.heldout_stats, predicted = self.statistics(dataset.heldout_images)
+    self._heldout_features = None  # for precision / recall, computed when first asked
     logging.info("Evaluation classifier: held-out accuracy %.4f.",
                  np.mean(predicted == dataset.heldout_labels))
 
@@ -97,15 +98,27 @@ class Evaluator:
       preds.append(p)
     return accumulator.result(), np.concatenate(preds)
 
-  def __call__(self, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Metrics of samples (N, H, W, C) in [-1, 1] generated for ``labels`` (N,)."""
+  def _features(self, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+    return np.concatenate([f for f, _ in self._batches(images, batch_size)])
+
+  def __call__(self, images: np.ndarray, labels: np.ndarray, *,
+               precision_recall: bool = False) -> dict[str, float]:
+    """Metrics of samples (N, H, W, C) in [-1, 1] generated for ``labels`` (N,); with
+    ``precision_recall`` also the improved precision / recall (k = 3, ADM's definition,
+    ``metrics.precision_recall``) of their classifier features against the held-out's."""
     if images.shape[1:] != self.dataset.image_shape:
       raise errors.InvalidInput(f"Samples have shape {images.shape[1:]}, the dataset "
                                 f"{self.dataset.image_shape}.")
     stats, preds = self.statistics(images)
-    return {"classifier_fd": metrics.frechet_distance(stats, self.heldout_stats,
-                                                      method="eigh"),
-            "classifier_accuracy": float(np.mean(preds == np.asarray(labels)))}
+    result = {"classifier_fd": metrics.frechet_distance(stats, self.heldout_stats,
+                                                        method="eigh"),
+              "classifier_accuracy": float(np.mean(preds == np.asarray(labels)))}
+    if precision_recall:
+      if self._heldout_features is None:
+        self._heldout_features = self._features(self.dataset.heldout_images)
+      result["precision"], result["recall"] = metrics.precision_recall(
+          self._heldout_features, self._features(images))
+    return result
 
   def reference(self) -> dict[str, float]:
     """The same metrics for real train images (as many as held out): the floor."""
