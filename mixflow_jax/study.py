@@ -35,7 +35,8 @@ _OBJECTIVE_FIELDS = ("name", "t_law", "gamma", "slow_law", "slow_interval",
 
 
 class Cells:
-  """The finished cells of a study: ``<workdir>/cells/<key>.json``."""
+  """The finished cells of a study: ``<workdir>/cells/<key>.json``, each with the wall time
+  it took (``seconds``)."""
 
   def __init__(self, workdir: str):
     self.root = os.path.join(workdir, "cells")
@@ -56,7 +57,8 @@ class Cells:
     if done is not None:
       return done
     print(f"[study] {key}", flush=True)
-    result = work()
+    start = time.perf_counter()
+    result = {**work(), "seconds": time.perf_counter() - start}
     storage.write_json(self._file(key), result)
     return result
 

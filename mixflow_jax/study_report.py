@@ -126,7 +126,7 @@ def write_report(config: ml_collections.ConfigDict, workdir: str) -> str:
     lines.append(f"| {name} | {lag:.3f} | " + " | ".join(row) + " |")
 
   gammas = sorted((float(st.variants[v].gamma), v) for v in st.variants
-                  if v.startswith("mixflow_g") and v in st.every_base)
+                  if v.startswith("mixflow_g"))
   lines += ["", f"## 3. Calibrated vs fixed gamma, FD at Euler {n} steps", "",
             "| base | calibrated gamma | FD calibrated | " +
             " | ".join(f"FD gamma {g:g}" for g, _ in gammas) + " | FD standard |",
@@ -162,12 +162,14 @@ def write_report(config: ml_collections.ConfigDict, workdir: str) -> str:
                      + " | ".join(f"{median_lag(s, st.regime_t_min):.3f}" for s in lags) + " |")
 
   run = json.load(open(run_file(workdir))) if os.path.exists(run_file(workdir)) else {}
+  spent = _seconds_by_kind(r.cells.root)
   lines += ["", "## Figures", "", "![gain](gain.png) ![gamma](gamma.png)", "",
             "## How this was made", "",
             f"- Command: `{run.get('command', 'unknown')}`",
             f"- Machine: {run.get('machine', 'unknown')}",
             f"- Wall time: {run.get('wall_time_s', float('nan')):.0f} s over "
-            f"{run.get('invocations', 0)} invocation(s)", ""]
+            f"{run.get('invocations', 0)} invocation(s); in the cells: "
+            + ", ".join(f"{kind} {seconds:.0f} s" for kind, seconds in spent.items()), ""]
   _plot_gain(gains, list(st.bases), names, os.path.join(workdir, "gain.png"))
   _plot_gamma(r, list(st.bases), gammas, f"euler{n}", os.path.join(workdir, "gamma.png"))
   path = os.path.join(workdir, "report.md")
@@ -201,3 +203,14 @@ def _plot_gamma(r: _Results, bases: list[str], gammas: list, evaluation: str, pa
   fig.tight_layout()
   fig.savefig(path, dpi=100, metadata={"Software": None})
   plt.close(fig)
+
+
+def _seconds_by_kind(root: str) -> dict[str, float]:
+  """Wall seconds of the stored cells summed by kind (pretrain, posttrain, eval, slowflow)."""
+  spent: dict[str, float] = {}
+  for kind in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+    for folder, _, files in os.walk(os.path.join(root, kind)):
+      for name in sorted(files):
+        with open(os.path.join(folder, name)) as f:
+          spent[kind] = spent.get(kind, 0.0) + json.load(f).get("seconds", 0.0)
+  return spent
