@@ -42,6 +42,7 @@ import ml_collections
 
 from mixflow_jax import time_shift
 from mixflow_jax.interpolants import Linear, Path, get_path
+from mixflow_jax.models.sit import TIME_CONVENTIONS
 
 Array = jnp.ndarray
 # (x (B, ...), t (B,), guide_t (B,) or None) -> (B, ...); guide_t, where given, is the time
@@ -53,7 +54,6 @@ METHODS = ("euler", "heun", "dopri5", "sde", "repa_heun", "repa_sde")
 SDE_METHODS = ("sde", "repa_sde")
 TIME_SHIFT_METHODS = ("euler", "heun")
 GUIDED_CHANNELS = ("all", "first3")
-TIME_CONVENTIONS = ("noise_to_data", "data_to_noise")
 
 
 @dataclasses.dataclass(frozen=True)
