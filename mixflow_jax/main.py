@@ -480,10 +480,10 @@ def _run(command: str, config, workdir: str) -> None:
                              "configs/study_digits.py.")
     if _QUICK.value:
       config = study.quick(config)
-    import jax  # Runs of one size share their compiled steps across cells and relaunches.
-    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     if not _REPORT_ONLY.value:
+      import jax  # Runs of one size share compiled steps across cells and relaunches.
+      jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
       study.run_study(config, workdir)
     print(f"Wrote {study_report.write_report(config, workdir)}")
   elif command == "demo":

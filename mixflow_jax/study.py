@@ -38,8 +38,9 @@ class Cells:
   """The finished cells of a study: ``<workdir>/cells/<key>.json``, each with the wall time
   it took (``seconds``)."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, on_done: Callable[[], None] = lambda: None):
     self.root = os.path.join(workdir, "cells")
+    self.on_done = on_done  # called after each cell is stored
 
   def _file(self, key: str) -> str:
     return os.path.join(self.root, key + ".json")
@@ -60,6 +61,7 @@ class Cells:
     start = time.perf_counter()
     result = {**work(), "seconds": time.perf_counter() - start}
     storage.write_json(self._file(key), result)
+    self.on_done()
     return result
 
 
@@ -155,9 +157,8 @@ def quick(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def run_study(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Runs every unfinished cell of ``config.study`` in ``workdir``."""
   check(config)
-  start = time.perf_counter()
   st = config.study
-  cells = Cells(workdir)
+  cells = Cells(workdir, on_done=_Invocation(workdir).save)
   dataset = load_dataset(config.data)
   evaluator = Evaluator(dataset, config.eval, workdir)
 
@@ -220,7 +221,6 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> None:
         if variant_name == "standard":
           for baseline, overrides in st.baselines.items():
             evaluate(key, run_config, run_dir, {"name": baseline, **overrides.to_dict()})
-  _add_wall_time(workdir, time.perf_counter() - start)
 
 
 def _train(config: ml_collections.ConfigDict, run_dir: str, dataset) -> dict:
@@ -249,16 +249,26 @@ def run_file(workdir: str) -> str:
   return os.path.join(workdir, "cells", "run.json")
 
 
-def _add_wall_time(workdir: str, seconds: float) -> None:
-  """Adds this invocation's wall time to ``cells/run.json``, with the command and machine."""
-  file = run_file(workdir)
-  record = json.load(open(file)) if os.path.exists(file) else {"wall_time_s": 0.0}
-  record["wall_time_s"] += seconds
-  record["invocations"] = record.get("invocations", 0) + 1
-  record["command"] = " ".join(["mixflow", *sys.argv[1:]]) if sys.argv[0].endswith(
-      ("mixflow", "__main__.py")) else record.get("command", "run_study (Python)")
-  record["machine"] = f"{_cpu_name()}, {os.cpu_count()} CPUs, JAX {jax.__version__}"
-  storage.write_json(file, record)
+class _Invocation:
+  """This invocation's share of ``cells/run.json`` (the command, the machine, the wall time
+  summed over invocations), saved after every finished cell, so that an interrupted
+  invocation counts up to its last cell."""
+
+  def __init__(self, workdir: str):
+    self.file = run_file(workdir)
+    self.record = (storage.read_json(self.file) if os.path.exists(self.file) else
+                   {"wall_time_s": 0.0, "invocations": 0})
+    self.before, self.start = self.record["wall_time_s"], time.perf_counter()
+    self.record["invocations"] += 1
+    if sys.argv[0].endswith(("mixflow", "__main__.py")):
+      self.record["command"] = " ".join(["mixflow", *sys.argv[1:]])
+    self.record.setdefault("command", "study.run_study (from Python)")
+    self.record["machine"] = f"{_cpu_name()}, {os.cpu_count()} CPUs, JAX {jax.__version__}"
+    self.save()
+
+  def save(self) -> None:
+    self.record["wall_time_s"] = self.before + time.perf_counter() - self.start
+    storage.write_json(self.file, self.record)
 
 
 def _cpu_name() -> str:

@@ -4,6 +4,7 @@ bad study configs are refused naming the field."""
 
 import importlib.util
 import os
+import shutil
 
 import pytest
 
@@ -71,3 +72,13 @@ def test_bad_study_configs_name_the_field(field, value, message):
 def test_report_of_a_study_without_its_cells_names_the_base(tmp_path):
   with pytest.raises(errors.MissingInput, match="base 'mini_20'"):
     study_report.write_report(study.quick(_study_config()), str(tmp_path))
+
+
+def test_the_committed_report_rebuilds_from_its_cells(tmp_path):
+  """benchmarks/results/study_digits: --report_only on its stored cells gives its report.md
+  byte for byte."""
+  committed = os.path.join(REPO, "benchmarks", "results", "study_digits")
+  shutil.copytree(os.path.join(committed, "cells"), tmp_path / "cells")
+  rebuilt = study_report.write_report(_study_config(), str(tmp_path))
+  with open(rebuilt, "rb") as a, open(os.path.join(committed, "report.md"), "rb") as b:
+    assert a.read() == b.read()
