@@ -15,6 +15,7 @@ from mixflow_jax.models import sit
 from tests import torch_sit, torch_transport
 
 NUM_CLASSES, BATCH, SHAPE = 5, 3, (8, 8, 4)
+_Y = np.array([0, 3, 4])  # the labels of the parity samples
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +43,18 @@ def _torch_velocity(ref, y, cfg_scale):
                                            cfg_scale)[: len(x)]
 
 
+def _ours_and_noise(apply, params, sampler, key):
+  """(our samples NCHW for labels _Y, their initial noise NCHW, the SDE step noises NCHW)."""
+  indices = jnp.arange(BATCH)
+  got = sampling.sample(apply, params, indices, jnp.asarray(_Y), key, sampler=sampler,
+                        shape=SHAPE, null_class=NUM_CLASSES)
+  init_key, sde_key = jax.random.split(key)
+  x0 = _nchw(sampling.initial_noise(init_key, indices, SHAPE))
+  noises = [_nchw(sampling.step_noise(sde_key, indices, i, SHAPE))
+            for i in range(sampler.num_steps)]
+  return np.asarray(got).transpose(0, 3, 1, 2), x0, noises
+
+
 @pytest.mark.parametrize("method, cfg_scale", [("euler", 1.0), ("heun", 1.0),
                                                ("heun", 1.5), ("sde", 1.5)])
 def test_sampler_matches_official_semantics(models, method, cfg_scale):
@@ -49,22 +62,14 @@ def test_sampler_matches_official_semantics(models, method, cfg_scale):
   num_steps = 6  # the official --num-sampling-steps 7
   sampler = sampling.Sampler(method, num_steps=num_steps, cfg_scale=cfg_scale,
                              guided_channels="first3")
-  indices, y = jnp.arange(BATCH), np.array([0, 3, 4])
-  key = jax.random.key(11)
-  got = sampling.sample(apply, params, indices, jnp.asarray(y), key, sampler=sampler,
-                        shape=SHAPE, null_class=NUM_CLASSES)
-  init_key, sde_key = jax.random.split(key)
-  x0 = _nchw(sampling.initial_noise(init_key, indices, SHAPE))
-  u = _torch_velocity(ref, y, cfg_scale)
+  got, x0, noises = _ours_and_noise(apply, params, sampler, jax.random.key(11))
+  u = _torch_velocity(ref, _Y, cfg_scale)
   with torch.no_grad():
     if method == "sde":
-      noises = [_nchw(sampling.step_noise(sde_key, indices, i, SHAPE))
-                for i in range(num_steps)]
       want = torch_transport.official_sde_sample(u, x0, noises, num_steps + 1)
     else:
       want = torch_transport.official_ode_sample(u, x0, method, num_steps + 1)
-  np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), want.numpy(), rtol=0,
-                             atol=1e-5)
+  np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("method, torchdiffeq_method", [("heun", "heun2"),
@@ -157,21 +162,12 @@ def test_repa_samplers_match_repas_semantics(repa_models, method):
   num_steps = repa_steps if method == "repa_heun" else repa_steps - 1
   sampler = sampling.Sampler(method, num_steps=num_steps, cfg_scale=1.8,
                              cfg_interval=sampling.ours_interval((0.0, 0.7), "data_to_noise"))
-  indices, y = jnp.arange(BATCH), np.array([0, 3, 4])
-  key = jax.random.key(12)
-  got = sampling.sample(apply, params, indices, jnp.asarray(y), key, sampler=sampler,
-                        shape=SHAPE, null_class=NUM_CLASSES)
-  init_key, sde_key = jax.random.split(key)
-  x_noise = _nchw(sampling.initial_noise(init_key, indices, SHAPE))
+  got, x_noise, noises = _ours_and_noise(apply, params, sampler, jax.random.key(12))
   kwargs = dict(cfg_scale=1.8, null_class=NUM_CLASSES, guidance_high=0.7)
+  y = torch.from_numpy(_Y)
   with torch.no_grad():
     if method == "repa_heun":
-      want = torch_transport.repa_heun_sample(ref, x_noise, torch.from_numpy(y), repa_steps,
-                                              **kwargs)
+      want = torch_transport.repa_heun_sample(ref, x_noise, y, repa_steps, **kwargs)
     else:
-      noises = [_nchw(sampling.step_noise(sde_key, indices, i, SHAPE))
-                for i in range(num_steps)]
-      want = torch_transport.repa_sde_sample(ref, x_noise, torch.from_numpy(y), noises,
-                                             repa_steps, **kwargs)
-  np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), want.numpy(), rtol=0,
-                             atol=2e-5)
+      want = torch_transport.repa_sde_sample(ref, x_noise, y, noises, repa_steps, **kwargs)
+  np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=2e-5)
