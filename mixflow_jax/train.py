@@ -28,7 +28,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
-from clu import metric_writers, metrics, periodic_actions
+from clu import metrics
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
@@ -249,12 +249,15 @@ def abstract_batch(setup: StepSetup, batch_size: int) -> dict[str, jax.ShapeDtyp
 def model_flops_per_step(config: ml_collections.ConfigDict, setup: StepSetup) -> float:
   """FLOPs of one global train step as the model defines them: XLA's count of the step
   lowered without remat (a recompute is not model work), with XLA's attention (a kernel's
-  FLOPs are not counted by XLA) and unrolled blocks (a loop body is counted once), before
-  partitioning (so of the whole batch). Lowering only: nothing is compiled."""
+  FLOPs are not counted by XLA) and unrolled blocks (a loop body is counted once), for the
+  whole batch on one device. Lowering only, and for the CPU backend whatever the devices
+  of ``setup``: the GPU and TPU plugins do not count the FLOPs of a lowered program
+  (``Lowered.cost_analysis`` is not implemented on PJRT C API backends)."""
   plain = config.copy_and_resolve_references()
   with plain.unlocked():
     plain.model.remat, plain.model.attention, plain.model.scan_blocks = "none", "xla", False
-  s = setup_step(plain, setup.image_shape, setup.model.config.num_classes, setup.mesh)
+  cpu = sharding.make_mesh(1, jax.devices("cpu")[:1])
+  s = setup_step(plain, setup.image_shape, setup.model.config.num_classes, cpu)
   lowered = s.step_fn.lower(s.abstract_state, abstract_batch(s, config.data.batch_size),
                             jax.random.key(0))
   return float(lowered.cost_analysis()["flops"])
@@ -423,6 +426,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     except ValueError as e:
       raise configuration.ConfigError(str(e)) from e
   batches = prefetch(batches, mesh, config.data.prefetch)
+  # Imported here: clu's writers import TensorFlow (seconds), which the step does not need.
+  from clu import metric_writers, periodic_actions
+
   writer = metric_writers.create_default_writer(
       str(storage.path(workdir, "workdir")),
       just_logging=jax.process_index() > 0 or not tr.tensorboard, asynchronous=True)
@@ -431,8 +437,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
                                            every_secs=30)
   peak = hardware.peak_flops(jax.devices()[0], tr.peak_flops_per_device)
-  throughput = _Throughput(start, config.data.batch_size,
-                           model_flops_per_step(config, s) if peak else None,
+  flops = None
+  if peak:
+    try:
+      flops = model_flops_per_step(config, s)
+    except RuntimeError as e:  # no CPU backend (JAX_PLATFORMS without 'cpu')
+      logging.warning("MFU not logged: the model FLOPs are counted on the CPU backend (%s).", e)
+  throughput = _Throughput(start, config.data.batch_size, flops,
                            None if peak is None else peak * mesh.size)
   logging.info("Training %s (%s, %d parameters, %s attention, remat %s, %s layout, %s "
                "compute) on a %s mesh for steps %d..%d in %s.", config.model.name,

@@ -42,10 +42,12 @@ def _output_and_grads(implementation: str, q, k, v, cotangent):
 def test_flash_matches_xla_in_interpret_mode(shape, blocks, monkeypatch):
   monkeypatch.setattr(attention, "_FLASH_BLOCKS", blocks)
   q, k, v, cotangent = _qkv_and_cotangent(shape)
-  with pltpu.force_tpu_interpret_mode():
-    out = attention.dot_product_attention(q, k, v, "flash")  # the inference kernel
-    out_vjp, grads = _output_and_grads("flash", q, k, v, cotangent)  # the training kernels
-  ref, ref_grads = _output_and_grads("xla", q, k, v, cotangent)
+  # Full fp32 matmuls on every backend (a GPU's default is TF32: 4e-5 off).
+  with jax.default_matmul_precision("highest"):
+    with pltpu.force_tpu_interpret_mode():
+      out = attention.dot_product_attention(q, k, v, "flash")  # the inference kernel
+      out_vjp, grads = _output_and_grads("flash", q, k, v, cotangent)  # the training kernels
+    ref, ref_grads = _output_and_grads("xla", q, k, v, cotangent)
   assert out.shape == shape and out.dtype == jnp.float32
   np.testing.assert_allclose(out, ref, atol=FLASH_TOL, rtol=FLASH_TOL)
   np.testing.assert_allclose(out_vjp, ref, atol=FLASH_TOL, rtol=FLASH_TOL)

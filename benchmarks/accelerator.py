@@ -1,0 +1,217 @@
+"""The SiT-XL/2 train step on one accelerator: images/s, MFU, real peak memory, options.
+
+    python3 benchmarks/accelerator.py --out=accelerator.json [--variants=default,xla,...]
+        [--batch=256] [--steps=10] [--deadline=540]
+
+Each variant is ``configs/imagenet_sit.py:sit_xl2`` (bf16 compute, fp32 state, remat
+``dots_no_batch``, scanned blocks, FSDP over every device, MixFlow) with a few fields
+changed (``VARIANTS``), run in a process of its own: the device's peak-memory counter
+(``memory_stats()['peak_bytes_in_use']``) cannot be reset within a process. A variant
+reports its compile seconds, the compiled program's own memory analysis (what
+``mixflow plan`` reads, here from the accelerator's compiler), the real peak, seconds per
+step (the mean of ``--steps`` steps after two warm-up steps), images/s, and MFU: the model
+FLOPs of a step (``train.model_flops_per_step``: without remat's recompute) over the step
+time and either the chip's published bf16 peak (``mixflow_jax/hardware.py``) or the bf16
+FLOP/s of a large matmul measured in the same run. Results are written after every variant;
+a variant that would not finish before ``--deadline`` seconds is skipped (said in the file).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+_OUT = flags.DEFINE_string("out", "accelerator.json", "Where to write the results (JSON).")
+_VARIANTS = flags.DEFINE_list("variants", None, "Variants to run, in order (default: all).")
+_MODEL = flags.DEFINE_string("model", "SiT-XL/2", "The model size (a smaller one to try the "
+                             "script on a CPU).")
+_BATCH = flags.DEFINE_integer("batch", 256, "Global batch of the default variant.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per variant.")
+_DEADLINE = flags.DEFINE_float("deadline", 540.0, "Seconds the whole run may take.")
+_CHILD = flags.DEFINE_string("child", None, "Internal: run one variant, print its JSON.")
+_PROFILE = flags.DEFINE_string("profile", None, "Write a jax.profiler trace of two steps of "
+                               "each variant under this folder.")
+_FLOPS = flags.DEFINE_float("flops", 0.0, "Internal: model FLOPs per step, if known.")
+
+# name: (config overrides, batch (None: --batch)). The first is the recommended setting.
+VARIANTS = {
+    "default": ({}, None),
+    "xla_attention": ({"model.attention": "xla"}, None),
+    "standard": ({"objective.name": "standard"}, None),
+    "float32": ({"model.dtype": "float32"}, None),
+    "remat_full": ({"model.remat": "full"}, None),
+    "default_b64": ({}, 64),
+    "remat_none_b64": ({"model.remat": "none"}, 64),
+}
+_MATMUL = 8192  # the measured matmul: (n, n) @ (n, n) in bf16
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _sit_xl2():
+  spec = importlib.util.spec_from_file_location(
+      "imagenet_sit", os.path.join(_ROOT, "configs", "imagenet_sit.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config("sit_xl2")
+
+
+def _matmul_flops_per_sec() -> float:
+  import jax
+  import jax.numpy as jnp
+
+  a = jnp.ones((_MATMUL, _MATMUL), jnp.bfloat16) * 0.01
+  f = jax.jit(lambda a: a @ a)
+  f(a).block_until_ready()
+  start = time.perf_counter()
+  for _ in range(20):
+    out = f(a)
+  out.block_until_ready()
+  return 2 * _MATMUL**3 * 20 / (time.perf_counter() - start)
+
+
+def run_variant(name: str, model: str, batch_size: int, steps: int, flops: float) -> dict:
+  """Compiles and times the train step of one variant on every local device."""
+  # JAX is imported in the child processes only: the parent must not take the device.
+  import jax
+  import numpy as np
+
+  from mixflow_jax import hardware, sharding, train
+
+  overrides, batch = VARIANTS[name]
+  config = _sit_xl2()
+  config.model.name = model
+  config.data.batch_size = batch or batch_size
+  for field, value in overrides.items():
+    section, key = field.split(".")
+    config[section][key] = value
+  config = train.resolve_t_law(config)
+  mesh = sharding.make_mesh(config.train.num_fsdp)
+  image_shape, num_classes = tuple(config.data.image_shape), config.data.num_classes
+  setup = train.setup_step(config, image_shape, num_classes, mesh)
+
+  params = jax.jit(lambda k: train.init_params(setup.model, image_shape, k),
+                   out_shardings=setup.state_shardings.params)(jax.random.key(0))
+  state = jax.jit(train.create_train_state, static_argnums=1,
+                  out_shardings=setup.state_shardings)(params, setup.tx)
+  del params
+  rng = np.random.default_rng(0)
+  batch = jax.device_put(
+      {"image": rng.standard_normal((config.data.batch_size, *image_shape), np.float32),
+       "label": rng.integers(0, num_classes, config.data.batch_size).astype(np.int32)},
+      sharding.batch_sharding(mesh))
+  key = jax.random.key(1)
+
+  start = time.perf_counter()
+  compiled = setup.step_fn.lower(state, batch, key).compile()
+  compile_seconds = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+  for _ in range(2):
+    state, metrics = compiled(state, batch, key)
+  jax.block_until_ready((state, metrics))
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = compiled(state, batch, key)
+  jax.block_until_ready((state, metrics))
+  seconds = (time.perf_counter() - start) / steps
+  loss = float(metrics.loss.compute())
+  if _PROFILE.value:
+    with jax.profiler.trace(os.path.join(_PROFILE.value, name)):
+      for _ in range(2):
+        state, metrics = compiled(state, batch, key)
+      jax.block_until_ready((state, metrics))
+
+  device = jax.devices()[0]
+  stats = device.memory_stats() or {}
+  flops = flops or train.model_flops_per_step(config, setup)
+  peak = hardware.peak_flops(device)
+  result = {
+      "variant": name, "model": model, "overrides": overrides, "batch_size": config.data.batch_size,
+      "device_kind": device.device_kind, "num_devices": mesh.size,
+      "attention": setup.model.attention, "dtype": config.model.dtype,
+      "remat": config.model.remat, "scan_blocks": config.model.scan_blocks,
+      "objective": config.objective.name,
+      "compile_seconds": compile_seconds, "seconds_per_step": seconds,
+      "images_per_sec": config.data.batch_size / seconds, "loss": loss,
+      "flops_per_step": flops,
+      "mfu": flops / seconds / (peak * mesh.size) if peak else None,
+      "peak_flops_per_device": peak,
+      "real_peak_bytes_per_device": stats.get("peak_bytes_in_use"),
+      "bytes_limit": stats.get("bytes_limit"),
+      "compiled_argument_bytes": memory.argument_size_in_bytes,
+      "compiled_output_bytes": memory.output_size_in_bytes,
+      "compiled_alias_bytes": memory.alias_size_in_bytes,
+      "compiled_temp_bytes": memory.temp_size_in_bytes,
+      "compiled_peak_bytes": getattr(memory, "peak_memory_in_bytes", None),
+      "jax": jax.__version__,
+  }
+  if name == "default":
+    matmul = _matmul_flops_per_sec()
+    result["matmul_flops_per_sec"] = matmul
+    result["share_of_matmul"] = flops / seconds / (matmul * mesh.size)
+  return result
+
+
+def main(argv):
+  del argv
+  if _CHILD.value:
+    result = run_variant(_CHILD.value, _MODEL.value, _BATCH.value, _STEPS.value, _FLOPS.value)
+    print("RESULT " + json.dumps(result), flush=True)
+    return
+  names = _VARIANTS.value or list(VARIANTS)
+  unknown = [n for n in names if n not in VARIANTS]
+  if unknown:
+    raise app.UsageError(f"--variants: unknown {unknown}; expected some of {list(VARIANTS)}")
+  start, results, skipped, flops, longest = time.perf_counter(), [], [], 0.0, 0.0
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p))
+  for name in names:
+    left = _DEADLINE.value - (time.perf_counter() - start)
+    if left < 1.2 * longest:
+      skipped.append(name)
+      continue
+    began = time.perf_counter()
+    command = [sys.executable, os.path.abspath(__file__), f"--child={name}",
+               f"--model={_MODEL.value}", f"--batch={_BATCH.value}", f"--steps={_STEPS.value}"]
+    if flops and not VARIANTS[name][1]:
+      command.append(f"--flops={flops}")
+    try:
+      done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=left)
+      lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+      if lines:
+        result = json.loads(lines[-1][len("RESULT "):])
+        flops = flops or (result["flops_per_step"] if not VARIANTS[name][1] else 0.0)
+      else:
+        result = {"variant": name, "error": done.stderr[-3000:]}
+    except subprocess.TimeoutExpired:
+      result = {"variant": name, "error": f"not finished within {left:.0f} s"}
+    result["wall_seconds"] = time.perf_counter() - began
+    longest = max(longest, result["wall_seconds"])
+    results.append(result)
+    print(json.dumps(result), flush=True)
+    with open(_OUT.value, "w") as f:
+      json.dump({"results": results, "skipped": skipped}, f, indent=1)
+  with open(_OUT.value, "w") as f:
+    json.dump({"results": results, "skipped": skipped}, f, indent=1)
+  print(f"{'variant':<16} {'batch':>5} {'attn':>6} {'s/step':>7} {'img/s':>7} {'MFU':>6} "
+        f"{'peak GiB':>9} {'compile s':>9}")
+  for r in results:
+    if "error" in r:
+      print(f"{r['variant']:<16} error: {r['error'].splitlines()[-1] if r['error'] else ''}")
+      continue
+    mfu = f"{r['mfu']:.1%}" if r["mfu"] else "-"
+    peak = (r["real_peak_bytes_per_device"] or 0) / 2**30
+    print(f"{r['variant']:<16} {r['batch_size']:>5} {r['attention']:>6} "
+          f"{r['seconds_per_step']:>7.3f} {r['images_per_sec']:>7.0f} {mfu:>6} "
+          f"{peak:>9.2f} {r['compile_seconds']:>9.1f}")
+  if skipped:
+    print("skipped (deadline):", ", ".join(skipped))
+
+
+if __name__ == "__main__":
+  app.run(main)
