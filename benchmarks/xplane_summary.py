@@ -4,12 +4,13 @@
 
 Reads the XSpace protobuf that ``jax.profiler.trace`` (or ``train.profile_steps``) writes
 under ``plugins/profile/<run>/``, takes the device plane (``/device:GPU:0``,
-``/device:TPU:0``; on a CPU the host plane's 'XLA Ops' line), and prints the time per step
-of each kernel class and of the ``--top`` kernels by name. The classes are read off kernel
-names: cuBLAS / cuDNN / XLA's own GEMM and dot fusions are 'matmul', cuDNN's fused
-attention 'attention', copies and memsets 'copy', fusions with a reduction 'reduction
-fusion', other fusions 'elementwise fusion'. The proto module comes with TensorFlow
-(installed for clu's metric writers).
+``/device:TPU:0``; on a CPU the ops on the host's XLA threads, summed over threads, without
+the executor's and thread pool's own spans), and prints the time per step of each kernel
+class and of the ``--top`` kernels by name. The classes are read off kernel names: cuBLAS /
+XLA's own GEMM and dot fusions (YNNPACK's on a CPU) are 'matmul', cuDNN's fused attention
+'attention', copies, transposing copies and memsets 'copy', fusions with a reduction
+'reduction fusion', other fusions 'elementwise fusion'. The proto module comes with
+TensorFlow (installed for clu's metric writers).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ _TOP = flags.DEFINE_integer("top", 20, "Kernels listed by name.")
 _CLASSES = (
     ("attention", re.compile(r"sdpa|fmha|flash|cudnn", re.I)),
     ("matmul", re.compile(r"gemm|nvjet|cublas|cutlass|xmma|dot|convolution|ynn", re.I)),
-    ("copy", re.compile(r"memcpy|memset|^copy", re.I)),
+    ("copy", re.compile(r"memcpy|memset|copy", re.I)),
     ("reduction fusion", re.compile(r"reduce", re.I)),
 )
 
@@ -47,11 +48,13 @@ def device_events(path: str) -> list[tuple[str, int]]:
   planes = [p for p in space.planes if p.name.startswith("/device:")]
   if planes:
     plane, lines = planes[0], planes[0].lines
-  else:  # XLA:CPU: the ops run on host threads, one line of them
+  else:  # XLA:CPU: the ops run on the host's XLA threads, inside ThunkExecutor spans
     plane = next(p for p in space.planes if p.name == "/host:CPU")
-    lines = [line for line in plane.lines if line.name == "XLA Ops"]
+    lines = [line for line in plane.lines if line.name.startswith("tf_XLA")]
   names = plane.event_metadata
-  return [(names[e.metadata_id].name, e.duration_ps) for line in lines for e in line.events]
+  events = [(names[e.metadata_id].name, e.duration_ps) for line in lines for e in line.events]
+  return [(name, d) for name, d in events
+          if not name.startswith("ThunkExecutor") and "ThreadPool" not in name]
 
 
 def main(argv):
