@@ -77,6 +77,10 @@ def default_config() -> ml_collections.ConfigDict:
       logit_normal=(0.0, 1.0),  # SD3's (location, scale), in SD3's time (1 = noise)
       # SD3 / RAE's time shift s after the law's draw (1: none): t -> t / (s - (s - 1) t).
       t_shift=1.0,
+      # The range of the uniform draw the law transforms (RAE: (0.0, 0.999)). A network
+      # trained with t = 1 noise (model.time_convention='data_to_noise') draws its law in
+      # its own time, as its code does (timesteps.TimeLaw.reversed_time).
+      u_interval=(0.0, 1.0),
       gamma=0.8,                # m_t ~ U[(1 - gamma) t, t]
       # slowed | interval (m_t ~ U[a t, b t], (a, b) = slow_interval; the paper's
       # over-slowing ablation is (0.0, 0.2)) | uniform (the paper's U[0, 1] ablation)
@@ -120,6 +124,14 @@ def default_config() -> ml_collections.ConfigDict:
       # Guide only where lo <= t <= hi, t in the model's own time (model.time_convention:
       # REPA's guidance_low / guidance_high for 'data_to_noise').
       cfg_interval=(0.0, 1.0),
+      # cfg (null class) | autoguidance (RAE's: a weaker guide network of the same family,
+      # the run in `guide`, both told the class; cfg_scale is its weight)
+      guidance="cfg",
+      guide="",
+      # The fixed grids: (t0, t1) in the model's own time (unset: the path's sample
+      # interval), then the time shift (RAE: (0.0, 0.999) and sqrt(C H W / 4096)).
+      grid_interval=config_dict.placeholder(tuple),
+      grid_shift=1.0,
       atol=1e-6, rtol=1e-3,     # dopri5 tolerances (the official defaults)
       last_step_size=0.04,      # sde: the noise-free 'Mean' step ends the trajectory
       diffusion_norm=1.0,       # sde: w_t = diffusion_norm * sigma_t
@@ -276,6 +288,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   _check(o.t_law is None or o.t_law in timesteps.T_LAWS, "objective.t_law", o.t_law,
          f"unset or one of {timesteps.T_LAWS}")
   _check(o.t_shift > 0, "objective.t_shift", o.t_shift, "a positive shift (1: none)")
+  u_lo_hi = tuple(o.u_interval)
+  _check(len(u_lo_hi) == 2 and 0 <= u_lo_hi[0] < u_lo_hi[1] <= 1, "objective.u_interval",
+         u_lo_hi, "(lo, hi) with 0 <= lo < hi <= 1")
   _check(len(o.logit_normal) == 2 and o.logit_normal[1] > 0, "objective.logit_normal",
          o.logit_normal, "(location, scale) with scale > 0")
   a_b = tuple(o.slow_interval)
@@ -320,6 +335,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
          s.guided_channels, f"one of {sampling.GUIDED_CHANNELS}")
   _check(len(s.cfg_interval) == 2 and 0 <= s.cfg_interval[0] <= s.cfg_interval[1] <= 1,
          "sample.cfg_interval", s.cfg_interval, "(lo, hi) with 0 <= lo <= hi <= 1")
+  _check(s.guidance in sampling.GUIDANCE, "sample.guidance", s.guidance,
+         f"one of {sampling.GUIDANCE}")
+  _check(bool(s.guide) == (s.guidance == "autoguidance"), "sample.guide", s.guide,
+         "the workdir of the guide model exactly when sample.guidance='autoguidance'")
+  _check(s.grid_interval is None or (
+      len(s.grid_interval) == 2 and 0 <= s.grid_interval[0] < s.grid_interval[1] <= 1),
+         "sample.grid_interval", s.grid_interval, "unset or (t0, t1) with 0 <= t0 < t1 <= 1")
+  _check(s.grid_shift > 0, "sample.grid_shift", s.grid_shift, "a positive shift (1: none)")
   _check(s.atol > 0 and s.rtol > 0, "sample.atol", (s.atol, s.rtol),
          "positive tolerances (atol, rtol)")
   _check(0 < s.last_step_size < 1, "sample.last_step_size", s.last_step_size, "in (0, 1)")

@@ -91,12 +91,21 @@ def make_batch_sampler(config: ml_collections.ConfigDict, run: runs.Run,
   decode, vae_params = _vae_decoder(s.vae, model_config.in_channels, mesh)
   key = jax.random.key(config.seed)
   apply_fn = make_apply_fn(model)
+  guide_fn = guide_params = None
+  if s.guidance == "autoguidance":
+    guide_model, guide_params, guide_step = runs.load_guide(s.guide, run, config)
+    guide_fn, guide_params = make_apply_fn(guide_model), jax.device_put(
+        guide_params, sharding.replicated(mesh))
+    logging.info("Autoguidance by step %d of %s, weight %g.", guide_step, s.guide,
+                 s.cfg_scale)
+  params = (params, guide_params)
 
   @jax.jit
   def fn(params, vae_params, indices, y):
+    main_params, guide_params = params
     return decode(vae_params, sampling.sample(
-        apply_fn, params, indices, y, key, sampler=sampler, shape=shape,
-        null_class=model_config.num_classes))
+        apply_fn, main_params, indices, y, key, sampler=sampler, shape=shape,
+        null_class=model_config.num_classes, guide_fn=guide_fn, guide_params=guide_params))
 
   logging.info("Sampling step %d of %s on %d devices (%d processes).", step, run.directory,
                mesh.size, jax.process_count())
@@ -190,6 +199,8 @@ def samples_name(config: ml_collections.ConfigDict) -> str:
   changed = {k: s[k] for k in _HASHED_OPTIONS
              if (tuple(s[k]) if isinstance(s[k], (list, tuple)) else s[k])
              != _SAMPLER_DEFAULTS[k]}
+  if s.guide:  # the guide network of autoguidance
+    changed["guide"] = s.guide
   if s.labels != "balanced":
     changed["labels"] = s.labels
   if changed:

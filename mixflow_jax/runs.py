@@ -158,3 +158,34 @@ def load_model(run: Run, config: ml_collections.ConfigDict) -> tuple[SiT, Any, i
   params, step = checkpoints.load_params(run.directory, abstract_params(run.model_config),
                                          "ema_params" if s.use_ema else "params")
   return model, params, step
+
+
+# What a guide network must share with the model it guides: the latent it denoises, the
+# classes it is told and the time its weights were trained in.
+_GUIDE_FIELDS = ("input_size", "in_channels", "num_classes", "time_convention")
+
+
+def load_guide(guide_dir: str, main: Run, config: ml_collections.ConfigDict
+               ) -> tuple[SiT, Any, int]:
+  """(model in ``config.sample.dtype``, params, step) of the autoguidance guide in
+  ``guide_dir``: a run of its own architecture (typically smaller and shorter-trained), which
+  must share the latent shape, classes, time convention and path of ``main``; raises
+  InvalidInput naming the guide's record and the field otherwise."""
+  source = f"The guide {guide_dir!r} (config.sample.guide)"
+  record = read_record(guide_dir)
+  if record is None:
+    raise errors.MissingInput(f"{source} has no {MODEL_JSON}: give a run written by "
+                              "`mixflow train` or `mixflow convert`.")
+  if record.family != FAMILY or record.prediction != PREDICTION:
+    raise errors.InvalidInput(f"{source} records family={record.family!r}, prediction="
+                              f"{record.prediction!r}: expected {FAMILY}, {PREDICTION}.")
+  for field in _GUIDE_FIELDS:
+    ours, theirs = getattr(record.model, field), getattr(main.model_config, field)
+    if ours != theirs:
+      raise errors.InvalidInput(f"{source} has {field}={ours!r} but the model it guides, "
+                                f"{main.directory!r}, has {field}={theirs!r}: a guide must "
+                                "denoise the same latents in the same time.")
+  if (record.path or main.path) != main.path:
+    raise errors.InvalidInput(f"{source} was trained on path={record.path!r}, the model it "
+                              f"guides on path={main.path!r}.")
+  return load_model(Run(guide_dir, record.model, main.path, record), config)

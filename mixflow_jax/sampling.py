@@ -7,8 +7,10 @@ data).
 Grids follow the official SiT sampler (willisma/SiT ``transport``), with ``num_steps``
 counting integration steps: the official ``--num-sampling-steps N`` is ``num_steps = N - 1``.
 
-- euler / heun: ``linspace(t0, t1, num_steps + 1)`` over the path's sample interval; Heun
-  is torchdiffeq's 'heun2' (the trapezoid of two slopes, 2 evaluations a step).
+- euler / heun: ``linspace(t0, t1, num_steps + 1)`` over the path's sample interval (or
+  ``grid_interval``), then ``timesteps.shift_time`` by ``grid_shift`` (RAE's shifted grid:
+  shift sqrt(C H W / 4096) on ``linspace(0, 0.999, 50)``, 49 Euler steps); Heun is
+  torchdiffeq's 'heun2' (the trapezoid of two slopes, 2 evaluations a step).
 - dopri5: adaptive Dormand-Prince (diffrax) from t0 to t1 with the official tolerances
   (atol 1e-6, rtol 1e-3); ``num_steps`` is unused (the official code only uses it for
   interpolated output points).
@@ -25,6 +27,11 @@ counting integration steps: the official ``--num-sampling-steps N`` is ``num_ste
   official SiT form's sigma_t on Linear only). REPA's ``--num-steps N`` is
   ``num_steps = N - 1``.
 
+Guidance: classifier-free (``guidance='cfg'``: the conditional and the null-class pass of one
+network) or autoguidance (``'autoguidance'``, Karras et al. 2024, as RAE samples its best
+FID: ``u_guide + s (u_main - u_guide)``, a second, weaker network of the same family, both
+told the class), each on ``cfg_interval``.
+
 Every sample's noise (its initial x0 and each SDE increment) is drawn from a key folded
 with the sample's global index, so samples do not depend on batch size, device count or
 where an interrupted job resumed.
@@ -40,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mixflow_jax import time_shift
+from mixflow_jax import time_shift, timesteps
 from mixflow_jax.interpolants import Linear, Path, get_path
 from mixflow_jax.models.sit import TIME_CONVENTIONS
 
@@ -54,13 +61,19 @@ METHODS = ("euler", "heun", "dopri5", "sde", "repa_heun", "repa_sde")
 SDE_METHODS = ("sde", "repa_sde")
 TIME_SHIFT_METHODS = ("euler", "heun")
 GUIDED_CHANNELS = ("all", "first3")
+GUIDANCE = ("cfg", "autoguidance")
+# A guide network for autoguidance: (apply_fn (params, x, t, y) -> u, its params).
+Guide = tuple[Callable, object]
 
 
 @dataclasses.dataclass(frozen=True)
 class Sampler:
   """What to integrate and how; hashable, so that it is a static argument of the jit.
 
-  ``cfg_interval``: guidance where lo <= t <= hi, in our time. ``eps_scale``,
+  ``cfg_interval``: guidance where lo <= t <= hi, in our time; ``guidance``: 'cfg' or
+  'autoguidance' (see the module docstring). ``grid_interval`` replaces the path's sample
+  interval (t0, t1) of the fixed grids and ``grid_shift`` shifts their points
+  (``timesteps.shift_time``; 1: none). ``eps_scale``,
   ``eps_scale_slope``: epsilon scaling (ADM-ES), the predicted noise divided by
   lambda(t) = eps_scale + eps_scale_slope * (1 - t) (for t > 0). ``time_shift_window`` > 0
   turns on the time-shift sampler (TS-DPM, ``time_shift.py``) for Euler and Heun: window
@@ -77,6 +90,9 @@ class Sampler:
   cfg_scale: float = 1.0
   guided_channels: str = "all"
   cfg_interval: tuple[float, float] = (0.0, 1.0)
+  guidance: str = "cfg"
+  grid_interval: tuple[float, float] | None = None
+  grid_shift: float = 1.0
   atol: float = 1e-6
   rtol: float = 1e-3
   last_step_size: float = 0.04
@@ -92,6 +108,8 @@ class Sampler:
   def __post_init__(self):
     if self.method not in METHODS:
       raise ValueError(f"Sampler method {self.method!r}; expected one of {METHODS}.")
+    if self.guidance not in GUIDANCE:
+      raise ValueError(f"guidance={self.guidance!r}; expected one of {GUIDANCE}.")
     if self.guided_channels not in GUIDED_CHANNELS:
       raise ValueError(f"guided_channels={self.guided_channels!r}; expected one of "
                        f"{GUIDED_CHANNELS}.")
@@ -116,6 +134,10 @@ class Sampler:
         method=sample.sampler, num_steps=num_steps or sample.num_steps, path=get_path(path),
         cfg_scale=sample.cfg_scale, guided_channels=sample.guided_channels,
         cfg_interval=ours_interval(tuple(sample.cfg_interval), time_convention),
+        guidance=sample.guidance,
+        grid_interval=(None if sample.grid_interval is None
+                       else ours_interval(tuple(sample.grid_interval), time_convention)),
+        grid_shift=sample.grid_shift,
         atol=sample.atol, rtol=sample.rtol,
         last_step_size=sample.last_step_size, diffusion_norm=sample.diffusion_norm,
         eps_scale=sample.eps_scale, eps_scale_slope=sample.eps_scale_slope,
@@ -130,8 +152,9 @@ class Sampler:
     if self.method in SDE_METHODS:
       return jnp.linspace(0.0, 1.0 - self.last_step_size, self.num_steps + 1,
                           dtype=jnp.float32)
-    t0, t1 = self.path.sample_interval
-    return jnp.linspace(t0, t1, self.num_steps + 1, dtype=jnp.float32)
+    t0, t1 = self.grid_interval or self.path.sample_interval
+    grid = jnp.linspace(t0, t1, self.num_steps + 1, dtype=jnp.float32)
+    return grid if self.grid_shift == 1.0 else timesteps.shift_time(grid, self.grid_shift)
 
 
 def ours_interval(interval: tuple[float, float], time_convention: str
@@ -152,8 +175,11 @@ def _expand(t: Array, x: Array) -> Array:
 
 def guided_velocity(apply_fn: Callable, params, y: Array, *, cfg_scale: float,
                     null_class: int, guided_channels: str = "all",
-                    cfg_interval: tuple[float, float] = (0.0, 1.0)) -> VelocityFn:
-  """u(x, t) with classifier-free guidance ``u_null + s (u_y - u_null)``.
+                    cfg_interval: tuple[float, float] = (0.0, 1.0),
+                    guide: Guide | None = None) -> VelocityFn:
+  """u(x, t) with classifier-free guidance ``u_null + s (u_y - u_null)``, or with
+  ``guide`` = (guide_apply_fn, guide_params) autoguidance ``u_guide + s (u_y - u_guide)``,
+  the guide told the class y too (Karras et al. 2024; RAE's ``forward_with_autoguidance``).
 
   The conditional and unconditional passes run as one doubled batch. With
   ``guided_channels='first3'`` only channels 0-2 are guided and the rest keep the
@@ -165,9 +191,15 @@ def guided_velocity(apply_fn: Callable, params, y: Array, *, cfg_scale: float,
     return lambda x, t, guide_t=None: apply_fn(params, x, t, y)
   y_both = jnp.concatenate([y, jnp.full_like(y, null_class)])
 
-  def velocity(x, t, guide_t=None):
+  def cond_and_reference(x, t):
+    if guide is not None:
+      guide_fn, guide_params = guide
+      return apply_fn(params, x, t, y), guide_fn(guide_params, x, t, y)
     out = apply_fn(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]), y_both)
-    cond, uncond = jnp.split(out, 2)
+    return jnp.split(out, 2)
+
+  def velocity(x, t, guide_t=None):
+    cond, uncond = cond_and_reference(x, t)
     guided = uncond + cfg_scale * (cond - uncond)
     if guided_channels == "first3":
       guided = jnp.concatenate([guided[..., :3], cond[..., 3:]], axis=-1)
@@ -205,11 +237,15 @@ def adm_es_schedule(b: float, k: float, num_steps: int) -> tuple[float, float]:
 
 
 def velocity_field(apply_fn: Callable, params, y: Array, sampler: Sampler,
-                   null_class: int) -> VelocityFn:
-  """The velocity the sampler integrates: the network with guidance and epsilon scaling."""
+                   null_class: int, guide: Guide | None = None) -> VelocityFn:
+  """The velocity the sampler integrates: the network with guidance (autoguidance by
+  ``guide`` where ``sampler.guidance`` says so) and epsilon scaling."""
+  if (sampler.guidance == "autoguidance") != (guide is not None):
+    raise ValueError(f"Sampler guidance={sampler.guidance!r} needs a guide network exactly "
+                     "when it is 'autoguidance'.")
   u = guided_velocity(apply_fn, params, y, cfg_scale=sampler.cfg_scale,
                       null_class=null_class, guided_channels=sampler.guided_channels,
-                      cfg_interval=sampler.cfg_interval)
+                      cfg_interval=sampler.cfg_interval, guide=guide)
   if sampler.eps_scale != 1.0 or sampler.eps_scale_slope != 0.0:
     u = epsilon_scaled(u, sampler.path, sampler.eps_scale, sampler.eps_scale_slope)
   return u
@@ -353,14 +389,18 @@ def step_noise(key: jax.Array, indices: Array, step: Array, shape: tuple[int, ..
       jax.random.fold_in(jax.random.fold_in(key, i), step), shape))(indices)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "sampler", "shape", "null_class"))
+@functools.partial(jax.jit, static_argnames=("apply_fn", "sampler", "shape", "null_class",
+                                             "guide_fn"))
 def sample(apply_fn: Callable, params, indices: Array, y: Array, key: jax.Array, *,
-           sampler: Sampler, shape: tuple[int, ...], null_class: int) -> Array:
+           sampler: Sampler, shape: tuple[int, ...], null_class: int,
+           guide_fn: Callable | None = None, guide_params=None) -> Array:
   """Samples (B, *shape) for labels y (B,), the noise of sample j drawn from ``key`` folded
-  with its global index ``indices[j]``; the whole trajectory in one jit."""
+  with its global index ``indices[j]``; the whole trajectory in one jit. ``guide_fn``,
+  ``guide_params``: the guide network of autoguidance."""
   init_key, sde_key = jax.random.split(key)
   x0 = initial_noise(init_key, indices, shape)
-  u = velocity_field(apply_fn, params, y, sampler, null_class)
+  guide = None if guide_fn is None else (guide_fn, guide_params)
+  u = velocity_field(apply_fn, params, y, sampler, null_class, guide)
   return integrate(u, x0, sampler, lambda i: step_noise(sde_key, indices, i, shape))
 
 

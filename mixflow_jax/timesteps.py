@@ -27,6 +27,16 @@ _INVERSE_CDFS = {
     "logit_normal": lambda u, loc, scale: jax.nn.sigmoid(-loc + scale * ndtri(u)),
 }
 T_LAWS = tuple(_INVERSE_CDFS)
+# The same laws as inverse CDFs of the reversed time tau = 1 - t (tau = 1 noise), as a
+# network trained in that convention draws them (RAE's transport, bytetriper/RAE
+# src/stage2/transport/transport.py ``sample``; REPA's loss): uniform and logit-normal are
+# the mirror images of ours (tau(u) = 1 - t(1 - u)); MixFlow's patch of RAE's transport draws
+# tau = 1 - sqrt(u), which is our t = sqrt(u) of the same u.
+_INVERSE_CDFS_REVERSED = {
+    "uniform": lambda u, loc, scale: u,
+    "beta21": lambda u, loc, scale: 1.0 - jnp.sqrt(u),
+    "logit_normal": lambda u, loc, scale: jax.nn.sigmoid(loc + scale * ndtri(u)),
+}
 # The law standard (post-)training defaults to where the run's pretraining recorded none:
 # SiT's and REPA's uniform t.
 DEFAULT_T_LAW = "uniform"
@@ -55,14 +65,29 @@ def shift_time(t: Array, shift: float) -> Array:
 class TimeLaw:
   """A law of the training time t: ``name``'s draw, then ``shift_time`` by ``shift`` (as
   the MixFlow patch for RAE draws Beta(2, 1) and then shifts). ``logit_normal``: the
-  (location, scale) of the 'logit_normal' law, in SD3's convention."""
+  (location, scale) of the 'logit_normal' law, in SD3's convention.
+
+  ``u_interval`` is the range the uniform draw u is scaled to before the law transforms it
+  (RAE's transport draws u ~ U[0, 0.999): its ``t1 = 1 - 1/1000`` for velocity and the
+  Linear path). With ``reversed_time`` the law is drawn as a network trained with t = 1
+  noise draws it, tau = law(u) in its time, and t = 1 - tau: the same laws, the same numbers
+  per draw as that network's own code (RAE, REPA).
+  """
 
   name: str = "uniform"
   shift: float = 1.0
   logit_normal: tuple[float, float] = (0.0, 1.0)
+  u_interval: tuple[float, float] = (0.0, 1.0)
+  reversed_time: bool = False
 
   def __call__(self, u: Array) -> Array:
-    t = _INVERSE_CDFS[self.name](u, *self.logit_normal)
+    lo, hi = self.u_interval
+    if (lo, hi) != (0.0, 1.0):
+      u = lo + (hi - lo) * u
+    if self.reversed_time:
+      t = 1.0 - _INVERSE_CDFS_REVERSED[self.name](u, *self.logit_normal)
+    else:
+      t = _INVERSE_CDFS[self.name](u, *self.logit_normal)
     return t if self.shift == 1.0 else shift_time(t, self.shift)
 
 

@@ -120,8 +120,9 @@ def make_objective(config: ml_collections.ConfigDict, model: SiT) -> Objective:
   o = config.objective
   return Objective(
       name=o.name, path=get_path(o.path),
-      t_law=timesteps.TimeLaw(o.t_law or timesteps.default_t_law(o.name), o.t_shift,
-                              tuple(o.logit_normal)),
+      t_law=timesteps.TimeLaw(
+          o.t_law or timesteps.default_t_law(o.name), o.t_shift, tuple(o.logit_normal),
+          tuple(o.u_interval), reversed_time=model.config.time_convention == "data_to_noise"),
       gamma=o.gamma, slow_law=o.slow_law, slow_bounds=tuple(o.slow_interval),
       target_time=o.target_time,
       perturbation_scale=o.perturbation_scale,

@@ -2,12 +2,14 @@
 uninterrupted one), a relaunch never mixes two jobs, and one device equals two processes
 of four devices each."""
 
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from mixflow_jax import generate, train
+from mixflow_jax import errors, generate, runs, train
 from tests import distributed
 from tests.conftest import tiny_config
 
@@ -146,3 +148,24 @@ def test_one_device_equals_two_processes_of_four(run_dir, tmp_path, monkeypatch)
   with np.load(one) as npz:
     for k, v in expected.items():
       np.testing.assert_array_equal(npz[k], v)
+
+
+def test_autoguidance_by_the_model_itself_is_plain_sampling_and_refuses_another_latent(
+    run_dir, tmp_path):
+  """u_guide + s (u - u_guide) with the guide = the model is u: the samples of a plain
+  conditional pass; a guide of another latent size is refused naming its record."""
+  plain = _config()
+  plain.sample.update(cfg_scale=1.0, num_samples=8)
+  guided = _config()
+  guided.sample.update(cfg_scale=1.42, num_samples=8, guidance="autoguidance", guide=run_dir)
+  assert generate.samples_name(guided) != generate.samples_name(plain)
+  with np.load(generate.sample_job(plain, run_dir)) as a, \
+       np.load(generate.sample_job(guided, run_dir)) as b:
+    np.testing.assert_allclose(b["arr_0"], a["arr_0"], atol=1)  # uint8: one level at most
+  other = tmp_path / "guide"
+  other.mkdir()
+  record = json.loads((Path(run_dir) / runs.MODEL_JSON).read_text())
+  (other / runs.MODEL_JSON).write_text(json.dumps(record | {"input_size": 16}))
+  guided.sample.guide = str(other)
+  with pytest.raises(errors.InvalidInput, match=r"guide.*input_size=16.*input_size=8"):
+    generate.sample_job(guided, run_dir)
