@@ -1,0 +1,333 @@
+"""DiT^DH: RAE's stage-2 diffusion transformer with a wide, shallow DDT head.
+
+Written from the published architecture of RAE (Zheng et al., "Diffusion Transformers with
+Representation Autoencoders"; bytetriper/RAE ``src/stage2/models/DDT.py`` ``DiTwDDTHead`` and
+``src/stage2/models/model_utils.py``). A body of ``depth[0]`` blocks of width D runs on the
+noisy latent x_t embedded with an absolute sin-cos position table; its tokens s, mixed with
+the time embedding, condition a head of ``depth[1]`` blocks of width D_h that re-embeds x_t
+(no absolute positions) and predicts the velocity:
+
+    c = silu(e_t + e_y)                                    (B, D)
+    s = body(s_embed(x_t) + pos, c)                        (B, L, D)
+    s = s_projector(silu(e_t + s))                         (B, L, D_h)
+    v = unpatchify(final(head(x_embed(x_t), s), s))        (B, H, W, C)
+
+Each block is pre-RMSNorm adaLN (shift, scale, gate for attention and MLP) with a SwiGLU MLP
+and 2-D RoPE on q and k; the body's conditioning c is one vector per image (B, 1, D), the
+head's is s, one per token (B, L, D_h). Every adaLN is [SiLU, Linear], so c and s pass a
+second SiLU there.
+
+Parameter paths follow the official state_dict keys, a numeric key part joined to the one
+before it (``blocks.3.attn.qkv.weight`` is ``blocks_3/attn/qkv/kernel``); body and head share
+one ``blocks`` list (``blocks_0 ... blocks_{depth[0]-1}`` the body, then the head). The
+Gaussian-Fourier frequencies W of the time embedding are fixed, not trained: they live in
+the variable collection ``'buffers'`` (``buffers/t_embedder/W``), so that only ``'params'``
+is optimised, and ``apply`` needs ``{'params': ..., 'buffers': ...}``. ``init`` draws W from
+N(0, 1) as the official constructor does; a converted checkpoint carries its stored W.
+The absolute position table and the RoPE tables are computed, not variables.
+
+Images are NHWC: x (B, H, W, C) with H = W; y (B,) int class ids, ``num_classes`` being the
+null class. The weights are trained in RAE's convention (x_s = (1 - s) x1 + s x0, s = 0 data,
+network input s as-is in [0, 1], target x0 - x1); as SiT's ``time_convention``,
+``'data_to_noise'`` (the default: every RAE checkpoint) makes the module take our t (t = 0
+noise, t = 1 data), tell the network s = 1 - t and negate its output, which gives our
+velocity u(x, t) = -v(x, 1 - t). ``'noise_to_data'`` runs the network as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mixflow_jax.models import attention
+from mixflow_jax.models.sit import TIME_CONVENTIONS, LabelEmbedder, PatchEmbed, sincos_pos_embed_2d
+
+Array = jnp.ndarray
+
+# (hidden sizes, depths, heads), each (body, head), of the named sizes: RAE's DiT^DH-XL and
+# the DiT^DH-S it uses as the autoguidance model.
+SIZES = {
+    "XL": ((1152, 2048), (28, 2), (16, 16)),
+    "S": ((384, 2048), (12, 2), (6, 16)),
+}
+FOURIER_FEATURES = 256  # the length of the time embedding's frequency vector W
+ROPE_THETA = 10000.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTDHConfig:
+  """Architecture hyper-parameters of a DiT^DH; pairs are (body, head)."""
+
+  input_size: int = 16  # the latent's side in tokens x patch: 16 at 256 px, 32 at 512 px
+  patch_size: int = 1
+  in_channels: int = 768
+  hidden_size: tuple[int, int] = (1152, 2048)
+  depth: tuple[int, int] = (28, 2)
+  num_heads: tuple[int, int] = (16, 16)
+  mlp_ratio: float = 4.0
+  class_dropout_prob: float = 0.1
+  num_classes: int = 1000
+  time_convention: str = "data_to_noise"  # the convention the weights were trained in
+
+  def __post_init__(self):
+    if self.time_convention not in TIME_CONVENTIONS:
+      raise ValueError(f"time_convention={self.time_convention!r}; expected one of "
+                       f"{TIME_CONVENTIONS}.")
+    for part, width, heads in zip(("body", "head"), self.hidden_size, self.num_heads):
+      if width % heads or (width // heads) % 4:
+        raise ValueError(f"The {part} width {width} over {heads} heads must give a head "
+                         "dimension that is a multiple of 4 (2-D RoPE on pairs, per axis).")
+
+  @classmethod
+  def named(cls, name: str, **kwargs) -> DiTDHConfig:
+    """The config of a named size, e.g. ``DiTDHConfig.named('XL', input_size=32)``."""
+    if name not in SIZES:
+      raise ValueError(f"Unknown DiT^DH size {name!r}; expected one of {tuple(SIZES)}.")
+    hidden, depth, heads = SIZES[name]
+    return cls(hidden_size=hidden, depth=depth, num_heads=heads, **kwargs)
+
+  @property
+  def grid_size(self) -> int:
+    return self.input_size // self.patch_size
+
+  @property
+  def num_tokens(self) -> int:
+    return self.grid_size**2
+
+  @property
+  def out_channels(self) -> int:
+    return self.in_channels  # no learned sigma
+
+  @property
+  def mlp_hidden(self) -> tuple[int, int]:
+    """The SwiGLU widths, int(2/3 int(D mlp_ratio)) (3072 for D = 1152, 5461 for 2048)."""
+    return tuple(int(2 / 3 * int(d * self.mlp_ratio)) for d in self.hidden_size)
+
+
+def rope_tables(head_dim: int, grid_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """cos and sin tables (L, head_dim), L = grid_size^2 tokens row-major (i W + j), of the
+  EVA-02 2-D rotary embedding (RAE's ``VisionRotaryEmbeddingFast``).
+
+  With n = head_dim / 2 features per axis and frequencies f_k = theta^(-2k / n), k < n / 2,
+  each repeated twice (a pair of adjacent features shares one), token (i, j) has the angles
+  [i f_0, i f_0, i f_1, i f_1, ... | j f_0, j f_0, ...]: the row index i in the first half,
+  the column index j in the second. Computed in float32 as the official buffers are.
+  """
+  n = head_dim // 2
+  freqs = 1.0 / np.float32(ROPE_THETA) ** (np.arange(0, n, 2, dtype=np.float32) / np.float32(n))
+  axis = np.repeat(np.arange(grid_size, dtype=np.float32)[:, None] * freqs[None], 2, axis=1)
+  rows, cols = np.divmod(np.arange(grid_size * grid_size), grid_size)
+  angles = np.concatenate([axis[rows], axis[cols]], axis=1)            # (L, head_dim)
+  return np.cos(angles), np.sin(angles)
+
+
+def rotate_half(x: Array) -> Array:
+  """(x_{2i}, x_{2i+1}) -> (-x_{2i+1}, x_{2i}) on the last axis: adjacent pairs (GPT-J
+  style, as EVA-02), not NeoX's halves."""
+  pairs = x.reshape(*x.shape[:-1], -1, 2)
+  return jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+  """x (B, L, H, Dh) rotated by token: x cos + rotate_half(x) sin, tables (L, Dh)."""
+  cos, sin = (jnp.asarray(table, x.dtype)[:, None] for table in (cos, sin))
+  return x * cos + rotate_half(x) * sin
+
+
+def fourier_features(t: Array, w: Array) -> Array:
+  """Gaussian-Fourier features of t (B,) with frequencies w (F,): (B, 2F),
+  [sin(2 pi t w), cos(2 pi t w)]; t as-is (not scaled by 1000)."""
+  angles = t.astype(jnp.float32)[:, None] * w[None] * 2 * jnp.pi
+  return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+def modulate(x: Array, shift: Array, scale: Array) -> Array:
+  """adaLN modulation of x (B, L, D) by shift, scale of shape (B, 1, D) or (B, L, D)."""
+  return x * (1 + scale) + shift
+
+
+_xavier = nn.initializers.xavier_uniform()
+_normal = nn.initializers.normal(0.02)
+_zeros = nn.initializers.zeros
+
+
+def _linear(x: Array, features: int, name: str, dtype: jnp.dtype,
+            kernel_init: nn.initializers.Initializer = _xavier) -> Array:
+  """nn.Dense on the last axis of x (..., D), applied to x as one (N, D) matrix (see
+  models/sit.py ``Mlp``: a 2-D dot has the cheaper gradient)."""
+  y = nn.Dense(features, kernel_init=kernel_init, dtype=dtype, name=name)(
+      x.reshape(-1, x.shape[-1]))
+  return y.reshape(*x.shape[:-1], features)
+
+
+class RMSNorm(nn.Module):
+  """x / sqrt(mean(x^2) + eps), computed in float32 and cast back, times a learned scale."""
+
+  epsilon: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)
+    return normed.astype(x.dtype) * scale.astype(x.dtype)
+
+
+class SwiGLU(nn.Module):
+  """w3(silu(x1) x2) with [x1 | x2] = w12(x): x (B, L, D) -> (B, L, D)."""
+
+  hidden_features: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    x1, x2 = jnp.split(_linear(x, 2 * self.hidden_features, "w12", self.dtype), 2, axis=-1)
+    return _linear(nn.silu(x1) * x2, x.shape[-1], "w3", self.dtype)
+
+
+class RopeAttention(nn.Module):
+  """Multi-head self-attention, one fused qkv projection (rows q, k, v; head-major), 2-D RoPE
+  on q and k, scale Dh^-0.5, no qk-norm."""
+
+  num_heads: int
+  dtype: jnp.dtype = jnp.float32
+  implementation: str = "xla"  # see models/attention.py
+
+  @nn.compact
+  def __call__(self, x: Array, rope: tuple[np.ndarray, np.ndarray]) -> Array:
+    b, n, d = x.shape
+    qkv = _linear(x, 3 * d, "qkv", self.dtype).reshape(b, n, 3, self.num_heads, -1)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]                   # (B, L, H, Dh)
+    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    out = attention.dot_product_attention(q, k, v, self.implementation)  # (B, L, H, Dh)
+    return _linear(out.reshape(b, n, d), d, "proj", self.dtype)
+
+
+class DDTBlock(nn.Module):
+  """RAE's ``LightningDDTBlock``: x (B, L, D) conditioned on c (B, 1, D) or (B, L, D).
+
+      x += gate_msa attn(modulate(norm1(x), shift_msa, scale_msa))
+      x += gate_mlp mlp(modulate(norm2(x), shift_mlp, scale_mlp))
+  """
+
+  num_heads: int
+  mlp_hidden: int
+  dtype: jnp.dtype = jnp.float32
+  attention: str = "xla"
+
+  @nn.compact
+  def __call__(self, x: Array, c: Array, rope: tuple[np.ndarray, np.ndarray]) -> Array:
+    d = x.shape[-1]
+    mod = _linear(nn.silu(c), 6 * d, "adaLN_modulation_1", self.dtype, _zeros)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, -1)
+    h = modulate(RMSNorm(name="norm1")(x), shift_msa, scale_msa)
+    x = x + gate_msa * RopeAttention(self.num_heads, self.dtype, self.attention, name="attn")(
+        h, rope)
+    h = modulate(RMSNorm(name="norm2")(x), shift_mlp, scale_mlp)
+    return x + gate_mlp * SwiGLU(self.mlp_hidden, self.dtype, name="mlp")(h)
+
+
+class FinalLayer(nn.Module):
+  """RMSNorm, adaLN (shift, scale; no gate) by s (B, L, D_h), then each token to its
+  p * p * out_channels values."""
+
+  patch_size: int
+  out_channels: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, s: Array) -> Array:
+    d = x.shape[-1]
+    shift, scale = jnp.split(
+        _linear(nn.silu(s), 2 * d, "adaLN_modulation_1", self.dtype, _zeros), 2, -1)
+    x = modulate(RMSNorm(name="norm_final")(x), shift, scale)
+    return _linear(x, self.patch_size**2 * self.out_channels, "linear", self.dtype, _zeros)
+
+
+class TimeEmbedder(nn.Module):
+  """t (B,) -> e_t (B, D): Gaussian-Fourier features with the fixed W ('buffers'), then
+  Linear -> SiLU -> Linear."""
+
+  hidden_size: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, t: Array) -> Array:
+    w = self.variable("buffers", "W", lambda: jax.random.normal(
+        self.make_rng("params"), (FOURIER_FEATURES,), jnp.float32)).value
+    h = _linear(fourier_features(t, w), self.hidden_size, "mlp_0", self.dtype, _normal)
+    return _linear(nn.silu(h), self.hidden_size, "mlp_2", self.dtype, _normal)
+
+
+class DiTDH(nn.Module):
+  """u_theta(x, t, y): x (B, H, W, C), t (B,), y (B,) -> velocity (B, H, W, C), float32.
+
+  ``dtype`` is the compute dtype of every matmul (parameters stay float32; the residual
+  streams and the output are float32), ``attention`` an implementation of
+  models/attention.py. With ``time_convention='data_to_noise'`` the network sees 1 - t and
+  its output is negated (see the module docstring).
+  """
+
+  config: DiTDHConfig
+  dtype: jnp.dtype = jnp.float32
+  attention: str = "xla"
+
+  @nn.compact
+  def __call__(self, x: Array, t: Array, y: Array) -> Array:
+    cfg = self.config
+    (d, d_head), (depth, depth_head), (heads, heads_head) = (
+        cfg.hidden_size, cfg.depth, cfg.num_heads)
+    b, height, width, _ = x.shape
+    p = cfg.patch_size
+    grid = height // p                                                  # tokens per side
+    flipped = cfg.time_convention == "data_to_noise"
+    if flipped:
+      t = 1.0 - t
+
+    t_emb = TimeEmbedder(d, self.dtype, name="t_embedder")(t).astype(jnp.float32)  # (B, D)
+    y_emb = LabelEmbedder(cfg.num_classes, d, cfg.class_dropout_prob > 0, self.dtype,
+                          name="y_embedder")(y).astype(jnp.float32)
+    c = nn.silu(t_emb + y_emb)[:, None]                                 # (B, 1, D)
+    block_args = dict(dtype=self.dtype, attention=self.attention)
+
+    s = PatchEmbed(p, d, self.dtype, name="s_embedder")(x).astype(jnp.float32)
+    s = s + sincos_pos_embed_2d(d, grid)                                # (B, L, D)
+    rope = rope_tables(d // heads, grid)
+    for i in range(depth):
+      s = DDTBlock(heads, cfg.mlp_hidden[0], **block_args, name=f"blocks_{i}")(s, c, rope)
+    s = nn.silu(t_emb[:, None] + s)
+    if d != d_head:  # the official projector is the identity when the widths agree
+      s = _linear(s, d_head, "s_projector", self.dtype).astype(jnp.float32)  # (B, L, D_h)
+
+    h = PatchEmbed(p, d_head, self.dtype, name="x_embedder")(x).astype(jnp.float32)
+    rope = rope_tables(d_head // heads_head, grid)
+    for i in range(depth, depth + depth_head):
+      h = DDTBlock(heads_head, cfg.mlp_hidden[1], **block_args, name=f"blocks_{i}")(h, s, rope)
+    h = FinalLayer(p, cfg.out_channels, self.dtype, name="final_layer")(h, s)  # (B, L, p p C)
+
+    out = h.reshape(b, grid, grid, p, p, cfg.out_channels).transpose(0, 1, 3, 2, 4, 5)
+    out = out.reshape(b, height, width, cfg.out_channels).astype(jnp.float32)
+    return -out if flipped else out
+
+
+def abstract_variables(config: DiTDHConfig) -> dict:
+  """The variables ``{'params', 'buffers'}`` of ``DiTDH(config)`` as ShapeDtypeStructs,
+  without allocating."""
+  s = config.input_size
+  return jax.eval_shape(
+      DiTDH(config).init, jax.random.key(0),
+      jax.ShapeDtypeStruct((1, s, s, config.in_channels), jnp.float32),
+      jax.ShapeDtypeStruct((1,), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.int32))
+
+
+def param_count(config: DiTDHConfig) -> int:
+  """Number of parameters as the official model counts them, without allocating: the
+  trained ones, W (a frozen ``nn.Parameter`` there) and the frozen ``pos_embed`` (L x D, a
+  constant here); not the RoPE tables (buffers there). XL at 256 px: 838.7M; S: 196.5M."""
+  n = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(abstract_variables(config)))
+  return n + config.num_tokens * config.hidden_size[0]
