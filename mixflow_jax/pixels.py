@@ -1,8 +1,14 @@
-"""Model images in [-1, 1] and uint8 pixels, with the ADM mapping both ways."""
+"""Model images in [-1, 1] and uint8 pixels, with the ADM mapping both ways; the ImageNet
+normalisation of an RAE's encoder input and decoder output."""
 
 from __future__ import annotations
 
 import numpy as np
+
+# The per-channel (R, G, B) mean and std of ImageNet images in [0, 1] (the DINOv2 image
+# processor's image_mean / image_std, which RAE normalises with and its decoder undoes).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

@@ -118,7 +118,7 @@ def test_loads_ema_wrapped_and_raw_files(tmp_path):
   np.testing.assert_array_equal(variables["buffers"]["t_embedder"]["W"],
                                 state_dict["t_embedder.W"].numpy())
   torch.save({"model": state_dict}, tmp_path / "model_only.pt")
-  with pytest.raises(errors.InvalidInput, match="'model' but no 'ema'"):
+  with pytest.raises(errors.InvalidInput, match="without 'ema'"):
     convert.load_checkpoint(str(tmp_path / "model_only.pt"))
 
 

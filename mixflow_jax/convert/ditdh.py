@@ -16,7 +16,6 @@ is accepted (RAE loads with ``strict=True``).
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -26,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixflow_jax import errors
-from mixflow_jax.convert import state_dicts
+from mixflow_jax.convert import state_dicts, torch_checkpoint
 from mixflow_jax.models import ditdh, sit
 
 TABLE_TOLERANCE = 1e-5  # max |stored - computed| of a fixed table
@@ -177,42 +176,12 @@ def convert_state_dict(state_dict: Mapping[str, Any], config: ditdh.DiTDHConfig)
   return flax.traverse_util.unflatten_dict(variables)
 
 
-def stage2_state_dict(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
-  """The state_dict of a loaded ``stage2_model.pt``, as RAE's loader picks it: the ``'ema'``
-  entry if there is one, else the file itself; one with ``'model'`` only is refused."""
-  if "ema" in checkpoint:
-    return checkpoint["ema"]
-  if "model" in checkpoint:
-    raise errors.InvalidInput("The checkpoint has 'model' but no 'ema' entry; RAE samples "
-                              "from the EMA weights only.")
-  return checkpoint
-
-
-def load_state_dict(path: str) -> dict[str, np.ndarray]:
-  """The DiT^DH state_dict in the file ``path`` (read with ``torch.load(weights_only=True)``)
-  as float32 arrays."""
-  if not os.path.isfile(path):
-    raise errors.MissingInput(f"No checkpoint file at {path!r}.")
-  import torch
-  try:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # torch raises several types for corrupt or foreign files.
-    raise errors.InvalidInput(f"Cannot read {path!r} as a PyTorch checkpoint "
-                              f"({type(e).__name__}): is it truncated?") from e
-  if not isinstance(checkpoint, dict):
-    raise errors.InvalidInput(f"{path!r} holds a {type(checkpoint).__name__}, not a state_dict.")
-  state_dict = stage2_state_dict(checkpoint)
-  other = sorted(k for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
-  if other:
-    raise errors.InvalidInput(f"{path!r} is not a RAE stage-2 checkpoint: entries "
-                              f"{state_dicts.names(other)} are not tensors.")
-  return {k: state_dicts.to_numpy(v) for k, v in state_dict.items()}
-
-
 def load_checkpoint(path: str, num_heads: tuple[int, int] | None = None,
                     size: str | None = None) -> tuple[ditdh.DiTDHConfig, dict]:
-  """(config, variables) of the RAE ``stage2_model.pt`` at ``path``: ``load_state_dict``,
-  ``infer_config`` (with ``num_heads`` or ``size``), then ``convert_state_dict``."""
-  state_dict = load_state_dict(path)
+  """(config, variables) of the RAE ``stage2_model.pt`` at ``path``: its ``'ema'`` entry if
+  it has one, else the file as a state_dict (RAE's loader, ``src/utils/model_utils.py``; one
+  with ``'model'`` only is refused), then ``infer_config`` (with ``num_heads`` or ``size``)
+  and ``convert_state_dict``."""
+  state_dict = torch_checkpoint.load_state_dict(path, "ema")
   config = infer_config(state_dict, num_heads=num_heads, size=size)
   return config, convert_state_dict(state_dict, config)

@@ -2,9 +2,10 @@
 
 Accepted: a plain state_dict ``.pt`` (e.g. the released ``SiT-XL-2-256x256.pt``), a
 checkpoint dict written by the official SiT or REPA ``train.py`` (keys ``model``, ``ema``,
-``opt``, ``args``), and ``.safetensors``. ``.pt`` files are read with
-``torch.load(weights_only=True)``, allowing only ``argparse.Namespace`` (the ``args``
-entry) beyond tensors; PyTorch is needed for them, safetensors for the last format.
+``opt``, ``args``) or RAE's ``{'ema': state_dict}``, and ``.safetensors``. ``.pt`` files
+are read with ``torch.load(weights_only=True)``, allowing only ``argparse.Namespace`` (the
+``args`` entry) beyond tensors; PyTorch is needed for them, safetensors for the last
+format.
 """
 
 from __future__ import annotations
@@ -23,6 +24,22 @@ def _from_torch(state_dict: dict) -> dict[str, np.ndarray]:
   return {k: v.detach().cpu().float().numpy() for k, v in state_dict.items()}
 
 
+def read_pickle(path: str, what: str = "PyTorch checkpoint") -> object:
+  """The object in the PyTorch file ``path``, read with ``torch.load(weights_only=True)``
+  (tensors, containers, None and ``argparse.Namespace`` only: no pickled code runs);
+  MissingInput / InvalidInput naming the file when it is absent or unreadable."""
+  if not os.path.isfile(path):
+    raise errors.MissingInput(f"No {what} file at {path!r}.")
+  import torch
+  try:
+    with torch.serialization.safe_globals([argparse.Namespace]):
+      return torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # torch raises several types for corrupt or foreign files.
+    raise errors.InvalidInput(f"Cannot read {path!r} as a {what} ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}): is it truncated, or "
+                              "not such a file?") from e
+
+
 def load_state_dict(path: str, weights: str = "ema") -> dict[str, np.ndarray]:
   """The state_dict in ``path`` as float32 arrays; from a train.py checkpoint, its
   ``weights`` entry ('ema', the default, or 'model')."""
@@ -35,9 +52,9 @@ def load_checkpoint(path: str, weights: str = "ema") -> tuple[dict[str, np.ndarr
   ``model='SiT-XL/2'``; empty for a plain state_dict or safetensors)."""
   if weights not in WEIGHTS:
     raise errors.InvalidInput(f"weights={weights!r}; expected one of {WEIGHTS}.")
-  if not os.path.isfile(path):
-    raise errors.MissingInput(f"No checkpoint file at {path!r}.")
   if path.endswith(".safetensors"):
+    if not os.path.isfile(path):
+      raise errors.MissingInput(f"No checkpoint file at {path!r}.")
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
     try:
@@ -47,17 +64,13 @@ def load_checkpoint(path: str, weights: str = "ema") -> tuple[dict[str, np.ndarr
           f"Cannot read {path!r} as safetensors ({e}): is it truncated?") from e
 
   import torch
-  try:
-    with torch.serialization.safe_globals([argparse.Namespace]):
-      obj = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # torch raises several types for corrupt or foreign files.
-    raise errors.InvalidInput(f"Cannot read {path!r} as a PyTorch checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}): is it truncated, or "
-                              "not a checkpoint?") from e
+  obj = read_pickle(path)
   if not isinstance(obj, dict):
     raise errors.InvalidInput(f"{path!r} holds a {type(obj).__name__}, not a state_dict.")
   args = {}
-  if "model" in obj and isinstance(obj["model"], dict):  # an official train.py checkpoint
+  # An official train.py checkpoint, or RAE's {'ema': state_dict} (a state_dict's values
+  # are tensors, never dicts).
+  if isinstance(obj.get("model"), dict) or isinstance(obj.get("ema"), dict):
     args = vars(obj["args"]) if isinstance(obj.get("args"), argparse.Namespace) else {}
     if weights not in obj:
       raise errors.InvalidInput(f"{path!r} is a train.py checkpoint without {weights!r}; it holds "

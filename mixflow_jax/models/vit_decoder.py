@@ -37,13 +37,10 @@ import numpy as np
 
 from mixflow_jax.models import attention
 from mixflow_jax.models.sit import sincos_pos_embed_2d
+from mixflow_jax.pixels import IMAGENET_MEAN, IMAGENET_STD
 
 Array = jnp.ndarray
 
-# ImageNet statistics of the encoder's input normalisation (the DINOv2 processor's
-# image_mean / image_std), undone on the decoder output (bytetriper/RAE src/stage1/rae.py).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclasses.dataclass(frozen=True)
