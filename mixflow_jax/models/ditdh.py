@@ -26,6 +26,11 @@ is optimised, and ``apply`` needs ``{'params': ..., 'buffers': ...}``. ``init`` 
 N(0, 1) as the official constructor does; a converted checkpoint carries its stored W.
 The absolute position table and the RoPE tables are computed, not variables.
 
+With ``scan_blocks`` the body runs as one ``nn.scan``: its blocks' parameters are one tree
+``blocks`` (``sharding.SCANNED_BLOCKS``), each leaf with the layer axis first, (depth[0],
+...), while the head's stay ``blocks_{depth[0]} ...`` (the 'scanned' layout; the official one
+is 'unrolled'). ``to_layout`` moves parameters between the two.
+
 Images are NHWC: x (B, H, W, C) with H = W; y (B,) int class ids, ``num_classes`` being the
 null class. The weights are trained in RAE's convention (x_s = (1 - s) x1 + s x0, s = 0 data,
 network input s as-is in [0, 1], target x0 - x1); as SiT's ``time_convention``,
@@ -38,13 +43,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixflow_jax.models import attention
+from mixflow_jax.models import attention, sit
 from mixflow_jax.models.sit import TIME_CONVENTIONS, LabelEmbedder, PatchEmbed, sincos_pos_embed_2d
 
 Array = jnp.ndarray
@@ -57,6 +63,9 @@ SIZES = {
 }
 FOURIER_FEATURES = 256  # the length of the time embedding's frequency vector W
 ROPE_THETA = 10000.0
+# The parameter name of the scanned body (layer axis first); the name that sharding's
+# ``SCANNED_BLOCKS`` and the checkpoints' layout test look for.
+SCANNED_BLOCKS = "blocks"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,7 +218,9 @@ class RopeAttention(nn.Module):
 
 
 class DDTBlock(nn.Module):
-  """RAE's ``LightningDDTBlock``: x (B, L, D) conditioned on c (B, 1, D) or (B, L, D).
+  """RAE's ``LightningDDTBlock``: x (B, L, D) conditioned on c (B, 1, D) or (B, L, D), RoPE
+  tables (L, Dh) -> (B, L, D) (as ``(x, None)`` when ``scanned``, the carry and output of
+  ``nn.scan``).
 
       x += gate_msa attn(modulate(norm1(x), shift_msa, scale_msa))
       x += gate_mlp mlp(modulate(norm2(x), shift_mlp, scale_mlp))
@@ -219,9 +230,14 @@ class DDTBlock(nn.Module):
   mlp_hidden: int
   dtype: jnp.dtype = jnp.float32
   attention: str = "xla"
+  scanned: bool = False
+  activation_sharding: Any = None  # a NamedSharding that x (B, L, D) is constrained to
 
   @nn.compact
-  def __call__(self, x: Array, c: Array, rope: tuple[np.ndarray, np.ndarray]) -> Array:
+  def __call__(self, x: Array, c: Array,
+               rope: tuple[np.ndarray, np.ndarray]) -> Array | tuple[Array, None]:
+    if self.activation_sharding is not None:
+      x = jax.lax.with_sharding_constraint(x, self.activation_sharding)
     d = x.shape[-1]
     mod = _linear(nn.silu(c), 6 * d, "adaLN_modulation_1", self.dtype, _zeros)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, -1)
@@ -229,7 +245,8 @@ class DDTBlock(nn.Module):
     x = x + gate_msa * RopeAttention(self.num_heads, self.dtype, self.attention, name="attn")(
         h, rope)
     h = modulate(RMSNorm(name="norm2")(x), shift_mlp, scale_mlp)
-    return x + gate_mlp * SwiGLU(self.mlp_hidden, self.dtype, name="mlp")(h)
+    x = x + gate_mlp * SwiGLU(self.mlp_hidden, self.dtype, name="mlp")(h)
+    return (x, None) if self.scanned else x
 
 
 class FinalLayer(nn.Module):
@@ -267,15 +284,22 @@ class TimeEmbedder(nn.Module):
 class DiTDH(nn.Module):
   """u_theta(x, t, y): x (B, H, W, C), t (B,), y (B,) -> velocity (B, H, W, C), float32.
 
+  With ``time_convention='data_to_noise'`` the network sees 1 - t and its output is negated
+  (see the module docstring). The other fields change how, not what, it computes, as SiT's:
   ``dtype`` is the compute dtype of every matmul (parameters stay float32; the residual
-  streams and the output are float32), ``attention`` an implementation of
-  models/attention.py. With ``time_convention='data_to_noise'`` the network sees 1 - t and
-  its output is negated (see the module docstring).
+  streams and the output are float32), ``remat`` a ``sit.REMAT_POLICIES`` name applied to
+  each block (body and head), ``scan_blocks`` runs the body's depth[0] blocks as one
+  ``nn.scan`` (the 'scanned' parameter layout; the head's blocks stay unrolled),
+  ``attention`` an implementation of models/attention.py, and ``activation_sharding``
+  constrains the (B, L, D) and (B, L, D_h) activations entering each block.
   """
 
   config: DiTDHConfig
   dtype: jnp.dtype = jnp.float32
+  remat: str = "none"
+  scan_blocks: bool = False
   attention: str = "xla"
+  activation_sharding: Any = None
 
   @nn.compact
   def __call__(self, x: Array, t: Array, y: Array) -> Array:
@@ -293,13 +317,29 @@ class DiTDH(nn.Module):
     y_emb = LabelEmbedder(cfg.num_classes, d, cfg.class_dropout_prob > 0, self.dtype,
                           name="y_embedder")(y).astype(jnp.float32)
     c = nn.silu(t_emb + y_emb)[:, None]                                 # (B, 1, D)
-    block_args = dict(dtype=self.dtype, attention=self.attention)
+    if self.remat not in sit.REMAT_POLICIES:
+      raise ValueError(f"remat={self.remat!r}; expected one of {tuple(sit.REMAT_POLICIES)}.")
+    body_block = head_block = DDTBlock
+    if self.remat != "none":
+      policy = sit.REMAT_POLICIES[self.remat]
+      # As SiT: common-subexpression elimination need not be prevented inside a scan only;
+      # the head's blocks are never scanned.
+      body_block = nn.remat(DDTBlock, policy=policy, prevent_cse=not self.scan_blocks)
+      head_block = nn.remat(DDTBlock, policy=policy, prevent_cse=True)
+    block_args = dict(dtype=self.dtype, attention=self.attention,
+                      activation_sharding=self.activation_sharding)
 
     s = PatchEmbed(p, d, self.dtype, name="s_embedder")(x).astype(jnp.float32)
     s = s + sincos_pos_embed_2d(d, grid)                                # (B, L, D)
     rope = rope_tables(d // heads, grid)
-    for i in range(depth):
-      s = DDTBlock(heads, cfg.mlp_hidden[0], **block_args, name=f"blocks_{i}")(s, c, rope)
+    if self.scan_blocks:  # c and the RoPE tables are the same for every layer
+      body = nn.scan(body_block, variable_axes={"params": 0}, split_rngs={"params": True},
+                     in_axes=nn.broadcast, length=depth)
+      s, _ = body(heads, cfg.mlp_hidden[0], **block_args, scanned=True,
+                  name=SCANNED_BLOCKS)(s, c, rope)
+    else:
+      for i in range(depth):
+        s = body_block(heads, cfg.mlp_hidden[0], **block_args, name=f"blocks_{i}")(s, c, rope)
     s = nn.silu(t_emb[:, None] + s)
     if d != d_head:  # the official projector is the identity when the widths agree
       s = _linear(s, d_head, "s_projector", self.dtype).astype(jnp.float32)  # (B, L, D_h)
@@ -307,7 +347,8 @@ class DiTDH(nn.Module):
     h = PatchEmbed(p, d_head, self.dtype, name="x_embedder")(x).astype(jnp.float32)
     rope = rope_tables(d_head // heads_head, grid)
     for i in range(depth, depth + depth_head):
-      h = DDTBlock(heads_head, cfg.mlp_hidden[1], **block_args, name=f"blocks_{i}")(h, s, rope)
+      h = head_block(heads_head, cfg.mlp_hidden[1], **block_args, name=f"blocks_{i}")(
+          h, s, rope)
     h = FinalLayer(p, cfg.out_channels, self.dtype, name="final_layer")(h, s)  # (B, L, p p C)
 
     out = h.reshape(b, grid, grid, p, p, cfg.out_channels).transpose(0, 1, 3, 2, 4, 5)
@@ -315,12 +356,53 @@ class DiTDH(nn.Module):
     return -out if flipped else out
 
 
-def abstract_variables(config: DiTDHConfig) -> dict:
-  """The variables ``{'params', 'buffers'}`` of ``DiTDH(config)`` as ShapeDtypeStructs,
-  without allocating."""
+def param_layout(model: DiTDH) -> str:
+  return "scanned" if model.scan_blocks else "unrolled"
+
+
+def _body_names(config: DiTDHConfig) -> list[str]:
+  return [f"blocks_{i}" for i in range(config.depth[0])]
+
+
+def scan_blocks(params: dict, config: DiTDHConfig) -> dict:
+  """The 'unrolled' layout (blocks_0 ... blocks_{N-1}, body then head) to the 'scanned' one:
+  the body's blocks_0 ... blocks_{depth[0]-1} stacked into ``blocks`` (each leaf (depth[0],
+  ...)), the head's blocks_{depth[0]} ... as they are. ``params`` is the 'params' tree."""
+  names = _body_names(config)
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(params[k] for k in names))
+  return {k: v for k, v in params.items() if k not in names} | {SCANNED_BLOCKS: stacked}
+
+
+def unroll_blocks(params: dict, config: DiTDHConfig) -> dict:
+  """The 'scanned' layout to the 'unrolled' one (the inverse of ``scan_blocks``)."""
+  depth = jax.tree.leaves(params[SCANNED_BLOCKS])[0].shape[0]
+  if depth != config.depth[0]:
+    raise ValueError(f"The scanned body has {depth} layers; the config's depth[0] is "
+                     f"{config.depth[0]}.")
+  unrolled = {name: jax.tree.map(lambda x, i=i: x[i], params[SCANNED_BLOCKS])
+              for i, name in enumerate(_body_names(config))}
+  return {k: v for k, v in params.items() if k != SCANNED_BLOCKS} | unrolled
+
+
+def to_layout(params: dict, layout: str, config: DiTDHConfig) -> dict:
+  """``params`` (the 'params' tree, in either layout) in ``layout`` ('unrolled' or
+  'scanned')."""
+  if layout not in sit.PARAM_LAYOUTS:
+    raise ValueError(f"layout={layout!r}; expected one of {sit.PARAM_LAYOUTS}.")
+  scanned = SCANNED_BLOCKS in params
+  if layout == "scanned" and not scanned:
+    return scan_blocks(params, config)
+  if layout == "unrolled" and scanned:
+    return unroll_blocks(params, config)
+  return params
+
+
+def abstract_variables(config: DiTDHConfig, scanned: bool = False) -> dict:
+  """The variables ``{'params', 'buffers'}`` of ``DiTDH(config, scan_blocks=scanned)`` as
+  ShapeDtypeStructs, without allocating."""
   s = config.input_size
   return jax.eval_shape(
-      DiTDH(config).init, jax.random.key(0),
+      DiTDH(config, scan_blocks=scanned).init, jax.random.key(0),
       jax.ShapeDtypeStruct((1, s, s, config.in_channels), jnp.float32),
       jax.ShapeDtypeStruct((1,), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.int32))
 
