@@ -24,7 +24,7 @@ def _from_torch(state_dict: dict) -> dict[str, np.ndarray]:
   return {k: v.detach().cpu().float().numpy() for k, v in state_dict.items()}
 
 
-def read_pickle(path: str, what: str = "PyTorch checkpoint") -> object:
+def read_pickle(path: str, what: str = "checkpoint") -> object:
   """The object in the PyTorch file ``path``, read with ``torch.load(weights_only=True)``
   (tensors, containers, None and ``argparse.Namespace`` only: no pickled code runs);
   MissingInput / InvalidInput naming the file when it is absent or unreadable."""
@@ -35,9 +35,9 @@ def read_pickle(path: str, what: str = "PyTorch checkpoint") -> object:
     with torch.serialization.safe_globals([argparse.Namespace]):
       return torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises several types for corrupt or foreign files.
-    raise errors.InvalidInput(f"Cannot read {path!r} as a {what} ({type(e).__name__}: "
+    raise errors.InvalidInput(f"Cannot read {path!r} as a PyTorch {what} ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}): is it truncated, or "
-                              "not such a file?") from e
+                              f"not a {what}?") from e
 
 
 def load_state_dict(path: str, weights: str = "ema") -> dict[str, np.ndarray]:
