@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -22,7 +22,6 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from mixflow_jax import errors, storage
-from mixflow_jax.models.sit import to_layout
 from mixflow_jax.sharding import path_str
 
 CHECKPOINT_DIR = "checkpoints"
@@ -170,9 +169,13 @@ def restore_state(manager: ocp.CheckpointManager, abstract_state: Any,
 
 
 def load_params(run_dir: str, abstract_params: Any, field: str = "ema_params",
-                step: int | None = None) -> tuple[Any, int]:
+                step: int | None = None,
+                to_layout: Callable[[Any, str], Any] | None = None) -> tuple[Any, int]:
   """Loads ``field`` ('ema_params' or 'params') of another run's checkpoint (latest step by
-  default), e.g. to warm-start post-training or to sample. Returns (params, step)."""
+  default), e.g. to warm-start post-training or to sample. Returns (params, step).
+
+  A checkpoint in the other parameter layout ('scanned' / 'unrolled': a ``blocks`` tree or
+  not) is converted by ``to_layout(params, layout)`` (the model family's)."""
   directory = checkpoint_dir(run_dir)
   if not directory.is_dir():
     raise errors.MissingInput(f"No checkpoints in {run_dir!r} (looked for {directory}).")
@@ -185,6 +188,10 @@ def load_params(run_dir: str, abstract_params: Any, field: str = "ema_params",
     if field not in metadata:
       raise errors.InvalidInput(f"{source} has no {field!r}; it holds {sorted(metadata)}.")
     stored_scanned, scanned = "blocks" in metadata[field], "blocks" in abstract_params
+    if stored_scanned != scanned and to_layout is None:
+      stored_layout = "scanned" if stored_scanned else "unrolled"
+      raise errors.InvalidInput(f"{source} holds the {stored_layout!r} parameter layout, "
+                                "the model the other one.")
     if stored_scanned == scanned:
       check_shapes(metadata[field], abstract_params, source)
       restored = _restore_tree(manager, step, ocp.args.PyTreeRestore(

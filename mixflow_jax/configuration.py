@@ -16,7 +16,7 @@ from ml_collections import config_dict
 from mixflow_jax import errors, objectives, sampling, time_shift, timesteps
 from mixflow_jax.data import SOURCES
 from mixflow_jax.interpolants import PATHS
-from mixflow_jax.models import attention, sit
+from mixflow_jax.models import attention, ditdh, families, sit
 
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -180,13 +180,16 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def model_config(config: ml_collections.ConfigDict, image_shape: tuple[int, int, int],
-                 num_classes: int) -> sit.SiTConfig:
-  """The SiTConfig of ``config.model`` for images of ``image_shape`` (H, W, C)."""
+                 num_classes: int) -> families.ModelConfig:
+  """The architecture (a SiTConfig, or a DiTDHConfig for 'DiTDH-*' names) of
+  ``config.model`` for images (or latents) of ``image_shape`` (H, W, C)."""
   m = config.model
   common = dict(input_size=image_shape[0], in_channels=image_shape[2],
                 num_classes=num_classes, mlp_ratio=m.mlp_ratio,
-                class_dropout_prob=m.class_dropout_prob, learn_sigma=m.learn_sigma,
-                time_convention=m.time_convention)
+                class_dropout_prob=m.class_dropout_prob, time_convention=m.time_convention)
+  if families.family_of_name(m.name) == "DiTDH":
+    return ditdh.DiTDHConfig.named(m.name.removeprefix(families.DITDH_PREFIX), **common)
+  common["learn_sigma"] = m.learn_sigma
   if m.name == "custom":
     return sit.SiTConfig(depth=m.depth, hidden_size=m.hidden_size, num_heads=m.num_heads,
                          patch_size=m.patch_size, **common)
@@ -205,10 +208,14 @@ _CONFIG_FIELD = dict(
         "depth", "hidden_size", "num_heads", "patch_size")})
 
 
-def check_model(model: sit.SiTConfig, stored: sit.SiTConfig, source: str) -> None:
+def check_model(model: families.ModelConfig, stored: families.ModelConfig, source: str
+                ) -> None:
   """Raises ConfigError naming the config field whose model differs from ``stored`` (the
   architecture of the checkpoint ``source``)."""
-  for field in dataclasses.fields(sit.SiTConfig):
+  if families.family(model) != families.family(stored):
+    raise ConfigError(f"The config's model is a {families.family(model)}, but {source} holds "
+                      f"a {families.family(stored)}: set config.model.name to match.")
+  for field in dataclasses.fields(stored):
     ours, theirs = getattr(model, field.name), getattr(stored, field.name)
     if ours != theirs:
       setting = _CONFIG_FIELD.get(field.name, f"model.{field.name}")
@@ -259,8 +266,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     _check(d.batch_size % num_devices == 0, "data.batch_size", d.batch_size,
            f"a multiple of the device count {num_devices}")
 
-  _check(m.name == "custom" or m.name in sit.NAMED_MODELS, "model.name", m.name,
-         f"'custom' or one of {sit.NAMED_MODELS}")
+  _check(m.name == "custom" or m.name in families.NAMED_MODELS, "model.name", m.name,
+         f"'custom' or one of {families.NAMED_MODELS}")
+  if families.family_of_name(m.name) == "DiTDH":
+    _check(not m.learn_sigma, "model.learn_sigma", m.learn_sigma,
+           f"False: {m.name} predicts the velocity only")
   for field in ("depth", "hidden_size", "num_heads", "patch_size"):
     value = m[field]
     if m.name == "custom":

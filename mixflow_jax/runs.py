@@ -1,9 +1,10 @@
 """A run folder's record (``<run>/model.json``) and the one loader of a run's model, so that
 a run is sampled as it was trained.
 
-The record holds what defines the model: its architecture (the ``SiTConfig`` fields,
-among them the time convention of the weights), the interpolant ``path`` it was trained
-on, the ``prediction`` target (velocity) and the model ``family`` (SiT); beside them the
+The record holds what defines the model: its architecture (the fields of its family's
+config, among them the time convention of the weights), the interpolant ``path`` it was
+trained on, the ``prediction`` target (velocity) and the model ``family`` (SiT or DiTDH,
+models/families.py); beside them the
 parameter layout of the checkpoints, the pretraining's time law, the resolved config that
 trained the run (``config``; absent for converted checkpoints) and a converter's notes
 (source file, training args). Training and ``mixflow convert`` write it; ``load_run`` reads
@@ -28,11 +29,12 @@ from absl import logging
 
 from mixflow_jax import checkpoints, configuration, errors, storage
 from mixflow_jax.data import ImageDataset, load_dataset
-from mixflow_jax.models.sit import SiT, SiTConfig, abstract_params
+from mixflow_jax.models import families
+from mixflow_jax.models.families import Model, ModelConfig
 
 MODEL_JSON = "model.json"
 PREDICTION = "velocity"  # what every network here predicts (objectives, samplers)
-FAMILY = "SiT"           # models.sit.SiT
+FAMILY = "SiT"           # the family of records written before families were recorded
 # Fields added to model.json after the architecture: what a record without them means.
 _SINCE_RECORD = ("path", "prediction", "family")
 
@@ -42,7 +44,7 @@ class RunRecord:
   """What ``<run>/model.json`` says (module docstring). ``path`` is None for a record that
   predates it (the config's path is then taken)."""
 
-  model: SiTConfig
+  model: ModelConfig
   path: str | None
   prediction: str = PREDICTION
   family: str = FAMILY
@@ -51,7 +53,7 @@ class RunRecord:
   config: dict | None = None
 
 
-def write_record(run_dir: str, model: SiTConfig, path: str, *, param_layout: str,
+def write_record(run_dir: str, model: ModelConfig, path: str, *, param_layout: str,
                  prediction: str = PREDICTION, pretraining_t_law: str | None = None,
                  config: ml_collections.ConfigDict | None = None, **notes: Any) -> None:
   """Writes ``run_dir/model.json``: the architecture ``model``, the interpolant ``path``,
@@ -59,7 +61,7 @@ def write_record(run_dir: str, model: SiTConfig, path: str, *, param_layout: str
   (if known), the resolved ``config`` that trains the run (if any) and ``notes`` (a
   converter's ``source``, ``training_args``, ...)."""
   record = {**dataclasses.asdict(model), "path": path, "prediction": prediction,
-            "family": FAMILY, "param_layout": param_layout, **notes}
+            "family": families.family(model), "param_layout": param_layout, **notes}
   if pretraining_t_law:
     record["pretraining_t_law"] = pretraining_t_law
   if config is not None:
@@ -72,11 +74,18 @@ def read_record(run_dir: str) -> RunRecord | None:
   before the path, prediction and family were recorded reads them as the old defaults,
   with a warning."""
   file = checkpoints.run_root(run_dir) / MODEL_JSON
-  model = checkpoints.read_config(run_dir, MODEL_JSON, SiTConfig,
-                                  optional=("time_convention",))
-  if model is None:
+  if not file.is_file():
     return None
   stored = storage.read_json(file)
+  family = stored.get("family", FAMILY)
+  if family not in families.FAMILIES:
+    raise errors.InvalidInput(f"{file} records family={family!r}: this code runs "
+                              f"{tuple(families.FAMILIES)} models.")
+  model = checkpoints.read_config(run_dir, MODEL_JSON, families.FAMILIES[family],
+                                  optional=("time_convention",))
+  if isinstance(model, families.ditdh.DiTDHConfig):  # JSON lists: the config's pairs
+    model = dataclasses.replace(model, **{f: tuple(getattr(model, f)) for f in (
+        "hidden_size", "depth", "num_heads")})
   missing = [name for name in _SINCE_RECORD if name not in stored]
   if missing:
     logging.warning("%s predates the run record and does not record %s: taking what the code "
@@ -84,13 +93,13 @@ def read_record(run_dir: str) -> RunRecord | None:
                     file, ", ".join(missing), PREDICTION, FAMILY)
   return RunRecord(model=model, path=stored.get("path"),
                    prediction=stored.get("prediction", PREDICTION),
-                   family=stored.get("family", FAMILY),
+                   family=family,
                    param_layout=stored.get("param_layout", "unrolled"),
                    pretraining_t_law=stored.get("pretraining_t_law"),
                    config=stored.get("config"))
 
 
-def _config_model(config: ml_collections.ConfigDict, recorded: SiTConfig) -> SiTConfig:
+def _config_model(config: ml_collections.ConfigDict, recorded: ModelConfig) -> ModelConfig:
   """The architecture ``config.model`` describes, on the data shape and classes the config
   names (``data.image_shape``, ``data.num_classes``), else the recorded ones: sampling reads
   no data."""
@@ -102,14 +111,14 @@ def _config_model(config: ml_collections.ConfigDict, recorded: SiTConfig) -> SiT
 
 
 def check_config(record: RunRecord, config: ml_collections.ConfigDict, source: str,
-                 model: SiTConfig | None = None) -> None:
+                 model: ModelConfig | None = None) -> None:
   """Raises InvalidInput naming the field in which ``config`` (or its architecture
   ``model``, when the caller has built it on the data) disagrees with ``record``, the
   record of the run ``source``: family, prediction target, interpolant path, architecture
   (time convention included)."""
-  if record.family != FAMILY:
+  if record.family not in families.FAMILIES:
     raise errors.InvalidInput(f"{source} records family={record.family!r}: this code runs "
-                              f"{FAMILY} models only.")
+                              f"{tuple(families.FAMILIES)} models.")
   if record.prediction != PREDICTION:
     raise errors.InvalidInput(f"{source} records prediction={record.prediction!r}: this code "
                               f"runs {PREDICTION}-prediction models only.")
@@ -128,7 +137,7 @@ class Run:
   ``interpolants.PATHS``) and record (None for a folder without one)."""
 
   directory: str
-  model_config: SiTConfig
+  model_config: ModelConfig
   path: str
   record: RunRecord | None
 
@@ -150,13 +159,15 @@ def load_run(run_dir: str, config: ml_collections.ConfigDict,
   return Run(run_dir, record.model, record.path or config.objective.path, record)
 
 
-def load_model(run: Run, config: ml_collections.ConfigDict) -> tuple[SiT, Any, int]:
+def load_model(run: Run, config: ml_collections.ConfigDict) -> tuple[Model, Any, int]:
   """(model in ``config.sample.dtype``, params, step) of ``run``'s latest checkpoint: its
   EMA params unless ``config.sample.use_ema`` is off."""
   s = config.sample
-  model = SiT(run.model_config, dtype=jnp.dtype(s.dtype))
-  params, step = checkpoints.load_params(run.directory, abstract_params(run.model_config),
-                                         "ema_params" if s.use_ema else "params")
+  model = families.build(run.model_config, dtype=jnp.dtype(s.dtype))
+  params, step = checkpoints.load_params(
+      run.directory, families.abstract_params(run.model_config),
+      "ema_params" if s.use_ema else "params",
+      to_layout=lambda p, layout: families.to_layout(p, layout, run.model_config))
   return model, params, step
 
 
@@ -166,7 +177,7 @@ _GUIDE_FIELDS = ("input_size", "in_channels", "num_classes", "time_convention")
 
 
 def load_guide(guide_dir: str, main: Run, config: ml_collections.ConfigDict
-               ) -> tuple[SiT, Any, int]:
+               ) -> tuple[Model, Any, int]:
   """(model in ``config.sample.dtype``, params, step) of the autoguidance guide in
   ``guide_dir``: a run of its own architecture (typically smaller and shorter-trained), which
   must share the latent shape, classes, time convention and path of ``main``; raises
@@ -176,9 +187,10 @@ def load_guide(guide_dir: str, main: Run, config: ml_collections.ConfigDict
   if record is None:
     raise errors.MissingInput(f"{source} has no {MODEL_JSON}: give a run written by "
                               "`mixflow train` or `mixflow convert`.")
-  if record.family != FAMILY or record.prediction != PREDICTION:
+  main_family = families.family(main.model_config)
+  if record.family != main_family or record.prediction != PREDICTION:
     raise errors.InvalidInput(f"{source} records family={record.family!r}, prediction="
-                              f"{record.prediction!r}: expected {FAMILY}, {PREDICTION}.")
+                              f"{record.prediction!r}: expected {main_family}, {PREDICTION}.")
   for field in _GUIDE_FIELDS:
     ours, theirs = getattr(record.model, field), getattr(main.model_config, field)
     if ours != theirs:

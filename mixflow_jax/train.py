@@ -43,8 +43,9 @@ from mixflow_jax import (
 )
 from mixflow_jax.data import ImageDataset, load_dataset, pipeline
 from mixflow_jax.interpolants import get_path
-from mixflow_jax.models import attention
-from mixflow_jax.models.sit import ApplyFn, SiT, make_apply_fn, param_layout
+from mixflow_jax.models import attention, families
+from mixflow_jax.models.families import Model, param_layout
+from mixflow_jax.models.sit import ApplyFn, make_apply_fn
 from mixflow_jax.objectives import Objective
 
 
@@ -84,21 +85,24 @@ class TrainMetrics(metrics.Collection):
 
 
 def make_model(config: ml_collections.ConfigDict, image_shape: tuple[int, int, int],
-               num_classes: int, mesh: Mesh | None = None) -> SiT:
-  """The SiT that ``config`` trains on images of ``image_shape`` (H, W, C). With ``mesh``,
-  the activations entering each block are constrained to the batch sharding."""
+               num_classes: int, mesh: Mesh | None = None) -> Model:
+  """The network (SiT or DiT^DH, models/families.py) that ``config`` trains on images of
+  ``image_shape`` (H, W, C). With ``mesh``, the activations entering each block are
+  constrained to the batch sharding."""
   m = config.model
   model_config = configuration.model_config(config, image_shape, num_classes)
   dtype = jnp.dtype(m.dtype)
-  try:
-    implementation = attention.resolve(
-        m.attention, jax.default_backend(), model_config.num_tokens,
-        model_config.hidden_size // model_config.num_heads, dtype)
+  try:  # one implementation that every attention of the network can take
+    implementations = {attention.resolve(m.attention, jax.default_backend(),
+                                         model_config.num_tokens, head_dim, dtype)
+                       for head_dim in families.head_dims(model_config)}
   except ValueError as e:
     raise configuration.ConfigError(str(e)) from e
-  return SiT(model_config, dtype=dtype, remat=m.remat, scan_blocks=m.scan_blocks,
-             attention=implementation,
-             activation_sharding=None if mesh is None else sharding.batch_sharding(mesh))
+  implementation = implementations.pop() if len(implementations) == 1 else "xla"
+  return families.build(
+      model_config, dtype=dtype, remat=m.remat, scan_blocks=m.scan_blocks,
+      attention=implementation,
+      activation_sharding=None if mesh is None else sharding.batch_sharding(mesh))
 
 
 def resolve_t_law(config: ml_collections.ConfigDict, pretraining_t_law: str | None = None
@@ -116,7 +120,7 @@ def resolve_t_law(config: ml_collections.ConfigDict, pretraining_t_law: str | No
   return resolved
 
 
-def make_objective(config: ml_collections.ConfigDict, model: SiT) -> Objective:
+def make_objective(config: ml_collections.ConfigDict, model: Model) -> Objective:
   o = config.objective
   return Objective(
       name=o.name, path=get_path(o.path),
@@ -145,22 +149,30 @@ def learning_rate(optim: ml_collections.ConfigDict, total_steps: int) -> optax.S
   return optax.join_schedules([warmup, after], [optim.warmup_steps])
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int = 1
-                   ) -> optax.GradientTransformation:
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int = 1,
+                   frozen: tuple[str, ...] = ()) -> optax.GradientTransformation:
   """AdamW (the paper: constant lr 1e-4, weight decay 0), optionally after gradient
-  clipping; ``total_steps`` is where a decaying schedule ends."""
+  clipping; ``total_steps`` is where a decaying schedule ends. Parameters whose path ends
+  with one of ``frozen`` ('/'-joined, e.g. DiT^DH's 't_embedder/W', whose gradient is zero,
+  so Adam's step is 0) are not weight-decayed either: they never change."""
   # A constant rate stays a float: its optimizer state is that of runs written before
   # schedules existed, so that they resume.
   constant = optim.schedule == "constant" and optim.warmup_steps == 0
   lr = optim.lr if constant else learning_rate(optim, total_steps)
+
+  def decayed(params):  # whole path parts: 't_embedder/W', not 'x_t_embedder/W'
+    ends = tuple("/" + f for f in frozen)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: not ("/" + sharding.path_str(path)).endswith(ends), params)
+
   adamw = optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                      weight_decay=optim.weight_decay)
+                      weight_decay=optim.weight_decay, mask=decayed if frozen else None)
   if optim.grad_clip > 0:
     return optax.chain(optax.clip_by_global_norm(optim.grad_clip), adamw)
   return adamw
 
 
-def init_params(model: SiT, image_shape: tuple[int, ...], key: jax.Array) -> Any:
+def init_params(model: Model, image_shape: tuple[int, ...], key: jax.Array) -> Any:
   x = jnp.zeros((1, *image_shape), jnp.float32)
   return model.init(key, x, jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))["params"]
 
@@ -206,7 +218,7 @@ class StepSetup:
   the jitted ``train_step(state, batch, rng)`` over the mesh (the state donated).
   """
 
-  model: SiT
+  model: Model
   objective: Objective
   tx: optax.GradientTransformation
   mesh: Mesh
@@ -222,7 +234,7 @@ def setup_step(config: ml_collections.ConfigDict, image_shape: tuple[int, int, i
   for images of ``image_shape`` (H, W, C) over ``mesh``."""
   model = make_model(config, image_shape, num_classes, mesh)
   objective = make_objective(config, model)
-  tx = make_optimizer(config.optim, config.train.steps)
+  tx = make_optimizer(config.optim, config.train.steps, families.frozen_params(model.config))
   abstract = jax.eval_shape(
       lambda k: create_train_state(init_params(model, image_shape, k), tx), jax.random.key(0))
   shardings = sharding.state_sharding(abstract, mesh, config.train.partition_rules,
@@ -329,8 +341,9 @@ def _restore_or_init(config: ml_collections.ConfigDict, workdir: str, s: StepSet
     logging.info("Resumed %s at step %d.", workdir, int(state.step))
     return state
   if config.train.init_from:
-    params, from_step = checkpoints.load_params(config.train.init_from,
-                                                s.abstract_state.params)
+    params, from_step = checkpoints.load_params(
+        config.train.init_from, s.abstract_state.params,
+        to_layout=functools.partial(families.to_layout, config=s.model.config))
     logging.info("Warm start from the EMA params of %s, step %d.", config.train.init_from,
                  from_step)
   else:

@@ -116,7 +116,7 @@ def test_scanned_run_warm_starts_converted_and_refuses_resume_in_other_layout(
   # Sampling and warm starts read the unrolled layout from it.
   model_config = runs.read_record(str(tmp_path / "scanned")).model
   params, step = checkpoints.load_params(str(tmp_path / "scanned"),
-                                         abstract_params(model_config))
+                                         abstract_params(model_config), to_layout=to_layout)
   assert step == 2
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(to_layout(state.ema_params,
                                                                      "unrolled")), strict=True):

@@ -29,10 +29,10 @@ def _random(tree, seed=0):
 @pytest.fixture(scope="module")
 def variables():
   """Random 'params' in the unrolled layout; W drawn N(0, 1) as the official constructor."""
-  abstract = ditdh.abstract_variables(_CONFIG)
-  w = np.random.default_rng(1).standard_normal(abstract["buffers"]["t_embedder"]["W"].shape)
-  return {"params": _random(abstract["params"]),
-          "buffers": {"t_embedder": {"W": jnp.asarray(w, jnp.float32)}}}
+  params = _random(ditdh.abstract_params(_CONFIG))
+  w = np.random.default_rng(1).standard_normal(params["t_embedder"]["W"].shape)
+  params["t_embedder"]["W"] = jnp.asarray(w, jnp.float32)
+  return {"params": params}
 
 
 def _inputs():
@@ -41,11 +41,11 @@ def _inputs():
   return x, jnp.linspace(0.1, 0.9, 4), jnp.array([10, 3, 0, 9])
 
 
-def _loss_fn(model, buffers):
+def _loss_fn(model):
   x, t, y = _inputs()
 
   def loss(params):
-    out = model.apply({"params": params, "buffers": buffers}, x, t, y)
+    out = model.apply({"params": params}, x, t, y)
     return jnp.mean(jnp.square(out)), out
 
   return jax.value_and_grad(loss, has_aux=True)
@@ -53,7 +53,7 @@ def _loss_fn(model, buffers):
 
 def _output_and_grads(model, variables):
   params = ditdh.to_layout(variables["params"], ditdh.param_layout(model), _CONFIG)
-  (_, out), grads = jax.jit(_loss_fn(model, variables["buffers"]))(params)
+  (_, out), grads = jax.jit(_loss_fn(model))(params)
   return out, ditdh.to_layout(grads, "unrolled", _CONFIG)
 
 
@@ -81,7 +81,7 @@ def _count(text, pattern):
 
 def _lowered(model, variables):
   params = ditdh.to_layout(variables["params"], ditdh.param_layout(model), _CONFIG)
-  return jax.jit(_loss_fn(model, variables["buffers"])).lower(params).as_text()
+  return jax.jit(_loss_fn(model)).lower(params).as_text()
 
 
 @pytest.mark.parametrize("scan", [False, True])
@@ -104,8 +104,9 @@ def test_scan_program_size_does_not_grow_with_body_depth():
     for depth in (2, 6):
       config = dataclasses.replace(_CONFIG, depth=(depth, 1))
       model = ditdh.DiTDH(config, scan_blocks=scan)
-      params = ditdh.abstract_variables(config, scanned=scan)
-      sizes[scan, depth] = len(jax.jit(model.apply).lower(params, *_inputs()).as_text())
+      params = ditdh.abstract_params(config, scanned=scan)
+      sizes[scan, depth] = len(jax.jit(model.apply).lower({"params": params},
+                                                           *_inputs()).as_text())
   assert sizes[True, 6] < 1.02 * sizes[True, 2]
   assert sizes[False, 6] > 2 * sizes[False, 2]
 
@@ -126,10 +127,13 @@ def test_layouts_convert_both_ways_and_only_the_body_is_stacked(variables):
   np.testing.assert_array_equal(scanned["blocks"]["mlp"]["w3"]["kernel"][0],
                                 params["blocks_0"]["mlp"]["w3"]["kernel"])
   # The model's own scanned tree is this one, shape for shape.
-  abstract = ditdh.abstract_variables(_CONFIG, scanned=True)
-  assert jax.tree.map(jnp.shape, abstract["params"]) == jax.tree.map(jnp.shape, scanned)
-  assert jax.tree.map(jnp.shape, abstract["buffers"]) == {"t_embedder": {"W": (256,)}}
+  abstract = ditdh.abstract_params(_CONFIG, scanned=True)
+  assert jax.tree.map(jnp.shape, abstract) == jax.tree.map(jnp.shape, scanned)
+  # W (frozen, not a block) is the same array in both layouts.
+  assert scanned["t_embedder"]["W"] is params["t_embedder"]["W"]
+  assert abstract["t_embedder"]["W"].shape == (256,)
   unrolled = ditdh.to_layout(scanned, "unrolled", _CONFIG)
+  assert unrolled["t_embedder"]["W"] is params["t_embedder"]["W"]
   assert jax.tree.structure(unrolled) == jax.tree.structure(params)
   for a, b in zip(jax.tree.leaves(unrolled), jax.tree.leaves(params), strict=True):
     np.testing.assert_array_equal(a, b)
@@ -154,7 +158,7 @@ def test_bf16_computes_in_bf16_with_float32_params_and_output(variables, plain):
   assert len(ops) > 40
   for line in ops:
     assert re.search(r": \(tensor<[^>]*xbf16>|lhs_precision_type = bf16", line), line
-  results = jax.eval_shape(_loss_fn(model, variables["buffers"]), variables["params"])
+  results = jax.eval_shape(_loss_fn(model), variables["params"])
   assert {x.dtype for x in jax.tree.leaves(results)} == {jnp.dtype("float32")}  # loss, out, grads
   out = jax.jit(model.apply)(variables, *_inputs())
   out0 = plain[0]
@@ -175,7 +179,7 @@ def test_activation_sharding_constrains_each_block_input(variables, scan):
   model = ditdh.DiTDH(_CONFIG, scan_blocks=scan,
                       activation_sharding=sharding.batch_sharding(mesh))
   params = ditdh.to_layout(variables["params"], ditdh.param_layout(model), _CONFIG)
-  args = ({"params": params, "buffers": variables["buffers"]}, *_inputs())
+  args = ({"params": params}, *_inputs())
   text = jax.jit(model.apply).lower(*args).as_text()
   pattern = r"sdy\.sharding_constraint|@Sharding"
   assert _count(text, pattern) == (2 if scan else 3)

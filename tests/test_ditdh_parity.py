@@ -5,7 +5,6 @@ the converter reads ``{'ema': ...}`` and raw files and refuses wrong tables, key
 
 import dataclasses
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,13 +34,13 @@ def reference():
   return ref.state_dict(), (x, t, y), expected
 
 
-def _network(config, variables, x, t, y):
+def _network(config, params, x, t, y):
   """The network's output v(x, t) in RAE's convention, NCHW; a fresh trace each call, so
   that a monkeypatched helper is seen."""
   model = ditdh.DiTDH(config)
   flipped = config.time_convention == "data_to_noise"
-  out = jax.jit(lambda *args: model.apply(*args))(
-      variables, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(1 - t if flipped else t),
+  out = jax.jit(lambda params, *args: model.apply({"params": params}, *args))(
+      params, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(1 - t if flipped else t),
       jnp.asarray(y))
   return (-1 if flipped else 1) * np.asarray(out).transpose(0, 3, 1, 2)
 
@@ -53,11 +52,11 @@ def _converted(state_dict):
 
 def test_forward_matches_pytorch_reference_in_both_time_conventions(reference):
   state_dict, inputs, expected = reference
-  config, variables = _converted(state_dict)
+  config, params = _converted(state_dict)
   assert config.time_convention == "data_to_noise"  # ours: -v(x, 1 - t)
-  np.testing.assert_allclose(_network(config, variables, *inputs), expected, rtol=0, atol=ATOL)
+  np.testing.assert_allclose(_network(config, params, *inputs), expected, rtol=0, atol=ATOL)
   native = dataclasses.replace(config, time_convention="noise_to_data")  # v(x, t) as is
-  np.testing.assert_allclose(_network(native, variables, *inputs), expected, rtol=0, atol=ATOL)
+  np.testing.assert_allclose(_network(native, params, *inputs), expected, rtol=0, atol=ATOL)
   assert np.abs(expected).max() > 1  # a real signal, not zeros
 
 
@@ -69,9 +68,9 @@ def test_forward_matches_pytorch_reference_with_patch_2():
   t, y = np.array([0.5, 3 / 16], np.float32), np.array([1, 10])
   with torch.no_grad():
     expected = ref(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y)).numpy()
-  config, variables = _converted(ref.state_dict())
+  config, params = _converted(ref.state_dict())
   assert config.patch_size == 2 and config.input_size == 8
-  np.testing.assert_allclose(_network(config, variables, x, t, y), expected, rtol=0, atol=ATOL)
+  np.testing.assert_allclose(_network(config, params, x, t, y), expected, rtol=0, atol=ATOL)
 
 
 def _half_split_rotation(x):
@@ -111,12 +110,11 @@ def test_loads_ema_wrapped_and_raw_files(tmp_path):
   state_dict = torch_ditdh.random_ditdh(1, **SIZES).state_dict()
   torch.save({"ema": state_dict}, tmp_path / "ema.pt")
   torch.save(state_dict, tmp_path / "raw.pt")
-  config, variables = convert.load_checkpoint(str(tmp_path / "ema.pt"))
-  raw_config, raw_variables = convert.load_checkpoint(str(tmp_path / "raw.pt"))
+  config, params = convert.load_checkpoint(str(tmp_path / "ema.pt"))
+  raw_config, raw_params = convert.load_checkpoint(str(tmp_path / "raw.pt"))
   assert config == raw_config == convert.infer_config(state_dict, num_heads=(2, 2))
-  jax.tree.map(np.testing.assert_array_equal, variables, raw_variables)
-  np.testing.assert_array_equal(variables["buffers"]["t_embedder"]["W"],
-                                state_dict["t_embedder.W"].numpy())
+  jax.tree.map(np.testing.assert_array_equal, params, raw_params)
+  np.testing.assert_array_equal(params["t_embedder"]["W"], state_dict["t_embedder.W"].numpy())
   torch.save({"model": state_dict}, tmp_path / "model_only.pt")
   with pytest.raises(errors.InvalidInput, match="without 'ema'"):
     convert.load_checkpoint(str(tmp_path / "model_only.pt"))
@@ -142,8 +140,8 @@ def test_unknown_missing_and_misshapen_keys_are_named():
   with pytest.raises(errors.InvalidInput, match=misshapen):
     convert.convert_state_dict(state_dict | {"blocks.2.mlp.w12.weight": torch.zeros(250, 48)},
                                config)
-  for key, named in [("final_layer.linear.bias", "params/final_layer/linear/bias"),
-                     ("t_embedder.W", "buffers/t_embedder/W"),
+  for key, named in [("final_layer.linear.bias", "parameter.*final_layer/linear/bias"),
+                     ("t_embedder.W", "parameter.*t_embedder/W"),
                      ("dec_feat_rope.freqs_cos", "'dec_feat_rope.freqs_cos'")]:
     with pytest.raises(errors.InvalidInput, match=named):
       convert.convert_state_dict({k: v for k, v in state_dict.items() if k != key}, config)
@@ -162,26 +160,46 @@ def test_infer_config_reads_the_weights():
     convert.infer_config(state_dict, size="S")
 
 
-def test_w_is_a_buffer_that_apply_needs():
-  """W is not trained (collection 'buffers', beside 'params'), and never silently redrawn:
-  applying without it fails."""
+def test_w_is_a_frozen_param_with_zero_gradient_and_converted_as_stored(reference):
+  """W is ``params/t_embedder/W`` (in ``FROZEN_PARAMS``), its gradient through a loss is
+  exactly zero while every other parameter's is not, and a converted checkpoint carries the
+  stored W, never a redrawn one: both applies differ when W does."""
+  state_dict, (x, t, y), expected = reference
   config = ditdh.DiTDHConfig(**SIZES)
-  variables = ditdh.abstract_variables(config)
-  assert jax.tree.map(jnp.shape, variables["buffers"]) == {"t_embedder": {"W": (256,)}}
-  assert "W" not in variables["params"]["t_embedder"]
-  x, t, y = jnp.zeros((1, 4, 4, 8)), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)
-  with pytest.raises(flax.errors.ScopeCollectionNotFound, match='"W" from collection "buffers"'):
-    jax.eval_shape(ditdh.DiTDH(config).apply, {"params": variables["params"]}, x, t, y)
+  abstract = ditdh.abstract_params(config)
+  assert abstract["t_embedder"]["W"].shape == (256,)
+  assert ditdh.FROZEN_PARAMS == ("t_embedder/W",)
+  paths = ["/".join(k.key for k in path)
+           for path, _ in jax.tree_util.tree_leaves_with_path(abstract)]
+  assert [p for p in paths if p.endswith(ditdh.FROZEN_PARAMS)] == ["t_embedder/W"]
+
+  config, params = _converted(state_dict)
+  np.testing.assert_array_equal(params["t_embedder"]["W"], state_dict["t_embedder.W"].numpy())
+  inputs = (jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(1 - t), jnp.asarray(y))
+
+  def loss(params):
+    return jnp.mean(jnp.square(ditdh.DiTDH(config).apply({"params": params}, *inputs)))
+
+  grads = jax.jit(jax.grad(loss))(params)
+  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+    name = "/".join(k.key for k in path)
+    if name == "t_embedder/W":
+      assert np.all(np.asarray(g) == 0), name
+    else:
+      assert np.abs(np.asarray(g)).max() > 0, name
+  # W matters: the reference's output needs the stored one (the init's differs).
+  drawn = ditdh.DiTDH(config).init(jax.random.key(0), *inputs)["params"]["t_embedder"]["W"]
+  assert np.abs(np.asarray(drawn) - state_dict["t_embedder.W"].numpy()).max() > 0.1
+  redrawn = params | {"t_embedder": params["t_embedder"] | {"W": drawn}}
+  assert np.abs(_network(config, redrawn, x, t, y) - expected).max() >= 100 * ATOL
 
 
 def test_flax_paths_follow_state_dict_keys():
-  assert convert.flax_path("blocks.3.attn.qkv.weight") == (
-      "params", "blocks_3", "attn", "qkv", "kernel")
-  assert convert.flax_path("blocks.29.norm2.weight") == ("params", "blocks_29", "norm2", "scale")
+  assert convert.flax_path("blocks.3.attn.qkv.weight") == ("blocks_3", "attn", "qkv", "kernel")
+  assert convert.flax_path("blocks.29.norm2.weight") == ("blocks_29", "norm2", "scale")
   assert convert.flax_path("final_layer.adaLN_modulation.1.bias") == (
-      "params", "final_layer", "adaLN_modulation_1", "bias")
-  assert convert.flax_path("t_embedder.mlp.2.weight") == ("params", "t_embedder", "mlp_2",
-                                                          "kernel")
-  assert convert.flax_path("t_embedder.W") == ("buffers", "t_embedder", "W")
+      "final_layer", "adaLN_modulation_1", "bias")
+  assert convert.flax_path("t_embedder.mlp.2.weight") == ("t_embedder", "mlp_2", "kernel")
+  assert convert.flax_path("t_embedder.W") == ("t_embedder", "W")
   assert convert.flax_path("y_embedder.embedding_table.weight") == (
-      "params", "y_embedder", "embedding_table", "embedding")
+      "y_embedder", "embedding_table", "embedding")

@@ -1,15 +1,16 @@
 """RAE stage-2 checkpoints (``stage2_model.pt`` of bytetriper/RAE's ``DiTwDDTHead``) ->
-Flax variables ``{'params', 'buffers'}`` of ``models.ditdh.DiTDH``.
+the Flax parameter tree (``'params'``) of ``models.ditdh.DiTDH``.
 
 The file is a raw state_dict or a dict whose ``'ema'`` entry is one (RAE's loader,
 ``src/utils/model_utils.py``: ``'ema'`` first; a dict with ``'model'`` only is refused).
 Flax paths mirror the keys with every numeric part joined to the part before it
 (``blocks.3.mlp.w12.weight`` -> ``blocks_3/mlp/w12/kernel``). Linear weights (out, in)
 become kernels (in, out); the 1 x 1 patch-embedding Conv2d weights (D, C, p, p) Conv kernels
-(p, p, C, D); RMSNorm weights are ``scale``; the label table is ``embedding``. The fixed
-Gaussian-Fourier frequencies ``t_embedder.W`` go to the collection ``'buffers'``. The fixed
-tables ``pos_embed`` and ``{enc,dec}_feat_rope.freqs_{cos,sin}`` are not variables: each is
-checked against the one the model computes. Every key of the model is required and no other
+(p, p, C, D); RMSNorm weights are ``scale``; the label table is ``embedding``. The
+Gaussian-Fourier frequencies ``t_embedder.W`` are the frozen parameter ``t_embedder/W``
+(``ditdh.FROZEN_PARAMS``), copied as stored, never redrawn. The fixed tables ``pos_embed``
+and ``{enc,dec}_feat_rope.freqs_{cos,sin}`` are not variables: each is checked against the
+one the model computes. Every key of the model is required and no other
 is accepted (RAE loads with ``strict=True``).
 """
 
@@ -32,22 +33,20 @@ TABLE_TOLERANCE = 1e-5  # max |stored - computed| of a fixed table
 _CONV_KEYS = ("x_embedder.proj.weight", "s_embedder.proj.weight")
 _EMBEDDING_KEYS = ("y_embedder.embedding_table.weight",)
 _NORM_WEIGHT = re.compile(r".*\.(norm1|norm2|norm_final)\.weight")
-_BUFFER_KEYS = ("t_embedder.W",)
 
 
 def flax_path(key: str) -> tuple[str, ...]:
-  """The Flax variable path of a state_dict key, collection first (without the leaf
-  transform): ``blocks.3.norm1.weight`` -> ('params', 'blocks_3', 'norm1', 'scale')."""
+  """The Flax parameter path of a state_dict key, inside 'params' (without the leaf
+  transform): ``blocks.3.norm1.weight`` -> ('blocks_3', 'norm1', 'scale'),
+  ``t_embedder.W`` -> ('t_embedder', 'W')."""
   path, leaf = state_dicts.joined_modules(key)
-  if key in _BUFFER_KEYS:
-    return ("buffers", *path, leaf)
   if key in _EMBEDDING_KEYS:
     leaf = "embedding"
   elif _NORM_WEIGHT.fullmatch(key):
     leaf = "scale"
   elif leaf == "weight":
     leaf = "kernel"
-  return ("params", *path, leaf)
+  return (*path, leaf)
 
 
 def _to_flax(key: str, value: np.ndarray) -> np.ndarray:
@@ -148,7 +147,7 @@ def infer_config(state_dict: Mapping[str, Any], num_heads: tuple[int, int] | Non
 
 
 def convert_state_dict(state_dict: Mapping[str, Any], config: ditdh.DiTDHConfig) -> dict:
-  """Flax variables ``{'params', 'buffers'}`` of ``DiTDH(config)`` from a RAE state_dict
+  """The parameter tree of ``DiTDH(config)`` (W included, as stored) from a RAE state_dict
   (arrays or tensors).
 
   Raises InvalidInput naming the key at the first shape mismatch, a key the model lacks, a
@@ -157,11 +156,11 @@ def convert_state_dict(state_dict: Mapping[str, Any], config: ditdh.DiTDHConfig)
   """
   arrays = {k: state_dicts.to_numpy(v) for k, v in state_dict.items()}
   tables = fixed_tables(config)
-  expected = flax.traverse_util.flatten_dict(ditdh.abstract_variables(config))
+  expected = flax.traverse_util.flatten_dict(ditdh.abstract_params(config))
   unknown = [k for k in arrays if k not in tables and flax_path(k) not in expected]
   state_dicts.check_known(unknown, "DiT^DH")
 
-  variables = {}
+  params = {}
   for key, value in arrays.items():
     if key in tables:
       _check_table(key, value, tables[key])
@@ -169,16 +168,16 @@ def convert_state_dict(state_dict: Mapping[str, Any], config: ditdh.DiTDHConfig)
     where = flax_path(key)
     flax_value = _to_flax(key, value)
     state_dicts.check_shape(key, value, flax_value, expected[where].shape, "/".join(where))
-    variables[where] = jnp.asarray(flax_value, jnp.float32)
+    params[where] = jnp.asarray(flax_value, jnp.float32)
   state_dicts.check_complete([k for k in tables if k not in arrays], "fixed table")
-  state_dicts.check_complete(("/".join(path) for path in expected if path not in variables),
-                             "variable")
-  return flax.traverse_util.unflatten_dict(variables)
+  state_dicts.check_complete(("/".join(path) for path in expected if path not in params),
+                             "parameter")
+  return flax.traverse_util.unflatten_dict(params)
 
 
 def load_checkpoint(path: str, num_heads: tuple[int, int] | None = None,
                     size: str | None = None) -> tuple[ditdh.DiTDHConfig, dict]:
-  """(config, variables) of the RAE ``stage2_model.pt`` at ``path``: its ``'ema'`` entry if
+  """(config, params) of the RAE ``stage2_model.pt`` at ``path``: its ``'ema'`` entry if
   it has one, else the file as a state_dict (RAE's loader, ``src/utils/model_utils.py``; one
   with ``'model'`` only is refused), then ``infer_config`` (with ``num_heads`` or ``size``)
   and ``convert_state_dict``."""

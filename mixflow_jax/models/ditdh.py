@@ -20,16 +20,19 @@ second SiLU there.
 Parameter paths follow the official state_dict keys, a numeric key part joined to the one
 before it (``blocks.3.attn.qkv.weight`` is ``blocks_3/attn/qkv/kernel``); body and head share
 one ``blocks`` list (``blocks_0 ... blocks_{depth[0]-1}`` the body, then the head). The
-Gaussian-Fourier frequencies W of the time embedding are fixed, not trained: they live in
-the variable collection ``'buffers'`` (``buffers/t_embedder/W``), so that only ``'params'``
-is optimised, and ``apply`` needs ``{'params': ..., 'buffers': ...}``. ``init`` draws W from
-N(0, 1) as the official constructor does; a converted checkpoint carries its stored W.
-The absolute position table and the RoPE tables are computed, not variables.
+Gaussian-Fourier frequencies W of the time embedding are a frozen parameter (the official
+``t_embedder.W``, ``requires_grad=False``): ``params/t_embedder/W``, read through
+``stop_gradient`` so that its gradient is exactly zero, and listed in ``FROZEN_PARAMS`` so
+that the optimizer leaves it unchanged. ``init`` draws W from N(0, 1) as the official
+constructor does; a converted checkpoint carries its stored W. All variables are
+``'params'``: ``apply`` takes ``{'params': params}``. The absolute position table and the
+RoPE tables are computed, not variables.
 
 With ``scan_blocks`` the body runs as one ``nn.scan``: its blocks' parameters are one tree
 ``blocks`` (``sharding.SCANNED_BLOCKS``), each leaf with the layer axis first, (depth[0],
 ...), while the head's stay ``blocks_{depth[0]} ...`` (the 'scanned' layout; the official one
-is 'unrolled'). ``to_layout`` moves parameters between the two.
+is 'unrolled'). ``to_layout`` moves parameters between the two; the rest of the tree (W
+included) is the same in both.
 
 Images are NHWC: x (B, H, W, C) with H = W; y (B,) int class ids, ``num_classes`` being the
 null class. The weights are trained in RAE's convention (x_s = (1 - s) x1 + s x0, s = 0 data,
@@ -60,12 +63,18 @@ Array = jnp.ndarray
 SIZES = {
     "XL": ((1152, 2048), (28, 2), (16, 16)),
     "S": ((384, 2048), (12, 2), (6, 16)),
+    "T": ((64, 96), (2, 1), (4, 4)),  # a tiny size for CPU runs and tests, not RAE's
 }
 FOURIER_FEATURES = 256  # the length of the time embedding's frequency vector W
 ROPE_THETA = 10000.0
 # The parameter name of the scanned body (layer axis first); the name that sharding's
 # ``SCANNED_BLOCKS`` and the checkpoints' layout test look for.
 SCANNED_BLOCKS = "blocks"
+# The parameters that are never trained, as '/'-joined paths, each a suffix of a leaf's path
+# in the params tree (so also under a prefix such as an EMA's or a wrapper's). Their
+# gradient is exactly zero (``stop_gradient``), so Adam's update of them is exactly 0, but
+# an optimizer must still leave them unchanged: its weight decay has to be masked off them.
+FROZEN_PARAMS = ("t_embedder/W",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,16 +276,17 @@ class FinalLayer(nn.Module):
 
 
 class TimeEmbedder(nn.Module):
-  """t (B,) -> e_t (B, D): Gaussian-Fourier features with the fixed W ('buffers'), then
-  Linear -> SiLU -> Linear."""
+  """t (B,) -> e_t (B, D): Gaussian-Fourier features with the frozen frequencies W (F,)
+  (a parameter behind ``stop_gradient``; see ``FROZEN_PARAMS``), then Linear -> SiLU ->
+  Linear."""
 
   hidden_size: int
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, t: Array) -> Array:
-    w = self.variable("buffers", "W", lambda: jax.random.normal(
-        self.make_rng("params"), (FOURIER_FEATURES,), jnp.float32)).value
+    w = jax.lax.stop_gradient(self.param("W", nn.initializers.normal(1.0),
+                                         (FOURIER_FEATURES,), jnp.float32))
     h = _linear(fourier_features(t, w), self.hidden_size, "mlp_0", self.dtype, _normal)
     return _linear(nn.silu(h), self.hidden_size, "mlp_2", self.dtype, _normal)
 
@@ -367,7 +377,8 @@ def _body_names(config: DiTDHConfig) -> list[str]:
 def scan_blocks(params: dict, config: DiTDHConfig) -> dict:
   """The 'unrolled' layout (blocks_0 ... blocks_{N-1}, body then head) to the 'scanned' one:
   the body's blocks_0 ... blocks_{depth[0]-1} stacked into ``blocks`` (each leaf (depth[0],
-  ...)), the head's blocks_{depth[0]} ... as they are. ``params`` is the 'params' tree."""
+  ...)), the head's blocks_{depth[0]} ... and every other entry (W included) as they are.
+  ``params`` is the 'params' tree."""
   names = _body_names(config)
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(params[k] for k in names))
   return {k: v for k, v in params.items() if k not in names} | {SCANNED_BLOCKS: stacked}
@@ -397,19 +408,21 @@ def to_layout(params: dict, layout: str, config: DiTDHConfig) -> dict:
   return params
 
 
-def abstract_variables(config: DiTDHConfig, scanned: bool = False) -> dict:
-  """The variables ``{'params', 'buffers'}`` of ``DiTDH(config, scan_blocks=scanned)`` as
+def abstract_params(config: DiTDHConfig, scanned: bool = False) -> dict:
+  """The parameter tree (W included) of ``DiTDH(config, scan_blocks=scanned)`` as
   ShapeDtypeStructs, without allocating."""
   s = config.input_size
   return jax.eval_shape(
       DiTDH(config, scan_blocks=scanned).init, jax.random.key(0),
       jax.ShapeDtypeStruct((1, s, s, config.in_channels), jnp.float32),
-      jax.ShapeDtypeStruct((1,), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.int32))
+      jax.ShapeDtypeStruct((1,), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.int32)
+  )["params"]
 
 
 def param_count(config: DiTDHConfig) -> int:
   """Number of parameters as the official model counts them, without allocating: the
-  trained ones, W (a frozen ``nn.Parameter`` there) and the frozen ``pos_embed`` (L x D, a
-  constant here); not the RoPE tables (buffers there). XL at 256 px: 838.7M; S: 196.5M."""
-  n = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(abstract_variables(config)))
+  trained ones, W (a frozen ``nn.Parameter`` there, a frozen parameter here) and the frozen
+  ``pos_embed`` (L x D, a constant here); not the RoPE tables (buffers there). XL at 256 px:
+  838.7M; S: 196.5M."""
+  n = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(abstract_params(config)))
   return n + config.num_tokens * config.hidden_size[0]
