@@ -136,3 +136,23 @@ def test_time_shift_needs_a_fixed_grid(config):
   config.sample.sampler, config.sample.time_shift_window = "dopri5", 80
   with pytest.raises(configuration.ConfigError, match=r"config\.sample\.sampler='dopri5'"):
     configuration.validate(config)
+
+
+def test_rae_variants_validate_and_sample_on_raes_shifted_grid():
+  rae = _config_module("imagenet_rae")
+  for variant in ("xl", "xl_ag", "xl_512", "xl_512_ag"):
+    config = rae.get_config(variant)
+    config.data.path = "/data/in256_rae_latents"
+    configuration.validate(config)
+  config = rae.get_config("xl")
+  assert config.objective.t_shift == pytest.approx(np.sqrt(48))  # sqrt(768 16 16 / 4096)
+  assert rae.get_config("xl_512").objective.t_shift == pytest.approx(np.sqrt(192))
+  sampler = sampling.Sampler.from_config(config.sample, config.objective.path,
+                                         time_convention=config.model.time_convention)
+  # RAE_NOTES: its 256 px grid in its time is 1.000000, 0.997005, ..., 0.131505, 0.006887.
+  tau = 1.0 - np.asarray(sampler.grid)
+  assert len(tau) == 50
+  np.testing.assert_allclose(tau[[0, 1, -2, -1]], [1.0, 0.997005, 0.131505, 0.006887],
+                             atol=2e-6)
+  guided = rae.get_config("xl_ag").sample
+  assert (guided.guidance, guided.cfg_scale) == ("autoguidance", 1.42)
