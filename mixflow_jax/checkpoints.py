@@ -50,7 +50,8 @@ def write_config(run_dir: str, filename: str, config: Any, **extra: Any) -> None
 def read_config(run_dir: str, filename: str, cls: type, optional: tuple[str, ...] = ()
                 ) -> Any | None:
   """The dataclass ``cls`` in ``run_dir/filename`` (None if there is no such file); every
-  field must be there but those in ``optional`` (added later: their defaults apply)."""
+  field must be there but those in ``optional`` (added later: their defaults apply). JSON
+  lists become tuples (e.g. DiT^DH's (body, head) pairs): the configs are hashable."""
   path = run_root(run_dir) / filename
   if not path.is_file():
     return None
@@ -59,7 +60,8 @@ def read_config(run_dir: str, filename: str, cls: type, optional: tuple[str, ...
   missing = [name for name in fields if name not in stored and name not in optional]
   if missing:
     raise errors.InvalidInput(f"{path} lacks the field(s) {missing} of {cls.__name__}.")
-  return cls(**{name: stored[name] for name in fields if name in stored})
+  return cls(**{name: tuple(stored[name]) if isinstance(stored[name], list) else stored[name]
+                for name in fields if name in stored})
 
 
 def make_manager(run_dir: str, save_every: int = 1, keep: int = 3,

@@ -83,9 +83,6 @@ def read_record(run_dir: str) -> RunRecord | None:
                               f"{tuple(families.FAMILIES)} models.")
   model = checkpoints.read_config(run_dir, MODEL_JSON, families.FAMILIES[family],
                                   optional=("time_convention",))
-  if isinstance(model, families.ditdh.DiTDHConfig):  # JSON lists: the config's pairs
-    model = dataclasses.replace(model, **{f: tuple(getattr(model, f)) for f in (
-        "hidden_size", "depth", "num_heads")})
   missing = [name for name in _SINCE_RECORD if name not in stored]
   if missing:
     logging.warning("%s predates the run record and does not record %s: taking what the code "
