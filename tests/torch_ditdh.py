@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.torch_sit import sincos_2d
+from tests.torch_sit import LabelEmbedder, PatchEmbed, sincos_2d
 
 
 def rotate_half(x):
@@ -129,24 +129,6 @@ class GaussianFourierEmbedding(nn.Module):
   def forward(self, t):
     angles = t[:, None] * self.W[None, :] * 2 * torch.pi
     return self.mlp(torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1))
-
-
-class LabelEmbedder(nn.Module):
-  def __init__(self, num_classes, dim, dropout_prob):
-    super().__init__()
-    self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), dim)
-
-  def forward(self, y):
-    return self.embedding_table(y)
-
-
-class PatchEmbed(nn.Module):
-  def __init__(self, patch, channels, dim):
-    super().__init__()
-    self.proj = nn.Conv2d(channels, dim, kernel_size=patch, stride=patch)
-
-  def forward(self, x):  # (N, C, H, W) -> (N, T, D), tokens row-major
-    return self.proj(x).flatten(2).transpose(1, 2)
 
 
 class DiTwDDTHead(nn.Module):
