@@ -53,15 +53,16 @@ def nearest_time(path: Path, x: Array, x0: Array, x1: Array, num_s: int = 2001) 
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "sampler", "shape", "null_class",
-                                             "mode", "start"))
+                                             "mode", "start", "guide_fn"))
 def _nearest_times(apply_fn, params, labels: Array, key: jax.Array, real: Array, *,
                    sampler: sampling.Sampler, shape: tuple[int, ...], null_class: int,
-                   mode: str, start: int) -> Array:
+                   mode: str, start: int, guide_fn=None, guide_params=None) -> Array:
   """(T, B) nearest ground-truth times of the states at ``sampler.grid[start:]``."""
   indices = jnp.arange(len(labels))
   init_key, sde_key = jax.random.split(key)
   x0 = sampling.initial_noise(init_key, indices, shape)
-  u = sampling.velocity_field(apply_fn, params, labels, sampler, null_class)
+  guide = None if guide_fn is None else (guide_fn, guide_params)
+  u = sampling.velocity_field(apply_fn, params, labels, sampler, null_class, guide)
   noise = lambda i: sampling.step_noise(sde_key, indices, i, shape)
   if mode == "restart":
     t0 = jnp.full((len(labels),), sampler.grid[start])
@@ -75,11 +76,11 @@ def _nearest_times(apply_fn, params, labels: Array, key: jax.Array, real: Array,
 
 def measure(apply_fn, params, labels: Array, key: jax.Array, *, sampler: sampling.Sampler,
             shape: tuple[int, ...], null_class: int, mode: str = "trajectory",
-            real: Array | None = None, restart_time: float = 0.5
-            ) -> tuple[np.ndarray, np.ndarray]:
+            real: Array | None = None, restart_time: float = 0.5, guide_fn=None,
+            guide_params=None) -> tuple[np.ndarray, np.ndarray]:
   """Nearest ground-truth times of one batch (labels (B,)): returns (t (T,), s (B, T)).
   ``real`` (B, *shape): the data of 'restart' mode, started at the grid time nearest
-  ``restart_time``."""
+  ``restart_time``. ``guide_fn``, ``guide_params``: the guide of autoguidance."""
   if mode not in MODES:
     raise ValueError(f"Slow Flow mode {mode!r}; expected one of {MODES}.")
   if mode == "restart" and real is None:
@@ -89,7 +90,7 @@ def measure(apply_fn, params, labels: Array, key: jax.Array, *, sampler: samplin
   s = _nearest_times(apply_fn, params, labels, key,
                      real if real is not None else jnp.zeros((len(labels), *shape)),
                      sampler=sampler, shape=shape, null_class=null_class, mode=mode,
-                     start=start)
+                     start=start, guide_fn=guide_fn, guide_params=guide_params)
   return grid[start:], sharding.gather(s.T)
 
 
@@ -133,6 +134,11 @@ def slowflow_run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
   # device count by repeating its first rows; their results are dropped).
   mesh = sharding.make_mesh()
   params = jax.device_put(params, sharding.replicated(mesh))
+  guide_fn = guide_params = None
+  if s.guidance == "autoguidance":
+    guide_model, guide_params, _ = runs.load_guide(s.guide, run, config)
+    guide_fn = make_apply_fn(guide_model)
+    guide_params = jax.device_put(guide_params, sharding.replicated(mesh))
   t, parts = None, []
   for start in range(0, sf.num_samples, sf.batch_size):
     rows = np.arange(start, min(start + sf.batch_size, sf.num_samples))
@@ -145,7 +151,8 @@ def slowflow_run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
         make_apply_fn(model), params, batch["labels"],
         jax.random.fold_in(jax.random.key(config.seed), start), sampler=sampler,
         shape=shape, null_class=model_config.num_classes, mode=sf.mode,
-        real=batch["real"], restart_time=sf.restart_time)
+        real=batch["real"], restart_time=sf.restart_time, guide_fn=guide_fn,
+        guide_params=guide_params)
     parts.append(s_batch[:len(rows)])
   summary = summarize(t, np.concatenate(parts), tuple(sf.band))
   summary.update(run=str(storage.path(run_dir)), step=step, mode=sf.mode, sampler=s.sampler,

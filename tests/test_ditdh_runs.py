@@ -83,3 +83,18 @@ def test_convert_reads_an_rae_stage2_file_into_a_run(tmp_path):
                                 reference.state_dict()["t_embedder.W"].numpy())
   with pytest.raises(Exception, match="DiTDH-XL"):
     export.convert_checkpoint(str(tmp_path / "stage2_model.pt"), out, model="SiT-XL/2")
+
+
+def test_slow_flow_measures_a_ditdh_run_with_autoguidance_by_itself_as_without(run_dir):
+  """Slow Flow takes the sampler's autoguidance too; guided by the model itself it is the
+  plain sampler's measurement."""
+  from mixflow_jax import slowflow
+
+  plain = _config()
+  plain.slowflow.update(num_samples=8, batch_size=8)
+  guided = _config()
+  guided.slowflow.update(num_samples=8, batch_size=8)
+  guided.sample.update(guidance="autoguidance", guide=run_dir, cfg_scale=1.5)
+  a, b = slowflow.slowflow_run(plain, run_dir), slowflow.slowflow_run(guided, run_dir)
+  np.testing.assert_allclose(b["median"], a["median"], atol=1e-3)
+  assert a["t"] == b["t"]
