@@ -37,8 +37,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mixflow_jax.models import attention
 from mixflow_jax.models.resize import bicubic_resize
+from mixflow_jax.models.vit_attention import Attention
 from mixflow_jax.pixels import IMAGENET_MEAN, IMAGENET_STD
 
 Array = jax.Array
@@ -117,43 +117,6 @@ class Embeddings(nn.Module):
     x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), patches], axis=1) + positions
     registers = jnp.broadcast_to(registers, (b, cfg.num_register_tokens, d))
     return jnp.concatenate([x[:, :1], registers, x[:, 1:]], axis=1)    # (B, 1 + R + N, D)
-
-
-class SelfAttention(nn.Module):
-  """softmax(q k^T / sqrt(D / H)) v per head, q, k, v from separate Dense layers:
-  (B, T, D) -> (B, T, D), before the output projection."""
-
-  num_heads: int
-  implementation: str = "xla"  # see models/attention.py
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    b, t, d = x.shape
-    heads = lambda name: nn.Dense(d, kernel_init=_normal, name=name)(x).reshape(
-        b, t, self.num_heads, d // self.num_heads)                      # (B, T, H, D/H)
-    out = attention.dot_product_attention(heads("query"), heads("key"), heads("value"),
-                                          self.implementation)          # (B, T, H, D/H)
-    return out.reshape(b, t, d)
-
-
-class SelfOutput(nn.Module):
-  """The attention's output projection, (B, T, D) -> (B, T, D)."""
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    return nn.Dense(x.shape[-1], kernel_init=_normal, name="dense")(x)
-
-
-class Attention(nn.Module):
-  """Multi-head self-attention with its output projection, (B, T, D) -> (B, T, D)."""
-
-  num_heads: int
-  implementation: str = "xla"
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    x = SelfAttention(self.num_heads, self.implementation, name="attention")(x)
-    return SelfOutput(name="output")(x)
 
 
 class Mlp(nn.Module):

@@ -35,8 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixflow_jax.models import attention
 from mixflow_jax.models.sit import sincos_pos_embed_2d
+from mixflow_jax.models.vit_attention import Attention, DenseBlock
 from mixflow_jax.pixels import IMAGENET_MEAN, IMAGENET_STD
 
 Array = jnp.ndarray
@@ -116,42 +116,6 @@ def to_uint8(images: Array) -> Array:
 def _layer_norm(eps: float, name: str) -> nn.LayerNorm:
   # Two-pass variance, as PyTorch computes it.
   return nn.LayerNorm(epsilon=eps, use_fast_variance=False, name=name)
-
-
-class DenseBlock(nn.Module):
-  """One Linear named ``dense`` inside a module of its own, as HF nests ``intermediate.dense``,
-  ``output.dense`` and ``attention.output.dense``: (..., D_in) -> (..., features)."""
-
-  features: int
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    return nn.Dense(self.features, name="dense")(x)
-
-
-class SelfAttention(nn.Module):
-  """softmax(q k^T / sqrt(D / H)) v per head, with separate query / key / value projections
-  (bias): x (B, T, D) -> (B, T, D), heads concatenated (before the output projection)."""
-
-  num_heads: int
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    b, n, d = x.shape
-    q, k, v = (nn.Dense(d, name=name)(x).reshape(b, n, self.num_heads, d // self.num_heads)
-               for name in ("query", "key", "value"))                   # (B, T, H, D/H) each
-    return attention.dot_product_attention(q, k, v, "xla").reshape(b, n, d)
-
-
-class Attention(nn.Module):
-  """HF's ViTMAEAttention: ``attention`` (self-attention) then ``output.dense``."""
-
-  num_heads: int
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    x = SelfAttention(self.num_heads, name="attention")(x)
-    return DenseBlock(x.shape[-1], name="output")(x)
 
 
 class ViTMAELayer(nn.Module):
