@@ -8,6 +8,14 @@ at the end. Across hosts every process samples its part of each batch and proces
 writes the files. Sample j's noise depends only on the seed and j (``sampling``), so an
 interrupted and resumed job writes the same file as an uninterrupted one, on any number
 of devices.
+
+Latent models are decoded by ``config.sample.vae``: a folder of ``mixflow convert --vae``
+(the SD-VAE: images in [-1, 1], stored by ADM's ``pixels.to_uint8``, clamp(127.5 x + 128)
+then truncation) or of ``mixflow convert --rae_decoder`` (RAE: the sampled latents are
+normalised, de-normalised with the folder's statistics and decoded by the ViT decoder to
+[0, 1] images, stored by RAE's own rule ``vit_decoder.to_uint8``, clamp(x, 0, 1) * 255 then
+truncation, so that the npz holds exactly RAE's uint8 values). ``BatchSampler.to_uint8`` is
+the rule of the decoder in use.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -53,7 +62,8 @@ _RANDOM_LABELS_STREAM = 1  # seeds 'random' labels apart from other draws of the
 @dataclasses.dataclass(frozen=True)
 class BatchSampler:
   """Samples of one run: ``__call__(first_index, labels)`` -> images (B, H, W, 3 or C) in
-  about [-1, 1] (decoded by the VAE for latent models), B = len(labels) <= batch_size."""
+  about [-1, 1] (decoded by the VAE for latent models; [0, 1] for an RAE's decoder),
+  B = len(labels) <= batch_size; ``to_uint8`` maps them to the stored uint8 pixels."""
 
   fn: Callable[..., jax.Array]  # (params, vae_params, indices, labels) -> images
   params: Any
@@ -62,6 +72,7 @@ class BatchSampler:
   num_classes: int
   step: int
   mesh: jax.sharding.Mesh
+  to_uint8: Callable[[np.ndarray], np.ndarray] = pixels.to_uint8
 
   def __call__(self, first_index: int, labels: np.ndarray) -> np.ndarray:
     n = len(labels)
@@ -88,7 +99,7 @@ def make_batch_sampler(config: ml_collections.ConfigDict, run: runs.Run,
   sampler = sampling.Sampler.from_config(s, run.path, num_steps,
                                          time_convention=model_config.time_convention)
   shape = (model_config.input_size, model_config.input_size, model_config.in_channels)
-  decode, vae_params = _vae_decoder(s.vae, model_config.in_channels, mesh)
+  decode, vae_params, to_uint8 = _latent_decoder(s.vae, shape, mesh)
   key = jax.random.key(config.seed)
   apply_fn = make_apply_fn(model)
   guide_fn = guide_params = None
@@ -110,11 +121,49 @@ def make_batch_sampler(config: ml_collections.ConfigDict, run: runs.Run,
   logging.info("Sampling step %d of %s on %d devices (%d processes).", step, run.directory,
                mesh.size, jax.process_count())
   return BatchSampler(fn, params, vae_params, s.batch_size, model_config.num_classes, step,
-                      mesh)
+                      mesh, to_uint8)
 
 
-def _vae_decoder(vae_dir: str, channels: int, mesh: jax.sharding.Mesh
-                 ) -> tuple[Callable[[Any, jax.Array], jax.Array], Any]:
+Decoder = Callable[[Any, jax.Array], jax.Array]
+
+
+def _latent_decoder(vae_dir: str, latent_shape: tuple[int, int, int], mesh: jax.sharding.Mesh
+                    ) -> tuple[Decoder, Any, Callable[[np.ndarray], np.ndarray]]:
+  """``(decode(params, z), params, to_uint8)`` for the model's samples z (B, h, w, c) of
+  ``latent_shape`` (h, w, c): the identity, no params and ADM's uint8 mapping when
+  ``vae_dir`` is empty; else the SD-VAE's or the RAE's decoder in ``vae_dir``, told apart
+  by its record file (module docstring)."""
+  if vae_dir and pretrained.autoencoder_kind(vae_dir) == "rae":
+    return _rae_decoder(vae_dir, latent_shape, mesh)
+  decode, params = _vae_decoder(vae_dir, latent_shape[-1], mesh)
+  return decode, params, pixels.to_uint8
+
+
+def _rae_decoder(rae_dir: str, latent_shape: tuple[int, int, int], mesh: jax.sharding.Mesh
+                 ) -> tuple[Decoder, Any, Callable[[np.ndarray], np.ndarray]]:
+  """RAE's decode of normalised latents z_n (B, h, w, C): de-normalised with the folder's
+  statistics, then the ViT decoder, -> images (B, h p, w p, 3) in about [0, 1]; with RAE's
+  uint8 rule (clamp to [0, 1], x 255, truncation: ``vit_decoder.to_uint8``)."""
+  from mixflow_jax.models import dinov2, vit_decoder  # Only RAE latent models need them.
+
+  rae = pretrained.load_rae(rae_dir, encoder=False)
+  if tuple(latent_shape) != rae.config.latent_shape:
+    h, w, c = rae.config.latent_shape
+    raise configuration.ConfigError(
+        f"config.sample.vae={rae_dir!r} is an RAE decoding {h} x {w} x {c} latents (h, w, C), "
+        f"but the model samples {latent_shape[0]} x {latent_shape[1]} x {latent_shape[2]}.")
+  decoder = vit_decoder.ViTDecoder(rae.config.decoder)
+
+  def decode(params, z):
+    decoder_params, stats = params
+    z = dinov2.denormalize_latents(z.astype(jnp.float32), stats)
+    return decoder.apply({"params": decoder_params}, z)
+
+  params = jax.device_put((rae.decoder_params, rae.stats), sharding.replicated(mesh))
+  return decode, params, lambda x: np.asarray(vit_decoder.to_uint8(x))
+
+
+def _vae_decoder(vae_dir: str, channels: int, mesh: jax.sharding.Mesh) -> tuple[Decoder, Any]:
   """``(decode(vae_params, z), vae_params)``: scaled latents (B, h, w, c) -> images
   (B, f h, f w, 3) by the VAE converted into ``vae_dir`` (``mixflow convert --vae``); the
   identity (and no params) when ``vae_dir`` is empty."""
@@ -170,7 +219,8 @@ def sample_run(config: ml_collections.ConfigDict, run_dir: str,
                dataset: ImageDataset | None = None, *, num_steps: int | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
   """Samples ``config.sample.num_samples`` images (``config.sample.labels``) in memory.
-  Returns (images (N, H, W, C) in about [-1, 1], labels (N,))."""
+  Returns (images (N, H, W, C) in about [-1, 1] (in [0, 1] when an RAE decodes them),
+  labels (N,))."""
   s = config.sample
   batch_sampler = make_batch_sampler(config, runs.load_run(run_dir, config, dataset),
                                      num_steps)
@@ -225,7 +275,8 @@ def sample_job(config: ml_collections.ConfigDict, workdir: str) -> str:
   if channels not in (1, 3) and not s.vae:
     raise configuration.ConfigError(
         f"The model in {workdir!r} samples {channels}-channel latents: set "
-        "config.sample.vae to a VAE converted with `mixflow convert --vae` to decode them.")
+        "config.sample.vae to a VAE converted with `mixflow convert --vae` (or an RAE, "
+        "`mixflow convert --rae_decoder`) to decode them.")
   path = samples_path(config, workdir)
   if sharding.decided_by_process_zero(lambda: np.array([storage.path(path).exists()]), 1)[0]:
     logging.info("%s exists; nothing to sample.", path)
@@ -249,7 +300,7 @@ def sample_job(config: ml_collections.ConfigDict, workdir: str) -> str:
     first = starts[shard]
     images = batch_sampler(first, labels[first:first + s.batch_size])
     if writes:
-      storage.save_npz(shard_path(shard), arr_0=pixels.to_uint8(images),
+      storage.save_npz(shard_path(shard), arr_0=batch_sampler.to_uint8(images),
                        arr_1=labels[first:first + len(images)])
     done += len(images)
     elapsed = time.perf_counter() - t_start

@@ -6,7 +6,8 @@ field) is printed without a traceback and exits 2; ``--verbosity=1`` shows the t
 Flags only: the work is done by importable functions (``train.train``,
 ``generate.sample_job``, ``evaluate.evaluate_job``, ``slowflow.slowflow_job``,
 ``demo.run_demo``, ``study.run_study``, ``convert.export.convert_checkpoint``,
-``convert.vae.convert_vae_checkpoint``, ``convert.inception.convert_inception_checkpoint``,
+``convert.vae.convert_vae_checkpoint``, ``convert.rae.convert_rae``,
+``convert.inception.convert_inception_checkpoint``,
 ``data.encode.encode``, ``plan.plan``).
 """
 
@@ -38,6 +39,25 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "convert: the PyTorch chec
 _VAE = flags.DEFINE_string("vae", None, "convert: an SD-VAE (diffusers AutoencoderKL) "
                           "state_dict (.safetensors, .bin or .pt) instead of a SiT; encode: "
                           "the VAE folder written by `mixflow convert --vae`.")
+_RAE_DECODER = flags.DEFINE_string(
+    "rae_decoder", None, "convert: RAE's pixel decoder state_dict (the released decoders/"
+    ".../model.pt), with --rae_stats (and optionally --rae_encoder), into an RAE folder that "
+    "config.sample.vae takes.")
+_RAE_STATS = flags.DEFINE_string("rae_stats", None, "convert: RAE's latent statistics "
+                                 "(stat.pt: {'mean', 'var'} of shape (C, h, w)).")
+_RAE_ENCODER = flags.DEFINE_string(
+    "rae_encoder", None, "convert: the DINOv2-with-registers encoder (HF model.safetensors or "
+    "pytorch_model.bin) to store in the RAE folder too (optional).")
+_RAE_ENCODER_INPUT = flags.DEFINE_integer(
+    "rae_encoder_input", 224, "convert: the encoder's input side (224 for 256 px images, 448 "
+    "for 512 px).")
+_RAE_DECODER_HEADS = flags.DEFINE_integer(
+    "rae_decoder_heads", None, "convert: the RAE decoder's head count (not in the weights); "
+    "by default the named ViT-XL decoder's 16 for its sizes, else required.")
+_RAE_ENCODER_HEADS = flags.DEFINE_integer(
+    "rae_encoder_heads", None, "convert: the RAE encoder's head count; by default width / 64.")
+_RAE = flags.DEFINE_string("rae", None, "encode: the RAE folder (with its encoder) written by "
+                          "`mixflow convert --rae_decoder ... --rae_encoder`, instead of --vae.")
 _OUT = flags.DEFINE_string("out", None, "convert: the output folder; encode: the arrays "
                           "folder to write (images.npy, labels.npy; rerun to resume); plan: "
                           "a JSON file for the plan.")
@@ -156,20 +176,24 @@ COMMANDS = {
         _RUN + " [--report_only] [--quick]", ("workdir", "config", "report_only", "quick"),
         ("seed", "data", "model", "optim", "train", "sample", "eval", "slowflow", "study")),
     "convert": _Command(
-        "Convert an official PyTorch SiT / REPA checkpoint (or an SD-VAE: --vae; the FID "
-        "Inception: --inception) to a Flax run folder with orbax weights.",
+        "Convert an official PyTorch SiT / REPA / DiT^DH checkpoint (or an SD-VAE: --vae; "
+        "RAE's decoder, statistics and encoder: --rae_decoder; the FID Inception: "
+        "--inception) to a Flax folder with orbax weights.",
         "--checkpoint=PATH --out=DIR [--model=SiT-XL/2] [--weights=ema|model] "
         "[--time_convention=...] [--num_heads=N] [--class_dropout_prob=P] [--path=...] | "
-        "--vae=PATH --out=DIR | --inception=PATH --out=DIR",
-        ("checkpoint", "vae", "inception", "out", "model", "weights", "time_convention",
-         "num_heads", "class_dropout_prob", "path"), ()),
+        "--vae=PATH --out=DIR | --rae_decoder=model.pt --rae_stats=stat.pt --out=DIR "
+        "[--rae_encoder=model.safetensors --rae_encoder_input=224] [--rae_decoder_heads=N] "
+        "[--rae_encoder_heads=N] | --inception=PATH --out=DIR",
+        ("checkpoint", "vae", "rae_decoder", "rae_stats", "rae_encoder", "rae_encoder_input",
+         "rae_decoder_heads", "rae_encoder_heads", "inception", "out", "model", "weights",
+         "time_convention", "num_heads", "class_dropout_prob", "path"), ()),
     "encode": _Command(
-        "Encode an ImageFolder or a TFDS dataset to SD-VAE latent moments for "
-        "data.name='arrays' (resumable).",
+        "Encode an ImageFolder or a TFDS dataset to SD-VAE latent moments (or normalised "
+        "RAE latents: --rae) for data.name='arrays' (resumable).",
         "--images=DIR|--tfds=NAME [--tfds_data_dir=DIR --manual_dir=DIR --split=train] "
-        "--vae=DIR --out=DIR [--image_size=256] [--flip] [--distributed ...]",
-        ("images", "tfds", "tfds_data_dir", "manual_dir", "split", "vae", "out", "image_size",
-         "flip", *_JOB[2:]), ()),
+        "--vae=DIR|--rae=DIR --out=DIR [--image_size=256] [--flip] [--distributed ...]",
+        ("images", "tfds", "tfds_data_dir", "manual_dir", "split", "vae", "rae", "out",
+         "image_size", "flip", *_JOB[2:]), ()),
     "plan": _Command(
         "Compile the config's train step for a mesh (--num_devices fakes one) and report "
         "memory per device, FLOPs and the sharding; needs no data.",
@@ -346,11 +370,28 @@ def main(argv: list[str]) -> None:
 
 def _dispatch(command: str) -> None:
   if command == "convert":
-    given = [v for v in (_CHECKPOINT.value, _VAE.value, _INCEPTION.value) if v is not None]
+    given = [v for v in (_CHECKPOINT.value, _VAE.value, _RAE_DECODER.value, _INCEPTION.value)
+             if v is not None]
     if len(given) != 1 or _OUT.value is None:
       raise errors.UserError("give one of --checkpoint=PATH (a SiT or REPA checkpoint), "
-                             "--vae=PATH (an SD-VAE) or --inception=PATH (the FID Inception), "
-                             "and --out=DIR.")
+                             "--vae=PATH (an SD-VAE), --rae_decoder=PATH (RAE's decoder, with "
+                             "--rae_stats) or --inception=PATH (the FID Inception), and "
+                             "--out=DIR.")
+    if (_RAE_STATS.value is not None or _RAE_ENCODER.value is not None) and (
+        _RAE_DECODER.value is None):
+      raise errors.UserError("--rae_stats and --rae_encoder go with --rae_decoder=PATH.")
+    if _RAE_DECODER.value is not None:
+      if _RAE_STATS.value is None:
+        raise errors.MissingInput("--rae_decoder needs --rae_stats=stat.pt (RAE's latent "
+                                  "statistics).")
+      from mixflow_jax.convert.rae import convert_rae
+      record = convert_rae(_RAE_DECODER.value, _RAE_STATS.value, _OUT.value,
+                           _RAE_ENCODER.value, _RAE_ENCODER_INPUT.value,
+                           _RAE_DECODER_HEADS.value, _RAE_ENCODER_HEADS.value)
+      print(f"Wrote {_OUT.value}: an RAE decoding {record.latent_shape} latents to "
+            f"{record.image_size} px images{'' if record.encoder is None else ' (with encoder)'};"
+            f" sample with --config.sample.vae={_OUT.value}")
+      return
     if _VAE.value is not None:
       from mixflow_jax.convert.vae import convert_vae_checkpoint
       print(f"Wrote {_OUT.value}: {convert_vae_checkpoint(_VAE.value, _OUT.value)}")
@@ -368,19 +409,23 @@ def _dispatch(command: str) -> None:
     print(f"Wrote {_OUT.value}: {config}")
     return
   if command == "encode":
-    if ((_IMAGES.value is None) == (_TFDS.value is None) or _VAE.value is None
-        or _OUT.value is None):
-      raise errors.UserError("give --images=DIR (an ImageFolder) or --tfds=NAME, and "
-                             "--vae=DIR and --out=DIR.")
+    if ((_IMAGES.value is None) == (_TFDS.value is None)
+        or (_VAE.value is None) == (_RAE.value is None) or _OUT.value is None):
+      raise errors.UserError("give --images=DIR (an ImageFolder) or --tfds=NAME, one of "
+                             "--vae=DIR (an SD-VAE) or --rae=DIR (an RAE with its encoder), "
+                             "and --out=DIR.")
     if _DISTRIBUTED.value:
       _join_job()
     from mixflow_jax.data import encode, image_sources
     source = (image_sources.folder_source(_IMAGES.value) if _IMAGES.value else
               image_sources.tfds_source(_TFDS.value, _SPLIT.value, _TFDS_DATA_DIR.value,
                                         _MANUAL_DIR.value))
-    rows = encode.encode(source, _VAE.value, _OUT.value, _IMAGE_SIZE.value, flip=_FLIP.value)
-    print(f"Wrote {_OUT.value}: {rows} rows of latent moments (images.npy, std.npy, "
-          "labels.npy, manifest.json).")
+    rae = _RAE.value is not None
+    rows = encode.encode(source, _RAE.value if rae else _VAE.value, _OUT.value,
+                         _IMAGE_SIZE.value, flip=_FLIP.value, rae=rae)
+    what = ("normalised RAE latents (images.npy" if rae
+            else "latent moments (images.npy, std.npy")
+    print(f"Wrote {_OUT.value}: {rows} rows of {what}, labels.npy, manifest.json).")
     return
   config = _config()
   if command == "plan":

@@ -1,22 +1,31 @@
 """Loading the converted networks a job uses beside its own model: the SD-VAE (``mixflow
-convert --vae``) and the FID Inception (``mixflow convert --inception``), from the orbax
-folders the converter wrote. Nothing here needs PyTorch, but for a pytorch-fid ``.pth``
-given instead of a converted Inception folder (converted on every load).
+convert --vae``), RAE's autoencoder (``mixflow convert --rae_decoder``) and the FID
+Inception (``mixflow convert --inception``), from the orbax folders the converter wrote.
+Nothing here needs PyTorch, but for a pytorch-fid ``.pth`` given instead of a converted
+Inception folder (converted on every load).
 
 A converted folder holds ``checkpoints/0`` (the item ``default``: ``{'params': ...}`` for
 the VAE, ``{'variables': {'params', 'batch_stats'}}`` for the Inception) and a JSON file
 saying what it is (``vae.json``: the ``VAEConfig``; ``inception.json``: the class count
-and the source file).
+and the source file). An RAE folder holds ``{'decoder', 'encoder'?}`` params, ``rae.json``
+and ``stats.npz`` (``convert.rae``). ``autoencoder_kind`` tells the two autoencoders apart
+by their record file.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
 from etils import epath
 
 from mixflow_jax import checkpoints, errors, storage
-from mixflow_jax.models import inception, vae
+from mixflow_jax.models import dinov2, inception, vae, vit_decoder
 
 VAE_JSON = "vae.json"
+RAE_JSON = "rae.json"
+RAE_STATS = "stats.npz"
 INCEPTION_JSON = "inception.json"
 INCEPTION_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's release
 
@@ -36,6 +45,95 @@ def load_vae(directory: str) -> tuple[vae.VAEConfig, dict]:
   config = read_vae_config(directory)
   params, _ = checkpoints.load_params(directory, vae.abstract_params(config), field="params")
   return config, params
+
+
+@dataclasses.dataclass(frozen=True)
+class RAEConfig:
+  """What an RAE folder's ``rae.json`` records: the decoder's and (or None) the encoder's
+  architecture."""
+
+  decoder: vit_decoder.ViTDecoderConfig
+  encoder: dinov2.Dinov2Config | None = None
+
+  @property
+  def latent_shape(self) -> tuple[int, int, int]:
+    """(h, w, C) of the latents it decodes (and encodes)."""
+    g = self.decoder.grid_size
+    return g, g, self.decoder.latent_channels
+
+  @property
+  def image_size(self) -> int:
+    """The side of the decoded images (the decoder's grid x patch)."""
+    return self.decoder.image_size
+
+
+@dataclasses.dataclass(frozen=True)
+class RAE:
+  """A loaded RAE folder: ``ViTDecoder(config.decoder).apply({'params': decoder_params},
+  denormalize_latents(z_n, stats))`` decodes normalised latents z_n (B, h, w, C) to [0, 1]
+  images; ``encoder_params`` (None without an encoder) go with
+  ``Dinov2WithRegisters(config.encoder)`` and ``dinov2.rae_encode(..., stats=stats)``."""
+
+  config: RAEConfig
+  decoder_params: Any
+  stats: dinov2.LatentStats
+  encoder_params: Any = None
+
+
+def autoencoder_kind(directory: str, what: str = "config.sample.vae") -> str:
+  """'vae' for a folder of ``mixflow convert --vae`` (its ``vae.json``), 'rae' for one of
+  ``mixflow convert --rae_decoder`` (its ``rae.json``); MissingInput naming ``what`` for
+  anything else."""
+  storage.path(directory, what)  # a scheme no filesystem serves is named as ``what``
+  root = checkpoints.run_root(directory)
+  if (root / RAE_JSON).is_file():
+    return "rae"
+  if (root / VAE_JSON).is_file():
+    return "vae"
+  raise errors.MissingInput(
+      f"{what}={directory!r} holds neither {VAE_JSON} nor {RAE_JSON}: convert an SD-VAE with "
+      "`mixflow convert --vae=PATH --out=DIR` or RAE's decoder with `mixflow convert "
+      "--rae_decoder=model.pt --rae_stats=stat.pt --out=DIR` and pass DIR.")
+
+
+def read_rae_config(directory: str) -> RAEConfig:
+  """The ``RAEConfig`` in ``directory/rae.json``."""
+  path = checkpoints.run_root(directory) / RAE_JSON
+  if not path.is_file():
+    raise errors.MissingInput(f"No {RAE_JSON} in {directory!r}: is it a converted RAE "
+                              "(mixflow convert --rae_decoder)?")
+  stored = storage.read_json(path)
+  try:
+    decoder = vit_decoder.ViTDecoderConfig(**stored["decoder"])
+    encoder = (None if stored.get("encoder") is None
+               else dinov2.Dinov2Config(**stored["encoder"]))
+  except (KeyError, TypeError) as e:
+    raise errors.InvalidInput(f"{path} is not an RAE record ({type(e).__name__}: {e}).") from e
+  return RAEConfig(decoder, encoder)
+
+
+def load_rae(directory: str, encoder: bool = True) -> RAE:
+  """The RAE written by ``mixflow convert --rae_decoder`` into ``directory`` (orbax; no
+  PyTorch needed); the encoder's params only when ``encoder`` and the folder has one."""
+  config = read_rae_config(directory)
+  decoder_params, _ = checkpoints.load_params(
+      directory, vit_decoder.abstract_params(config.decoder), field="decoder")
+  encoder_params = None
+  if encoder and config.encoder is not None:
+    encoder_params, _ = checkpoints.load_params(
+        directory, dinov2.abstract_params(config.encoder), field="encoder")
+  stats_path = checkpoints.run_root(directory) / RAE_STATS
+  if not stats_path.is_file():
+    raise errors.MissingInput(f"No {RAE_STATS} in {directory!r}: convert the RAE again.")
+  arrays = storage.load_npz(stats_path)
+  if arrays.get("var") is None or arrays["var"].shape != config.latent_shape:
+    got = None if arrays.get("var") is None else arrays["var"].shape
+    raise errors.InvalidInput(f"{stats_path}: 'var' is {got}; the decoder takes latents "
+                              f"{config.latent_shape} (h, w, C).")
+  mean = arrays.get("mean")
+  stats = dinov2.LatentStats(var=jnp.asarray(arrays["var"]),
+                             mean=None if mean is None else jnp.asarray(mean))
+  return RAE(config, decoder_params, stats, encoder_params)
 
 
 def inception_record(path: str) -> epath.Path:

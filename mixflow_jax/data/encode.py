@@ -1,5 +1,6 @@
 """An ImageFolder -> the ``arrays`` folder of VAE latents that latent models train on
-(``mixflow encode --images=DIR --vae=DIR --out=DIR``, ``configs/imagenet_sit.py``).
+(``mixflow encode --images=DIR --vae=DIR --out=DIR``, ``configs/imagenet_sit.py``), or of
+RAE latents (``mixflow encode --images=DIR --rae=DIR --out=DIR``: ``configs/imagenet_rae.py``).
 
 Images: ImageFolder layout (one subfolder per class, e.g. ImageNet's
 ``train/n01440764/*.JPEG``), converted to RGB, ADM center-cropped to ``image_size``
@@ -10,8 +11,13 @@ Latents: the VAE posterior's moments, scaled as the latent SiT is trained on: ``
 holds (mean - shift) * 0.18215 and ``std.npy`` exp(logvar / 2) * 0.18215, so that the train
 step draws a fresh posterior sample mean + std * eps every time it sees an image (SiT's
 training script encodes every step and samples the posterior; a fixed sample per image
-would show the model one draw forever). A row depends only on its image, so a resumed run
-writes the same bytes. The last batch is padded with black images (whose rows are
+would show the model one draw forever). An RAE folder (``mixflow convert --rae_decoder ...
+--rae_encoder``) instead gives RAE's deterministic latent (its encoder in eval mode, no
+noise): the image in [0, 1] (x / 255, as ToTensor), resized to the encoder's input by
+PyTorch's bicubic, encoded and normalised with the folder's statistics (``dinov2.rae_encode``);
+``images.npy`` holds it and there is no ``std.npy`` (the manifest's ``moments`` is
+``['images']``, so training uses the latent as it is). A row depends only on its image, so
+a resumed run writes the same bytes. The last batch is padded with black images (whose rows are
 dropped), so the encoder compiles once.
 
 Row order: the ``arrays`` source holds out the LAST rows of the files, so rows are written
@@ -22,15 +28,15 @@ subset. With ``flip=True`` there are 2N rows in adjacent pairs: row 2k is listin
 flip is), so an image and its mirror land on the same side of the split (except possibly
 one pair at the boundary).
 
-Output: ``out/images.npy`` and ``out/std.npy`` (rows, s / f, s / f, latent_channels)
-float32, preallocated and memory-mapped; ``out/labels.npy`` (rows,) int32,
-``out/classes.json`` (class folder names in label order) and ``out/manifest.json`` (rows,
-shape, dtype, VAE, crop, flip, and each file's size and sha256), written when the last row
-is; ``out/progress.json`` (rows done and a fingerprint of the arguments and the folder
-listing). The ``arrays`` source reads a folder by its manifest. The images are flushed after
-every batch before the progress is updated, so an interrupted run continues where it
-stopped when rerun with the same arguments, and one with other arguments or a changed
-folder is refused.
+Output: ``out/images.npy`` and ``out/std.npy`` (rows, s / f, s / f, latent_channels) float32
+(RAE: ``images.npy`` (rows, h, w, C) only), preallocated and memory-mapped;
+``out/labels.npy`` (rows,) int32, ``out/classes.json`` (class folder names in label order)
+and ``out/manifest.json`` (rows, shape, dtype, VAE or RAE, crop, flip, and each file's size
+and sha256), written when the last row is; ``out/progress.json`` (rows done and a
+fingerprint of the arguments and the folder listing). The ``arrays`` source reads a folder
+by its manifest. The images are flushed after every batch before the progress is updated, so
+an interrupted run continues where it stopped when rerun with the same arguments, and one
+with other arguments or a changed folder is refused.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import json
 import os
 import time
 from collections import deque
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +65,7 @@ from mixflow_jax.data.image_sources import (
     folder_source,
     list_image_folder,
 )
+from mixflow_jax.models import dinov2
 from mixflow_jax.models.vae import AutoencoderKL, VAEConfig
 
 __all__ = ["IMAGE_EXTENSIONS", "center_crop_adm", "encode", "encode_folder",
@@ -67,6 +75,7 @@ PROGRESS_JSON = "progress.json"
 CLASSES_JSON = "classes.json"
 MANIFEST_JSON = "manifest.json"
 MOMENTS = ("images", "std")  # the files of the posterior's scaled mean and std
+RAE_MOMENTS = ("images",)     # RAE's deterministic normalised latent
 FORMAT_VERSION = 2
 _PREFETCH_BATCHES = 4  # batches decoded ahead of the encoder
 
@@ -90,6 +99,64 @@ def _encode_batch(config: VAEConfig, params: dict, images: jax.Array
                                              method=AutoencoderKL.encode)
   return ((mean - config.shift_factor) * config.scaling_factor,
           jnp.exp(0.5 * logvar) * config.scaling_factor)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _rae_encode_batch(config: dinov2.Dinov2Config, params: tuple[dict, dinov2.LatentStats],
+                      images: jax.Array) -> tuple[jax.Array]:
+  """uint8 images (B, S, S, 3) -> (RAE's normalised latent (B, h, w, C),)."""
+  encoder_params, stats = params
+  x = images.astype(jnp.float32) / 255.0
+  return (dinov2.rae_encode(dinov2.Dinov2WithRegisters(config), encoder_params, x, stats),)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Autoencoder:
+  """What ``encode`` needs of a converted autoencoder: ``fn(params, uint8 images)`` -> a
+  tuple of (B, h, w, C) arrays, one per name of ``moments``, the latent (h, w, C) and the
+  entries naming it in the fingerprint and the manifest."""
+
+  fn: Any
+  params: Any
+  latent: tuple[int, int, int]
+  moments: tuple[str, ...]
+  record: dict
+
+
+def _autoencoder(directory: str, image_size: int, rae: bool) -> _Autoencoder:
+  """The VAE (``mixflow convert --vae``) or, when ``rae``, the RAE with an encoder
+  (``mixflow convert --rae_decoder ... --rae_encoder``) in ``directory``."""
+  from mixflow_jax import pretrained
+
+  flag = "--rae" if rae else "--vae"
+  kind = pretrained.autoencoder_kind(directory, flag)
+  if kind != ("rae" if rae else "vae"):
+    other = "--vae" if rae else "--rae"
+    raise errors.InvalidInput(f"{flag}={directory!r} is a converted "
+                              f"{kind.upper()}: pass it as {other}={directory}.")
+  if not rae:
+    config, params = pretrained.load_vae(directory)
+    factor = config.downsample_factor
+    if image_size % factor:
+      raise errors.InvalidInput(
+          f"image_size={image_size} is not a multiple of the VAE's downsampling "
+          f"factor {factor} ({directory}).")
+    side = image_size // factor
+    return _Autoencoder(
+        functools.partial(_encode_batch, config), params,
+        (side, side, config.latent_channels), MOMENTS,
+        {"vae": os.path.abspath(directory),
+         "vae_config": json.loads(json.dumps(dataclasses.asdict(config)))})
+  model = pretrained.load_rae(directory)
+  if model.config.encoder is None:
+    raise errors.InvalidInput(
+        f"--rae={directory!r} has no encoder: convert it again with "
+        "--rae_encoder=model.safetensors (the DINOv2-with-registers weights).")
+  return _Autoencoder(
+      functools.partial(_rae_encode_batch, model.config.encoder),
+      (model.encoder_params, model.stats), model.config.latent_shape, RAE_MOMENTS,
+      {"rae": os.path.abspath(directory), "rae_config": json.loads(json.dumps(
+          dataclasses.asdict(model.config)))})
 
 
 def file_digest(path: str) -> dict:
@@ -132,9 +199,11 @@ def encode_folder(images_dir: str, vae_dir: str, out: str, image_size: int = 256
 
 def encode(source: ImageSource, vae_dir: str, out: str, image_size: int = 256,
            batch_size: int = 64, seed: int = 0, flip: bool = False,
-           num_workers: int | None = None, log_every_s: float = 30.0) -> int:
+           num_workers: int | None = None, log_every_s: float = 30.0, rae: bool = False
+           ) -> int:
   """Encodes the images of ``source`` with the VAE in ``vae_dir`` (a ``mixflow convert
-  --vae`` folder) into the ``arrays`` folder ``out``; returns the number of rows (N
+  --vae`` folder; with ``rae``, the RAE folder of ``mixflow convert --rae_decoder``, which
+  must hold an encoder) into the ``arrays`` folder ``out``; returns the number of rows (N
   images, 2N with ``flip``).
 
   See the module docstring for the crop, the posterior moments, the row order and the
@@ -146,7 +215,7 @@ def encode(source: ImageSource, vae_dir: str, out: str, image_size: int = 256,
   ValueError naming what differs.
   """
   # Imported here: encode_folder needs neither a mesh nor orbax.
-  from mixflow_jax import pretrained, sharding
+  from mixflow_jax import sharding
 
   if image_size < 1 or batch_size < 1:
     raise errors.InvalidInput(f"encode: image_size={image_size}, batch_size={batch_size}; expected "
@@ -155,24 +224,17 @@ def encode(source: ImageSource, vae_dir: str, out: str, image_size: int = 256,
   if batch_size % mesh.size:
     raise errors.InvalidInput(f"encode: batch_size={batch_size} is not a multiple of the "
                               f"{mesh.size} devices it is split over.")
-  config, params = pretrained.load_vae(vae_dir)
-  factor = config.downsample_factor
-  if image_size % factor:
-    raise errors.InvalidInput(
-        f"image_size={image_size} is not a multiple of the VAE's downsampling "
-        f"factor {factor} ({vae_dir}).")
+  autoencoder = _autoencoder(vae_dir, image_size, rae)
   sources, mirrored = row_order(source.num_images, seed, flip)
   total = len(sources)
-  shape = (total, image_size // factor, image_size // factor, config.latent_channels)
+  shape = (total, *autoencoder.latent)
   fingerprint = {
-      "format_version": FORMAT_VERSION, **source.fingerprint,
-      "vae": os.path.abspath(vae_dir), "vae_config": json.loads(json.dumps(
-          dataclasses.asdict(config))),
+      "format_version": FORMAT_VERSION, **source.fingerprint, **autoencoder.record,
       "image_size": image_size, "batch_size": batch_size, "seed": seed, "flip": flip,
       "num_images": source.num_images, "num_classes": len(source.class_names),
       "shape": list(shape)}
   writes = jax.process_index() == 0
-  writer = _Writer(out, shape, fingerprint) if writes else None
+  writer = _Writer(out, shape, fingerprint, autoencoder.moments) if writes else None
   done = int(sharding.decided_by_process_zero(lambda: np.array([writer.done]), 1)[0])
 
   logging.info("Encoding %d images (%d classes) of %s into %d rows %s at %s on %d devices; "
@@ -198,7 +260,7 @@ def encode(source: ImageSource, vae_dir: str, out: str, image_size: int = 256,
   started = last_log = time.monotonic()
   in_flight = None  # (start, stop, moments, labels) of the batch the devices are encoding
 
-  def write(start: int, stop: int, moments: tuple[jax.Array, jax.Array],
+  def write(start: int, stop: int, moments: tuple[jax.Array, ...],
             labels: jax.Array) -> None:
     """Gathers a batch's rows from every process (all take part); process 0 writes them."""
     moments, labels = tuple(sharding.gather(m) for m in moments), sharding.gather(labels)
@@ -218,7 +280,7 @@ def encode(source: ImageSource, vae_dir: str, out: str, image_size: int = 256,
         pixels[j] = crop[:, ::-1] if mirrored[row] else crop
       batch = sharding.process_rows_to_global({"pixels": pixels, "labels": labels}, mesh)
       # Dispatched asynchronously: the previous batch is written while this one encodes.
-      moments = _encode_batch(config, params, batch["pixels"])
+      moments = autoencoder.fn(autoencoder.params, batch["pixels"])
       if in_flight is not None:
         write(*in_flight)
       in_flight = (start, stop, moments, batch["labels"])
@@ -233,7 +295,7 @@ def encode(source: ImageSource, vae_dir: str, out: str, image_size: int = 256,
   finally:
     pool.shutdown(wait=True, cancel_futures=True)
   if writes:
-    writer.finish(source, vae_dir, image_size, flip)
+    writer.finish(source, autoencoder.record, image_size, flip)
   multihost_utils.sync_global_devices("mixflow encode: written")
   return total
 
@@ -242,12 +304,13 @@ class _Writer:
   """Process 0's output: the memory-mapped moments and labels, the progress record (rows
   done, checked against ``fingerprint`` on resume) and, at the end, the manifest."""
 
-  def __init__(self, out: str, shape: tuple[int, ...], fingerprint: dict):
-    self.out, self.shape, self.fingerprint = out, shape, fingerprint
+  def __init__(self, out: str, shape: tuple[int, ...], fingerprint: dict,
+               moments: tuple[str, ...] = MOMENTS):
+    self.out, self.shape, self.fingerprint, self.moments = out, shape, fingerprint, moments
     self.total = shape[0]
     os.makedirs(out, exist_ok=True)
     self.progress = os.path.join(out, PROGRESS_JSON)
-    files = {name: os.path.join(out, f"{name}.npy") for name in (*MOMENTS, _PARTIAL_LABELS)}
+    files = {name: os.path.join(out, f"{name}.npy") for name in (*moments, _PARTIAL_LABELS)}
     if os.path.isfile(self.progress):
       with open(self.progress) as f:
         stored = json.load(f)
@@ -263,8 +326,8 @@ class _Writer:
       raise errors.InvalidInput(
           f"{self.progress} records rows_done={self.done}, neither a multiple "
           f"of batch_size={batch_size} nor all {self.total} rows.")
-    shapes = {name: shape for name in MOMENTS} | {_PARTIAL_LABELS: shape[:1]}
-    dtypes = {name: np.float32 for name in MOMENTS} | {_PARTIAL_LABELS: np.int32}
+    shapes = {name: shape for name in moments} | {_PARTIAL_LABELS: shape[:1]}
+    dtypes = {name: np.float32 for name in moments} | {_PARTIAL_LABELS: np.int32}
     if self.done == 0:
       self._save_progress(0)
       self.arrays = {name: np.lib.format.open_memmap(file, mode="w+", dtype=dtypes[name],
@@ -290,17 +353,19 @@ class _Writer:
                                 "complete": rows_done == self.total,
                                 "fingerprint": self.fingerprint})
 
-  def write(self, start: int, stop: int, moments: tuple[jax.Array, jax.Array],
+  def write(self, start: int, stop: int, moments: tuple[jax.Array, ...],
             labels: np.ndarray) -> None:
     """Stores rows start..stop - 1, then records them as done."""
-    values = dict(zip(MOMENTS, moments, strict=True)) | {_PARTIAL_LABELS: labels}
+    values = dict(zip(self.moments, moments, strict=True)) | {_PARTIAL_LABELS: labels}
     for name, value in values.items():
       self.arrays[name][start:stop] = np.asarray(value)[:stop - start]
       self.arrays[name].flush()  # the rows reach the file before the progress says so
     self._save_progress(stop)
 
-  def finish(self, source: ImageSource, vae_dir: str, image_size: int, flip: bool) -> None:
-    """labels.npy, classes.json and the manifest: the folder is complete."""
+  def finish(self, source: ImageSource, autoencoder: dict, image_size: int, flip: bool
+             ) -> None:
+    """labels.npy, classes.json and the manifest (naming the ``autoencoder``: its folder
+    and config): the folder is complete."""
     out = self.out
     partial = os.path.join(out, f"{_PARTIAL_LABELS}.npy")
     if os.path.exists(partial):
@@ -311,8 +376,8 @@ class _Writer:
     storage.write_json(os.path.join(out, MANIFEST_JSON), {
         "format_version": FORMAT_VERSION, "rows": self.total,
         "num_images": source.num_images, "shape": list(self.shape), "dtype": "float32",
-        "num_classes": len(source.class_names), "moments": list(MOMENTS), "mirrors": flip,
-        "crop": f"adm_center_{image_size}", "source": source.description,
-        "vae": os.path.abspath(vae_dir), "vae_config": self.fingerprint["vae_config"],
+        "num_classes": len(source.class_names), "moments": list(self.moments),
+        "mirrors": flip, "crop": f"adm_center_{image_size}", "source": source.description,
+        **autoencoder,
         "files": {name: file_digest(os.path.join(out, name))
-                  for name in ("images.npy", "std.npy", "labels.npy")}})
+                  for name in (*(f"{m}.npy" for m in self.moments), "labels.npy")}})
