@@ -98,3 +98,17 @@ def test_slow_flow_measures_a_ditdh_run_with_autoguidance_by_itself_as_without(r
   a, b = slowflow.slowflow_run(plain, run_dir), slowflow.slowflow_run(guided, run_dir)
   np.testing.assert_allclose(b["median"], a["median"], atol=1e-3)
   assert a["t"] == b["t"]
+
+
+def test_plan_of_a_ditdh_step_counts_its_flops_and_remat_lowers_its_temp_bytes():
+  from mixflow_jax import plan
+
+  config = _config(scan_blocks=True)
+  config.data.update(image_shape=(8, 8, 1), num_classes=4, batch_size=16)
+  results = {}
+  for remat in ("none", "full"):
+    config.model.remat = remat
+    results[remat] = plan.plan(config)
+  assert results["full"]["temp_bytes_per_device"] < results["none"]["temp_bytes_per_device"]
+  assert results["full"]["flops_per_step"] == results["none"]["flops_per_step"] > 0
+  assert results["none"]["model"] == "DiTDH-T"
