@@ -174,7 +174,7 @@ def test_unknown_remat_is_refused(variables):
 @pytest.mark.parametrize("scan", [False, True])
 def test_activation_sharding_constrains_each_block_input(variables, scan):
   """One constraint per block in the program (the scanned body's is one, in the loop's
-  body); none without."""
+  body) and one on the head's conditioning; none without."""
   mesh = sharding.make_mesh(1)
   model = ditdh.DiTDH(_CONFIG, scan_blocks=scan,
                       activation_sharding=sharding.batch_sharding(mesh))
@@ -182,6 +182,6 @@ def test_activation_sharding_constrains_each_block_input(variables, scan):
   args = ({"params": params}, *_inputs())
   text = jax.jit(model.apply).lower(*args).as_text()
   pattern = r"sdy\.sharding_constraint|@Sharding"
-  assert _count(text, pattern) == (2 if scan else 3)
+  assert _count(text, pattern) == (2 if scan else 3) + 1
   plain_text = jax.jit(ditdh.DiTDH(_CONFIG, scan_blocks=scan).apply).lower(*args).as_text()
   assert _count(plain_text, pattern) == 0

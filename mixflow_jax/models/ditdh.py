@@ -301,7 +301,8 @@ class DiTDH(nn.Module):
   each block (body and head), ``scan_blocks`` runs the body's depth[0] blocks as one
   ``nn.scan`` (the 'scanned' parameter layout; the head's blocks stay unrolled),
   ``attention`` an implementation of models/attention.py, and ``activation_sharding``
-  constrains the (B, L, D) and (B, L, D_h) activations entering each block.
+  constrains the (B, L, D) and (B, L, D_h) activations entering each block and the head's
+  conditioning s.
   """
 
   config: DiTDHConfig
@@ -353,6 +354,8 @@ class DiTDH(nn.Module):
     s = nn.silu(t_emb[:, None] + s)
     if d != d_head:  # the official projector is the identity when the widths agree
       s = _linear(s, d_head, "s_projector", self.dtype).astype(jnp.float32)  # (B, L, D_h)
+    if self.activation_sharding is not None:  # the head's per-token conditioning
+      s = jax.lax.with_sharding_constraint(s, self.activation_sharding)
 
     h = PatchEmbed(p, d_head, self.dtype, name="x_embedder")(x).astype(jnp.float32)
     rope = rope_tables(d_head // heads_head, grid)
