@@ -138,34 +138,43 @@ def load_encoder(path: str, input_size: int = 224, num_heads: int | None = None
   return config, convert_state_dict(state_dict, config)
 
 
-def load_latent_stats(path: str, config: dinov2.Dinov2Config) -> dinov2.LatentStats:
-  """RAE's ``stat.pt`` ({'mean': None or (D, h, w), 'var': (D, h, w)} tensors) as
-  ``LatentStats`` in our layout, (h, w, D). Raises InvalidInput naming the file when it is
-  not such a dict, or a shape does not fit the encoder's latent (D = hidden size, h = w =
-  the input grid). ``var`` must be a tensor: RAE's fallback for a None var would call
-  ``torch.sqrt`` on a float."""
+def read_latent_stats(path: str, latent_shape: tuple[int, int, int], needs: str
+                      ) -> dinov2.LatentStats:
+  """RAE's ``stat.pt`` ({'mean': None or (C, h, w), 'var': (C, h, w)} tensors) as
+  ``LatentStats`` in our layout, (h, w, C) numpy arrays, for latents of ``latent_shape``
+  (h, w, C). Raises InvalidInput naming the file when it is not such a dict, or a shape
+  differs (``needs`` says what asks for that shape). ``var`` must be a tensor: RAE's
+  fallback for a None var would call ``torch.sqrt`` on a float."""
   import torch
 
   stats = torch_checkpoint.read_pickle(path, "latent statistics")
   if not isinstance(stats, dict):
     raise errors.InvalidInput(f"{path!r} holds a {type(stats).__name__}, not RAE's "
-                              "{'mean', 'var'} dict.")
+                              "{'mean', 'var'} statistics dict.")
   unknown = sorted(set(stats) - set(_STATS_KEYS), key=str)
   missing = [k for k in _STATS_KEYS if k not in stats]
   if unknown or missing:
     raise errors.InvalidInput(f"{path!r} is not RAE's {{'mean', 'var'}} statistics dict: "
                               f"unknown key(s) {unknown}, missing key(s) {missing}.")
-  want = (config.hidden_size, config.grid_size, config.grid_size)
+  h, w, c = latent_shape
 
-  def to_latent_layout(name: str) -> jnp.ndarray:
+  def to_latent_layout(name: str) -> np.ndarray:
     value = stats[name]
-    if not isinstance(value, torch.Tensor) or tuple(value.shape) != want:
+    if not isinstance(value, torch.Tensor) or tuple(value.shape) != (c, h, w):
       got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-      raise errors.InvalidInput(
-          f"{path!r}: {name!r} is {got}; the encoder's latent needs a tensor of shape {want} "
-          f"(D, h, w): D = hidden size {config.hidden_size}, h = w = input "
-          f"{config.input_size} / patch {config.patch_size}.")
-    return jnp.asarray(state_dicts.to_numpy(value).transpose(1, 2, 0))  # (h, w, D)
+      raise errors.InvalidInput(f"{path!r}: {name!r} is {got}, but {needs}: the statistics "
+                                f"must be a tensor of shape {(c, h, w)} (C, h, w).")
+    return state_dicts.to_numpy(value).transpose(1, 2, 0)               # (h, w, C)
 
   mean = None if stats["mean"] is None else to_latent_layout("mean")
   return dinov2.LatentStats(var=to_latent_layout("var"), mean=mean)
+
+
+def load_latent_stats(path: str, config: dinov2.Dinov2Config) -> dinov2.LatentStats:
+  """``read_latent_stats`` for the latents of the encoder ``config`` (C = hidden size,
+  h = w = the input grid)."""
+  g = config.grid_size
+  return read_latent_stats(
+      path, (g, g, config.hidden_size),
+      f"the encoder's latent has C = hidden size {config.hidden_size}, h = w = input "
+      f"{config.input_size} / patch {config.patch_size}")

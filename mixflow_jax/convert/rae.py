@@ -23,46 +23,10 @@ import dataclasses
 import os
 from collections.abc import Iterator
 
-import numpy as np
-
 from mixflow_jax import checkpoints, errors, pretrained, storage
 from mixflow_jax.convert import dinov2 as convert_dinov2
-from mixflow_jax.convert import rae_decoder, state_dicts, torch_checkpoint
+from mixflow_jax.convert import rae_decoder
 from mixflow_jax.models import dinov2
-
-_STATS_KEYS = ("mean", "var")
-
-
-def read_stats(path: str, latent_shape: tuple[int, int, int], against: str
-               ) -> dict[str, np.ndarray]:
-  """RAE's ``stat.pt`` ({'mean': None or (C, h, w), 'var': (C, h, w)} tensors) as float32
-  arrays in our layout, {'var': (h, w, C)[, 'mean': (h, w, C)]}. ``latent_shape`` is the
-  (h, w, C) the ``against`` file (the decoder) takes; InvalidInput naming both files when a
-  shape differs, or naming ``path`` when it is not such a dict."""
-  import torch
-
-  stats = torch_checkpoint.read_pickle(path, "latent statistics")
-  if not isinstance(stats, dict):
-    raise errors.InvalidInput(f"{path!r} holds a {type(stats).__name__}, not RAE's "
-                              "{'mean', 'var'} statistics dict.")
-  unknown = sorted(set(stats) - set(_STATS_KEYS), key=str)
-  missing = [k for k in _STATS_KEYS if k not in stats]
-  if unknown or missing:
-    raise errors.InvalidInput(f"{path!r} is not RAE's {{'mean', 'var'}} statistics dict: "
-                              f"unknown key(s) {unknown}, missing key(s) {missing}.")
-  h, w, c = latent_shape
-  out = {}
-  for name in ("var", "mean"):
-    value = stats[name]
-    if value is None and name == "mean":
-      continue
-    if not isinstance(value, torch.Tensor) or tuple(value.shape) != (c, h, w):
-      got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-      raise errors.InvalidInput(
-          f"{path!r}: {name!r} is {got}, but {against!r} decodes latents of {c} channels on "
-          f"a {h} x {w} grid: the statistics must be a tensor of shape {(c, h, w)} (C, h, w).")
-    out[name] = state_dicts.to_numpy(value).astype(np.float32).transpose(1, 2, 0)
-  return out
 
 
 @contextlib.contextmanager
@@ -90,7 +54,9 @@ def convert_rae(decoder: str, stats: str, out: str, encoder: str | None = None,
   with _naming(decoder, "--rae_decoder_heads=N"):
     decoder_config, decoder_params = rae_decoder.load_decoder(decoder, decoder_heads)
   g, c = decoder_config.grid_size, decoder_config.latent_channels
-  arrays = read_stats(stats, (g, g, c), decoder)
+  latent_stats = convert_dinov2.read_latent_stats(
+      stats, (g, g, c), f"{decoder!r} decodes latents of {c} channels on a {g} x {g} grid")
+  arrays = {name: value for name, value in latent_stats._asdict().items() if value is not None}
   tree = {"decoder": decoder_params}
   encoder_config = None
   if encoder is not None:
