@@ -1,11 +1,12 @@
-"""The SiT-XL/2 train step on one accelerator: images/s, MFU, real peak memory, options.
+"""A train step at scale on one accelerator: images/s, MFU, real peak memory, options.
 
     python3 benchmarks/accelerator.py --out=accelerator.json [--variants=default,xla,...]
-        [--batch=256] [--steps=10] [--deadline=540]
+        [--config=configs/imagenet_sit.py:sit_xl2] [--batch=256] [--steps=10] [--deadline=540]
 
-Each variant is ``configs/imagenet_sit.py:sit_xl2`` (bf16 compute, fp32 state, remat
-``dots_no_batch``, scanned blocks, FSDP over every device, MixFlow) with a few fields
-changed (``VARIANTS``), run in a process of its own: the device's peak-memory counter
+Each variant is ``--config`` (by default ``configs/imagenet_sit.py:sit_xl2``: bf16 compute,
+fp32 state, remat ``dots_no_batch``, scanned blocks, FSDP over every device, MixFlow;
+``configs/imagenet_rae.py:xl`` measures RAE's DiT^DH-XL) with a few fields changed
+(``VARIANTS``), run in a process of its own: the device's peak-memory counter
 (``memory_stats()['peak_bytes_in_use']``) cannot be reset within a process. A variant
 reports its compile seconds, the compiled program's own memory analysis (what
 ``mixflow plan`` reads, here from the accelerator's compiler), the real peak, seconds per
@@ -29,8 +30,10 @@ from absl import app, flags
 
 _OUT = flags.DEFINE_string("out", "accelerator.json", "Where to write the results (JSON).")
 _VARIANTS = flags.DEFINE_list("variants", None, "Variants to run, in order (default: all).")
-_MODEL = flags.DEFINE_string("model", "SiT-XL/2", "The model size (a smaller one to try the "
-                             "script on a CPU).")
+_CONFIG = flags.DEFINE_string("config", "configs/imagenet_sit.py:sit_xl2",
+                              "FILE:VARIANT of the config whose train step is measured.")
+_MODEL = flags.DEFINE_string("model", None, "Another model size than the config's (a smaller "
+                             "one of its family to try the script on a CPU).")
 _BATCH = flags.DEFINE_integer("batch", 256, "Global batch of the default variant.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per variant.")
 _DEADLINE = flags.DEFINE_float("deadline", 540.0, "Seconds the whole run may take.")
@@ -53,12 +56,13 @@ _MATMUL = 8192  # the measured matmul: (n, n) @ (n, n) in bf16
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _sit_xl2():
-  spec = importlib.util.spec_from_file_location(
-      "imagenet_sit", os.path.join(_ROOT, "configs", "imagenet_sit.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config("sit_xl2")
+def _config(spec: str):
+  """The config ``FILE[:VARIANT]`` (a path relative to the repository)."""
+  file, _, variant = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("bench_config", os.path.join(_ROOT, file))
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(variant) if variant else module.get_config()
 
 
 def _matmul_flops_per_sec() -> float:
@@ -75,7 +79,8 @@ def _matmul_flops_per_sec() -> float:
   return 2 * _MATMUL**3 * 20 / (time.perf_counter() - start)
 
 
-def run_variant(name: str, model: str, batch_size: int, steps: int, flops: float) -> dict:
+def run_variant(name: str, spec: str, model: str | None, batch_size: int, steps: int,
+                flops: float) -> dict:
   """Compiles and times the train step of one variant on every local device."""
   # JAX is imported in the child processes only: the parent must not take the device.
   import jax
@@ -84,8 +89,8 @@ def run_variant(name: str, model: str, batch_size: int, steps: int, flops: float
   from mixflow_jax import hardware, sharding, train
 
   overrides, batch = VARIANTS[name]
-  config = _sit_xl2()
-  config.model.name = model
+  config = _config(spec)
+  config.model.name = model or config.model.name
   config.data.batch_size = batch or batch_size
   for field, value in overrides.items():
     section, key = field.split(".")
@@ -131,7 +136,8 @@ def run_variant(name: str, model: str, batch_size: int, steps: int, flops: float
   flops = flops or train.model_flops_per_step(config, setup)
   peak = hardware.peak_flops(device)
   result = {
-      "variant": name, "model": model, "overrides": overrides, "batch_size": config.data.batch_size,
+      "variant": name, "config": spec, "model": config.model.name, "overrides": overrides,
+      "batch_size": config.data.batch_size,
       "device_kind": device.device_kind, "num_devices": mesh.size,
       "attention": setup.model.attention, "dtype": config.model.dtype,
       "remat": config.model.remat, "scan_blocks": config.model.scan_blocks,
@@ -160,7 +166,8 @@ def run_variant(name: str, model: str, batch_size: int, steps: int, flops: float
 def main(argv):
   del argv
   if _CHILD.value:
-    result = run_variant(_CHILD.value, _MODEL.value, _BATCH.value, _STEPS.value, _FLOPS.value)
+    result = run_variant(_CHILD.value, _CONFIG.value, _MODEL.value, _BATCH.value, _STEPS.value,
+                         _FLOPS.value)
     print("RESULT " + json.dumps(result), flush=True)
     return
   names = _VARIANTS.value or list(VARIANTS)
@@ -177,7 +184,9 @@ def main(argv):
       continue
     began = time.perf_counter()
     command = [sys.executable, os.path.abspath(__file__), f"--child={name}",
-               f"--model={_MODEL.value}", f"--batch={_BATCH.value}", f"--steps={_STEPS.value}"]
+               f"--config={_CONFIG.value}", f"--batch={_BATCH.value}", f"--steps={_STEPS.value}"]
+    if _MODEL.value:
+      command.append(f"--model={_MODEL.value}")
     if flops and not VARIANTS[name][1]:
       command.append(f"--flops={flops}")
     try:
