@@ -7,13 +7,12 @@ the library.
 Time runs as in RAE: t = 0 data, t = 1 noise, used as-is in [0, 1].
 """
 
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.torch_sit import LabelEmbedder, PatchEmbed, sincos_2d
+from tests.torch_sit import LabelEmbedder, PatchEmbed, sincos_2d, unpatchify
 
 
 def rotate_half(x):
@@ -157,11 +156,7 @@ class DiTwDDTHead(nn.Module):
       self.pos_embed.data.copy_(torch.from_numpy(sincos_2d(body, grid)).float()[None])
 
   def unpatchify(self, x):
-    n, t, _ = x.shape
-    h = w = math.isqrt(t)
-    p, c = self.patch, self.out_channels
-    x = x.reshape(n, h, w, p, p, c)
-    return torch.einsum("nhwpqc->nchpwq", x).reshape(n, c, h * p, w * p)
+    return unpatchify(x, self.patch, self.out_channels)
 
   def forward(self, x, t, y):
     t_emb = self.t_embedder(t)

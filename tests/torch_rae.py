@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.torch_sit import unpatchify
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -114,9 +116,7 @@ class GeneralDecoder(nn.Module):
     return self.decoder_pred(self.decoder_norm(x))[:, 1:]
 
   def unpatchify(self, x):
-    n, p, g = x.shape[0], self.patch, self.grid
-    x = torch.einsum("nhwpqc->nchpwq", x.reshape(n, g, g, p, p, 3))
-    return x.reshape(n, 3, g * p, g * p)
+    return unpatchify(x, self.patch, 3)
 
   def decode(self, z):
     n, c, h, w = z.shape

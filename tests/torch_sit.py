@@ -23,6 +23,14 @@ def sincos_2d(dim: int, grid: int) -> np.ndarray:
   return np.concatenate([one_axis(cols), one_axis(rows)], axis=1)
 
 
+def unpatchify(x, patch, channels):
+  """(N, h w, p p c) tokens, channels last inside each patch -> (N, c, h p, w p)."""
+  n, t, _ = x.shape
+  h = w = math.isqrt(t)
+  x = x.reshape(n, h, w, patch, patch, channels)
+  return torch.einsum("nhwpqc->nchpwq", x).reshape(n, channels, h * patch, w * patch)
+
+
 def modulate(x, shift, scale):
   return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
@@ -134,11 +142,7 @@ class SiT(nn.Module):
       self.pos_embed.data.copy_(torch.from_numpy(sincos_2d(hidden_size, grid)).float()[None])
 
   def unpatchify(self, x):
-    n, t, _ = x.shape
-    h = w = math.isqrt(t)
-    p, c = self.patch, self.out_channels
-    x = x.reshape(n, h, w, p, p, c)
-    return torch.einsum("nhwpqc->nchpwq", x).reshape(n, c, h * p, w * p)
+    return unpatchify(x, self.patch, self.out_channels)
 
   def forward(self, x, t, y):
     x = self.x_embedder(x) + self.pos_embed
