@@ -6,7 +6,8 @@
 Each variant is ``--config`` (by default ``configs/imagenet_sit.py:sit_xl2``: bf16 compute,
 fp32 state, remat ``dots_no_batch``, scanned blocks, FSDP over every device, MixFlow;
 ``configs/imagenet_rae.py:xl`` measures RAE's DiT^DH-XL) with a few fields changed
-(``VARIANTS``), run in a process of its own: the device's peak-memory counter
+(``VARIANTS``; ``data.encoder='random'``: RAE's DINOv2-B in the step, random weights of
+the real shapes), run in a process of its own: the device's peak-memory counter
 (``memory_stats()['peak_bytes_in_use']``) cannot be reset within a process. A variant
 reports its compile seconds, the compiled program's own memory analysis (what
 ``mixflow plan`` reads, here from the accelerator's compiler), the real peak, seconds per
@@ -24,6 +25,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 from absl import app, flags
@@ -49,6 +51,10 @@ VARIANTS = {
     "standard": ({"objective.name": "standard"}, None),
     "float32": ({"model.dtype": "float32"}, None),
     "remat_full": ({"model.remat": "full"}, None),
+    "remat_dots_no_batch": ({"model.remat": "dots_no_batch"}, None),
+    # RAE's default: the frozen DINOv2-B encodes uint8 pixels inside the step (random
+    # weights of the real shapes; for configs/imagenet_rae.py).
+    "encoder_in_step": ({"data.encoder": "random"}, None),
     "default_b64": ({}, 64),
     "remat_none_b64": ({"model.remat": "none"}, 64),
 }
@@ -79,6 +85,33 @@ def _matmul_flops_per_sec() -> float:
   return 2 * _MATMUL**3 * 20 / (time.perf_counter() - start)
 
 
+def _random_rae(directory: str, side: int) -> str:
+  """``directory`` holding the ``rae.json`` of RAE's DINOv2-B encoder (224 px input at 16 x
+  16 latents) and ViT-XL decoder for ``side`` x ``side`` latents: all ``setup_step`` reads."""
+  import dataclasses
+
+  from mixflow_jax import pretrained, storage
+  from mixflow_jax.models import dinov2, vit_decoder
+
+  record = {"decoder": dataclasses.asdict(vit_decoder.ViTDecoderConfig(grid_size=side)),
+            "encoder": dataclasses.asdict(dinov2.Dinov2Config(grid_size=side))}
+  storage.write_json(os.path.join(directory, pretrained.RAE_JSON), record)
+  return directory
+
+
+def _random_like(abstract, seed: int = 0):
+  """Normal(0, 0.02) arrays of ``abstract``'s shapes and shardings (stats: var 1, mean 0)."""
+  import jax
+  import jax.numpy as jnp
+
+  leaves, tree = jax.tree.flatten(abstract)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  made = [jax.jit(lambda k, a=a: 0.02 * jax.random.normal(k, a.shape, a.dtype),
+                  out_shardings=a.sharding)(k) for k, a in zip(keys, leaves, strict=True)]
+  params, var, mean = jax.tree.unflatten(tree, made)
+  return params, jnp.ones_like(var), jnp.zeros_like(mean)
+
+
 def run_variant(name: str, spec: str, model: str | None, batch_size: int, steps: int,
                 flops: float) -> dict:
   """Compiles and times the train step of one variant on every local device."""
@@ -90,6 +123,7 @@ def run_variant(name: str, spec: str, model: str | None, batch_size: int, steps:
 
   overrides, batch = VARIANTS[name]
   config = _config(spec)
+  config.data.encoder = ""  # the step on latents, unless a variant puts the encoder in it
   config.model.name = model or config.model.name
   config.data.batch_size = batch or batch_size
   for field, value in overrides.items():
@@ -98,7 +132,10 @@ def run_variant(name: str, spec: str, model: str | None, batch_size: int, steps:
   config = train.resolve_t_law(config)
   mesh = sharding.make_mesh(config.train.num_fsdp)
   image_shape, num_classes = tuple(config.data.image_shape), config.data.num_classes
+  if config.data.encoder == "random":
+    config.data.encoder = _random_rae(tempfile.mkdtemp(), image_shape[0])
   setup = train.setup_step(config, image_shape, num_classes, mesh)
+  encoder_params = _random_like(setup.abstract_encoder) if setup.encoder else ()
 
   params = jax.jit(lambda k: train.init_params(setup.model, image_shape, k),
                    out_shardings=setup.state_shardings.params)(jax.random.key(0))
@@ -106,29 +143,32 @@ def run_variant(name: str, spec: str, model: str | None, batch_size: int, steps:
                   out_shardings=setup.state_shardings)(params, setup.tx)
   del params
   rng = np.random.default_rng(0)
+  images = (rng.standard_normal((config.data.batch_size, *image_shape), np.float32)
+            if setup.encoder is None else rng.integers(
+                0, 256, (config.data.batch_size, *setup.encoder.pixel_shape), np.uint8))
   batch = jax.device_put(
-      {"image": rng.standard_normal((config.data.batch_size, *image_shape), np.float32),
+      {"image": images,
        "label": rng.integers(0, num_classes, config.data.batch_size).astype(np.int32)},
       sharding.batch_sharding(mesh))
   key = jax.random.key(1)
 
   start = time.perf_counter()
-  compiled = setup.step_fn.lower(state, batch, key).compile()
+  compiled = setup.step_fn.lower(state, batch, key, encoder_params).compile()
   compile_seconds = time.perf_counter() - start
   memory = compiled.memory_analysis()
   for _ in range(2):
-    state, metrics = compiled(state, batch, key)
+    state, metrics = compiled(state, batch, key, encoder_params)
   jax.block_until_ready((state, metrics))
   start = time.perf_counter()
   for _ in range(steps):
-    state, metrics = compiled(state, batch, key)
+    state, metrics = compiled(state, batch, key, encoder_params)
   jax.block_until_ready((state, metrics))
   seconds = (time.perf_counter() - start) / steps
   loss = float(metrics.loss.compute())
   if _PROFILE.value:
     with jax.profiler.trace(os.path.join(_PROFILE.value, name)):
       for _ in range(2):
-        state, metrics = compiled(state, batch, key)
+        state, metrics = compiled(state, batch, key, encoder_params)
       jax.block_until_ready((state, metrics))
 
   device = jax.devices()[0]
@@ -187,14 +227,15 @@ def main(argv):
                f"--config={_CONFIG.value}", f"--batch={_BATCH.value}", f"--steps={_STEPS.value}"]
     if _MODEL.value:
       command.append(f"--model={_MODEL.value}")
-    if flops and not VARIANTS[name][1]:
+    overrides, batch = VARIANTS[name]
+    if flops and not batch and "data.encoder" not in overrides:  # the default's FLOPs
       command.append(f"--flops={flops}")
     try:
       done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=left)
       lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
       if lines:
         result = json.loads(lines[-1][len("RESULT "):])
-        flops = flops or (result["flops_per_step"] if not VARIANTS[name][1] else 0.0)
+        flops = flops or (result["flops_per_step"] if name == "default" else 0.0)
       else:
         result = {"variant": name, "error": done.stderr[-3000:]}
     except subprocess.TimeoutExpired:

@@ -74,15 +74,15 @@ def jax_step(name: str, batch: int, scan: bool, shape: tuple[int, ...], classes:
   data = {"image": jnp.asarray(rng.standard_normal((batch, *shape)), jnp.float32),
           "label": jnp.asarray(rng.integers(0, classes, batch), jnp.int32)}
   key = jax.random.key(1)
-  compiled = s.step_fn.lower(state, data, key).compile()
-  state, _ = compiled(state, data, key)
+  compiled = s.step_fn.lower(state, data, key, ()).compile()
+  state, _ = compiled(state, data, key, ())
   jax.block_until_ready(state)
   flops = float(train.model_flops_per_step(config, s))
 
   def run(n: int):
     nonlocal state
     for _ in range(n):
-      state, metrics = compiled(state, data, key)
+      state, metrics = compiled(state, data, key, ())
     jax.block_until_ready((state, metrics))
 
   return run, flops

@@ -2,13 +2,18 @@
 Autoencoders") with MixFlow, on DINOv2-B latents of ImageNet.
 
     mixflow convert --checkpoint=stage2_model.pt --out=$BASE --model=DiTDH-XL
+    mixflow encode --images=$IMAGENET/train --pixels --out=$PIXELS
     mixflow train  --config=configs/imagenet_rae.py --workdir=$RUN \\
-        --config.train.init_from=$BASE --config.data.path=$LATENTS
+        --config.train.init_from=$BASE --config.data.path=$PIXELS --config.data.encoder=$RAE
 
 Variants: 'xl' (256 px, default; sampled without guidance: RAE's 1.51 FID setting), 'xl_ag'
 (256 px, autoguidance 1.42 by the DiT^DH-S epoch-14 guide in ``sample.guide``: RAE's 1.13),
 'xl_512' and 'xl_512_ag' (512 px: 32 x 32 latents, autoguidance 1.5 by the S epoch-20 guide).
-The data is an ``arrays`` folder of normalised RAE latents (H, W, 768) with ImageNet labels.
+The data, as RAE trains: ADM center crops (uint8, ``mixflow encode --pixels``), mirrored at
+random, encoded by the frozen DINOv2-B of the RAE folder ``data.encoder`` inside the train
+step (``mixflow convert --rae_decoder ... --rae_encoder``). Or stored latents:
+``--config.data.encoder= --config.data.path=$LATENTS`` (``mixflow encode --rae --flip``:
+2.0 TB in fp32 for ImageNet at 256 px with the mirrors, against 0.25 TB of crops).
 
 Every setting is RAE's published one (bytetriper/RAE, configs/stage2/training/ImageNet256/
 DiTDH-XL_DINOv2-B.yaml and the sampling yamls under configs/stage2/sampling/), or MixFlow's
@@ -52,7 +57,9 @@ def get_config(variant: str = "xl") -> ml_collections.ConfigDict:
   config.data.num_classes = 1000
   config.data.heldout_fraction = 0.001
   config.data.batch_size = 1024
-  config.data.image_shape = (side, side, _CHANNELS)
+  config.data.image_shape = (side, side, _CHANNELS)  # the model's input: the latents
+  config.data.encoder = "RAE_DIR"  # a converted RAE folder: set --config.data.encoder
+  config.data.flip = True          # RAE's RandomHorizontalFlip (src/train.py)
   config.data.num_threads = 4
 
   config.model.name = "DiTDH-XL"

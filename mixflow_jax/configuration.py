@@ -38,6 +38,9 @@ def default_config() -> ml_collections.ConfigDict:
       # example per epoch (latent folders must store mirrors: `mixflow encode --flip`).
       flip=False,
       num_threads=1,            # grain threads reading batches (more for slow storage)
+      # An RAE folder with its encoder (`mixflow convert --rae_decoder ... --rae_encoder`):
+      # the data are uint8 pixels (`mixflow encode --pixels`), encoded in the train step.
+      encoder="",
       # (H, W, C) of the images or latents, for `mixflow plan` without the data (default:
       # the data's own shape).
       image_shape=config_dict.placeholder(tuple),
@@ -253,6 +256,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   if d.name == "arrays" and (needs_data or d.image_shape is None):
     _check(bool(d.path), "data.path", d.path, "the folder of images.npy and labels.npy "
            "(data.name='arrays' reads it)")
+  _check(not d.encoder or d.name == "arrays", "data.encoder", d.encoder,
+         "unset unless data.name='arrays' (a folder of uint8 pixels)")
   _check(d.num_classes is None or d.num_classes > 0, "data.num_classes", d.num_classes,
          "a positive integer")
   _check(0 < d.heldout_fraction < 1, "data.heldout_fraction", d.heldout_fraction,

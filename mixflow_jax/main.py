@@ -78,6 +78,9 @@ _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "encode: the manual downlo
 _SPLIT = flags.DEFINE_string("split", "train", "encode: the --tfds split.")
 _FLIP = flags.DEFINE_bool("flip", False, "encode: also store the latents of each image's "
                           "horizontal mirror (2 rows per image), for data.flip=True.")
+_PIXELS = flags.DEFINE_bool("pixels", False, "encode: store the uint8 crops themselves "
+                            "instead of latents, for an encoder in the train step "
+                            "(config.data.encoder: RAE's default).")
 _MODEL = flags.DEFINE_string("model", None, "convert: the named size to check against "
                              "(e.g. SiT-XL/2); by default inferred from the weights.")
 _NUM_HEADS = flags.DEFINE_integer(
@@ -189,11 +192,13 @@ COMMANDS = {
          "time_convention", "num_heads", "class_dropout_prob", "path"), ()),
     "encode": _Command(
         "Encode an ImageFolder or a TFDS dataset to SD-VAE latent moments (or normalised "
-        "RAE latents: --rae) for data.name='arrays' (resumable).",
+        "RAE latents: --rae; or keep the uint8 crops: --pixels) for data.name='arrays' "
+        "(resumable).",
         "--images=DIR|--tfds=NAME [--tfds_data_dir=DIR --manual_dir=DIR --split=train] "
-        "--vae=DIR|--rae=DIR --out=DIR [--image_size=256] [--flip] [--distributed ...]",
-        ("images", "tfds", "tfds_data_dir", "manual_dir", "split", "vae", "rae", "out",
-         "image_size", "flip", *_JOB[2:]), ()),
+        "--vae=DIR|--rae=DIR|--pixels --out=DIR [--image_size=256] [--flip] "
+        "[--distributed ...]",
+        ("images", "tfds", "tfds_data_dir", "manual_dir", "split", "vae", "rae", "pixels",
+         "out", "image_size", "flip", *_JOB[2:]), ()),
     "plan": _Command(
         "Compile the config's train step for a mesh (--num_devices fakes one) and report "
         "memory per device, FLOPs and the sharding; needs no data.",
@@ -409,11 +414,11 @@ def _dispatch(command: str) -> None:
     print(f"Wrote {_OUT.value}: {config}")
     return
   if command == "encode":
-    if ((_IMAGES.value is None) == (_TFDS.value is None)
-        or (_VAE.value is None) == (_RAE.value is None) or _OUT.value is None):
+    if ((_IMAGES.value is None) == (_TFDS.value is None) or _OUT.value is None
+        or (_VAE.value is not None) + (_RAE.value is not None) + _PIXELS.value != 1):
       raise errors.UserError("give --images=DIR (an ImageFolder) or --tfds=NAME, one of "
-                             "--vae=DIR (an SD-VAE) or --rae=DIR (an RAE with its encoder), "
-                             "and --out=DIR.")
+                             "--vae=DIR (an SD-VAE), --rae=DIR (an RAE with its encoder) or "
+                             "--pixels (the crops themselves), and --out=DIR.")
     if _DISTRIBUTED.value:
       _join_job()
     from mixflow_jax.data import encode, image_sources
@@ -423,8 +428,8 @@ def _dispatch(command: str) -> None:
     rae = _RAE.value is not None
     rows = encode.encode(source, _RAE.value if rae else _VAE.value, _OUT.value,
                          _IMAGE_SIZE.value, flip=_FLIP.value, rae=rae)
-    what = ("normalised RAE latents (images.npy" if rae
-            else "latent moments (images.npy, std.npy")
+    what = ("normalised RAE latents (images.npy" if rae else "uint8 crops (images.npy"
+            if _PIXELS.value else "latent moments (images.npy, std.npy")
     print(f"Wrote {_OUT.value}: {rows} rows of {what}, labels.npy, manifest.json).")
     return
   config = _config()

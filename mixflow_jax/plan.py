@@ -36,12 +36,13 @@ GiB = 2**30
 
 
 def _data_shape(config: ml_collections.ConfigDict) -> tuple[tuple[int, int, int], int]:
-  """(image shape (H, W, C), number of classes): the config's, else the data's."""
+  """(the model's input shape (H, W, C), number of classes): the config's, else the
+  data's (with ``data.encoder``, the latents of its pixels)."""
   d = config.data
   if d.image_shape is not None and d.num_classes is not None:
     return tuple(d.image_shape), d.num_classes
   dataset = load_dataset(d)
-  return dataset.image_shape, dataset.num_classes
+  return train.model_input_shape(config, dataset), dataset.num_classes
 
 
 def _shard_bytes(leaf: jax.ShapeDtypeStruct) -> int:
@@ -59,7 +60,8 @@ def plan(config: ml_collections.ConfigDict) -> dict[str, Any]:
   batch = train.abstract_batch(setup, config.data.batch_size)
 
   start = time.perf_counter()
-  lowered = setup.step_fn.lower(setup.abstract_state, batch, jax.random.key(0))
+  lowered = setup.step_fn.lower(setup.abstract_state, batch, jax.random.key(0),
+                                setup.abstract_encoder)
   lower_seconds = time.perf_counter() - start
   compiled = lowered.compile()
   compile_seconds = time.perf_counter() - start - lower_seconds
@@ -86,6 +88,9 @@ def plan(config: ml_collections.ConfigDict) -> dict[str, Any]:
       "mesh": dict(mesh.shape),
       "batch_size": config.data.batch_size,
       "image_shape": list(image_shape),
+      "encoder": config.data.encoder or None,
+      "encoder_bytes_per_device": int(sum(_shard_bytes(x) for x in
+                                          jax.tree.leaves(setup.abstract_encoder))),
       "dtype": config.model.dtype,
       "remat": config.model.remat,
       "scan_blocks": config.model.scan_blocks,
@@ -127,6 +132,11 @@ def format_table(result: dict[str, Any]) -> str:
       ("temp per device", gib("temp_bytes_per_device")),
       ("train state", f"{gib('state_bytes_per_device')} per device of "
                       f"{gib('state_bytes')}"),
+  ]
+  if result["encoder"]:
+    rows.append(("encoder in the step", f"{gib('encoder_bytes_per_device')} per device "
+                                        f"({result['encoder']})"))
+  rows += [
       ("model FLOPs per step", f"{result['flops_per_step']:.4g}"),
       ("compile", f"{result['compile_seconds']:.1f} s (lowering "
                   f"{result['lower_seconds']:.1f} s)"),

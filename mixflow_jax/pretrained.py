@@ -122,6 +122,11 @@ def load_rae(directory: str, encoder: bool = True) -> RAE:
   if encoder and config.encoder is not None:
     encoder_params, _ = checkpoints.load_params(
         directory, dinov2.abstract_params(config.encoder), field="encoder")
+  return RAE(config, decoder_params, load_rae_stats(directory, config), encoder_params)
+
+
+def load_rae_stats(directory: str, config: RAEConfig) -> dinov2.LatentStats:
+  """The latent statistics of the RAE folder ``directory`` (its ``stats.npz``)."""
   stats_path = checkpoints.run_root(directory) / RAE_STATS
   if not stats_path.is_file():
     raise errors.MissingInput(f"No {RAE_STATS} in {directory!r}: convert the RAE again.")
@@ -131,9 +136,8 @@ def load_rae(directory: str, encoder: bool = True) -> RAE:
     raise errors.InvalidInput(f"{stats_path}: 'var' is {got}; the decoder takes latents "
                               f"{config.latent_shape} (h, w, C).")
   mean = arrays.get("mean")
-  stats = dinov2.LatentStats(var=jnp.asarray(arrays["var"]),
-                             mean=None if mean is None else jnp.asarray(mean))
-  return RAE(config, decoder_params, stats, encoder_params)
+  return dinov2.LatentStats(var=jnp.asarray(arrays["var"]),
+                            mean=None if mean is None else jnp.asarray(mean))
 
 
 def inception_record(path: str) -> epath.Path:

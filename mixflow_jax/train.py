@@ -1,7 +1,9 @@
 """Training: the train state, the pure train step, and the loop around it.
 
-``train_step(state, batch, rng) -> (state, metrics)`` is a pure function of pytrees,
-compiled once with ``jax.jit`` over explicit shardings. The loop around it resumes from
+``train_step(state, batch, rng, encoder_params) -> (state, metrics)`` is a pure function of
+pytrees, compiled once with ``jax.jit`` over explicit shardings (``encoder_params``: the
+frozen encoder of ``config.data.encoder`` that turns batches of pixels into latents in the
+step, or ``()``). The loop around it resumes from
 ``<workdir>/checkpoints`` automatically, warm-starts from another run with
 ``config.train.init_from`` (which is what post-training is), writes clu metrics
 (TensorBoard and the log; with images/s and MFU), stops at the first non-finite loss,
@@ -36,6 +38,7 @@ from mixflow_jax import (
     checkpoints,
     configuration,
     hardware,
+    latent_encoder,
     runs,
     sharding,
     storage,
@@ -183,16 +186,22 @@ def create_train_state(params: Any, tx: optax.GradientTransformation) -> TrainSt
                     opt_state=tx.init(params))
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
-               apply_fn: ApplyFn, objective: Objective, tx: optax.GradientTransformation,
-               ema_decay: float) -> tuple[TrainState, TrainMetrics]:
+def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
+               encoder_params: Any = (), *, apply_fn: ApplyFn, objective: Objective,
+               tx: optax.GradientTransformation, ema_decay: float,
+               encoder: latent_encoder.RAEEncoder | None = None
+               ) -> tuple[TrainState, TrainMetrics]:
   """One optimisation step. The step's randomness is ``fold_in(rng, state.step)``, split
   into the objective's key and the posterior's.
 
-  A batch with ``image_std`` holds VAE posterior moments: the step trains on a fresh
-  latent ``image + image_std * eps`` (as encoding every step would).
+  With ``encoder``, the batch holds uint8 pixels and the step trains on their latents
+  ``encoder(encoder_params, image)`` (frozen: no gradient). A batch with ``image_std``
+  holds VAE posterior moments: the step trains on a fresh latent ``image + image_std *
+  eps`` (as encoding every step would).
   """
   key, posterior_key = jax.random.split(jax.random.fold_in(rng, state.step))
+  if encoder is not None:
+    batch = {"image": encoder(encoder_params, batch["image"]), "label": batch["label"]}
   if "image_std" in batch:
     eps = jax.random.normal(posterior_key, batch["image"].shape, batch["image"].dtype)
     batch = {"image": batch["image"] + batch["image_std"] * eps, "label": batch["label"]}
@@ -215,7 +224,10 @@ class StepSetup:
   """Everything the train step of a config needs, built without data or parameters.
 
   ``abstract_state`` holds ShapeDtypeStructs carrying ``state_shardings``; ``step_fn`` is
-  the jitted ``train_step(state, batch, rng)`` over the mesh (the state donated).
+  the jitted ``train_step(state, batch, rng, encoder_params)`` over the mesh (the state
+  donated). ``image_shape`` is the model's input (H, W, C); with ``encoder`` the batches
+  hold its uint8 pixels, and ``abstract_encoder`` its parameters (sharded by the same
+  partition rules as the state; ``()`` without one).
   """
 
   model: Model
@@ -226,36 +238,59 @@ class StepSetup:
   abstract_state: TrainState
   state_shardings: TrainState
   step_fn: Callable
+  encoder: latent_encoder.RAEEncoder | None = None
+  abstract_encoder: Any = ()
+
+
+def _sharded(abstract: Any, config: ml_collections.ConfigDict, mesh: Mesh) -> Any:
+  """``abstract`` (ShapeDtypeStructs) carrying the shardings of the config's partition
+  rules."""
+  shardings = sharding.state_sharding(abstract, mesh, config.train.partition_rules,
+                                      config.train.fsdp_min_size)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
 
 
 def setup_step(config: ml_collections.ConfigDict, image_shape: tuple[int, int, int],
                num_classes: int, mesh: Mesh) -> StepSetup:
   """The model, objective, optimizer, sharded abstract state and jitted step of ``config``
-  for images of ``image_shape`` (H, W, C) over ``mesh``."""
+  for a model on inputs of ``image_shape`` (H, W, C) over ``mesh``; with
+  ``config.data.encoder``, ``image_shape`` must be the encoder's latent shape (the step
+  encodes batches of pixels; only the folder's ``rae.json`` is read here)."""
+  encoder = (latent_encoder.from_folder(config.data.encoder) if config.data.encoder
+             else None)
+  if encoder is not None and tuple(image_shape) != encoder.latent_shape:
+    raise configuration.ConfigError(
+        f"config.data.encoder={config.data.encoder!r} encodes latents "
+        f"{encoder.latent_shape}, but the model was asked for {tuple(image_shape)} "
+        "(config.data.image_shape).")
   model = make_model(config, image_shape, num_classes, mesh)
   objective = make_objective(config, model)
   tx = make_optimizer(config.optim, config.train.steps, families.frozen_params(model.config))
-  abstract = jax.eval_shape(
-      lambda k: create_train_state(init_params(model, image_shape, k), tx), jax.random.key(0))
-  shardings = sharding.state_sharding(abstract, mesh, config.train.partition_rules,
-                                      config.train.fsdp_min_size)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shardings)
+  abstract = _sharded(jax.eval_shape(
+      lambda k: create_train_state(init_params(model, image_shape, k), tx), jax.random.key(0)),
+      config, mesh)
+  shardings = jax.tree.map(lambda a: a.sharding, abstract)
+  abstract_encoder = () if encoder is None else _sharded(encoder.abstract_params(), config,
+                                                         mesh)
   step_fn = jax.jit(
       functools.partial(train_step, apply_fn=make_apply_fn(model), objective=objective, tx=tx,
-                        ema_decay=config.optim.ema_decay),
-      in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+                        ema_decay=config.optim.ema_decay, encoder=encoder),
+      in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh),
+                    jax.tree.map(lambda a: a.sharding, abstract_encoder)),
       out_shardings=(shardings, sharding.replicated(mesh)),
       donate_argnums=0)
   return StepSetup(model, objective, tx, mesh, tuple(image_shape), abstract, shardings,
-                   step_fn)
+                   step_fn, encoder, abstract_encoder)
 
 
 def abstract_batch(setup: StepSetup, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-  """The global batch the step takes, as sharded ShapeDtypeStructs."""
+  """The global batch the step takes, as sharded ShapeDtypeStructs: images of the model's
+  input, or the encoder's uint8 pixels."""
   batch_sharding = sharding.batch_sharding(setup.mesh)
-  return {"image": jax.ShapeDtypeStruct((batch_size, *setup.image_shape), jnp.float32,
-                                        sharding=batch_sharding),
+  shape, dtype = ((setup.image_shape, jnp.float32) if setup.encoder is None
+                  else (setup.encoder.pixel_shape, jnp.uint8))
+  return {"image": jax.ShapeDtypeStruct((batch_size, *shape), dtype, sharding=batch_sharding),
           "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=batch_sharding)}
 
 
@@ -265,14 +300,15 @@ def model_flops_per_step(config: ml_collections.ConfigDict, setup: StepSetup) ->
   FLOPs are not counted by XLA) and unrolled blocks (a loop body is counted once), for the
   whole batch on one device. Lowering only, and for the CPU backend whatever the devices
   of ``setup``: the GPU and TPU plugins do not count the FLOPs of a lowered program
-  (``Lowered.cost_analysis`` is not implemented on PJRT C API backends)."""
+  (``Lowered.cost_analysis`` is not implemented on PJRT C API backends). An encoder in the
+  step (``config.data.encoder``) counts: its forward pass is work of the step."""
   plain = config.copy_and_resolve_references()
   with plain.unlocked():
     plain.model.remat, plain.model.attention, plain.model.scan_blocks = "none", "xla", False
   cpu = sharding.make_mesh(1, jax.devices("cpu")[:1])
   s = setup_step(plain, setup.image_shape, setup.model.config.num_classes, cpu)
   lowered = s.step_fn.lower(s.abstract_state, abstract_batch(s, config.data.batch_size),
-                            jax.random.key(0))
+                            jax.random.key(0), s.abstract_encoder)
   return float(lowered.cost_analysis()["flops"])
 
 
@@ -390,6 +426,30 @@ def _data_position(config: ml_collections.ConfigDict, manager: ocp.CheckpointMan
   return int(stored["position"])
 
 
+def model_input_shape(config: ml_collections.ConfigDict, dataset: ImageDataset
+                      ) -> tuple[int, int, int]:
+  """The (H, W, C) the model takes from ``dataset``: its own shape, or with
+  ``config.data.encoder`` the latents of its uint8 pixels. ConfigError naming the fields
+  when pixels come without an encoder, or the encoder takes other pixels."""
+  pixels = dataset.train_images.dtype == np.uint8
+  where = f"config.data.path={config.data.path!r}"
+  if not config.data.encoder:
+    if pixels:
+      raise configuration.ConfigError(
+          f"{where} holds uint8 pixels {dataset.image_shape}: set config.data.encoder to "
+          "an RAE folder with its encoder, which encodes them in the train step.")
+    return dataset.image_shape
+  encoder = latent_encoder.from_folder(config.data.encoder)
+  if not pixels or dataset.image_shape != encoder.pixel_shape:
+    held = (f"uint8 pixels {dataset.image_shape}" if pixels
+            else f"{dataset.train_images.dtype} {dataset.image_shape} (not pixels)")
+    raise configuration.ConfigError(
+        f"{where} holds {held}, but config.data.encoder={config.data.encoder!r} encodes "
+        f"uint8 pixels {encoder.pixel_shape} (`mixflow encode --pixels --image_size="
+        f"{encoder.pixel_shape[0]}` writes them; unset config.data.encoder for latents).")
+  return encoder.latent_shape
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *,
           dataset: ImageDataset | None = None,
           batches: Iterator[dict[str, np.ndarray]] | None = None) -> TrainState:
@@ -409,7 +469,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   if not tr.init_from:
     pretraining_t_law = config.objective.t_law
   dataset = dataset or load_dataset(config.data)
-  s = setup_step(config, dataset.image_shape, dataset.num_classes, mesh)
+  s = setup_step(config, model_input_shape(config, dataset), dataset.num_classes, mesh)
   init_key, rng = jax.random.split(jax.random.key(config.seed))
 
   # A resumed run keeps what defines its model; a warm start keeps the architecture (its
@@ -422,6 +482,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                               f"{tr.init_from!r} (its {runs.MODEL_JSON})")
   manager = checkpoints.make_manager(workdir, tr.checkpoint_every, tr.keep_checkpoints)
   state = _restore_or_init(config, workdir, s, manager, init_key)
+  encoder_params = s.encoder.load_params(s.abstract_encoder) if s.encoder else ()
   if jax.process_index() == 0:
     runs.write_record(workdir, s.model.config, config.objective.path,
                       param_layout=param_layout(s.model), pretraining_t_law=pretraining_t_law,
@@ -474,7 +535,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
           jax.profiler.start_trace(str(storage.path(workdir) / "profile"))
           profiling = True
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
-          state, step_metrics = s.step_fn(state, next(batches), rng)
+          state, step_metrics = s.step_fn(state, next(batches), rng, encoder_params)
         interval = step_metrics if interval is None else interval.merge(step_metrics)
         if step == start + 1:  # Throughput is timed from the end of the compiled first step.
           jax.block_until_ready(state)

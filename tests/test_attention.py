@@ -62,8 +62,9 @@ def test_flash_refuses_a_token_count_it_cannot_tile():
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
-def test_cudnn_matches_xla_in_bf16():
-  shape = (2, 256, 4, 72)  # SiT-XL/2's tokens and head dim
+@pytest.mark.parametrize("head_dim", [72, 128])  # SiT-XL/2's and DiT^DH-XL's body; its head
+def test_cudnn_matches_xla_in_bf16(head_dim):
+  shape = (2, 256, 4, head_dim)  # 256 tokens: SiT-XL/2's and DiT^DH-XL's
   q, k, v, cotangent = _qkv_and_cotangent(shape, jnp.bfloat16)
   out, grads = _output_and_grads("cudnn", q, k, v, cotangent)
   # The reference: XLA on the same (bf16-rounded) values, computed in fp32.

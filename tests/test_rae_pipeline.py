@@ -7,13 +7,14 @@ mirrors')."""
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from mixflow_jax import configuration, errors, generate, pretrained, train
+from mixflow_jax import configuration, errors, generate, plan, pretrained, train
 from mixflow_jax.convert import rae
 from mixflow_jax.data import encode, image_sources, sources
 from mixflow_jax.models import dinov2
@@ -150,11 +151,17 @@ def test_sample_decodes_rae_latents_to_raes_uint8(files, tmp_path):
     generate.sample_job(other, other_dir)
 
 
-def test_encode_writes_normalised_rae_latents_and_mirrors(files, tmp_path):
+@pytest.fixture(scope="module")
+def encoded(files, tmp_path_factory):
+  """An RAE folder with encoder whose decoder makes 64 px images (the encoder's pixels), an
+  ImageFolder of 2 x 3 images and its `mixflow encode --rae --flip` latents."""
   root, _, _ = files
+  tmp_path = tmp_path_factory.mktemp("encoded")
+  _write_decoder(tmp_path / "model.pt", patch_size=test_rae_encoder.IMAGE // GRID)
   rae_dir = str(tmp_path / "rae")
-  _convert(root, rae_dir, encoder=str(root / "encoder.bin"),
-           encoder_input=test_rae_encoder.INPUT, encoder_heads=test_rae_encoder.HEADS)
+  rae.convert_rae(str(tmp_path / "model.pt"), str(root / "stat.pt"), rae_dir,
+                  decoder_heads=DECODER["num_heads"], encoder=str(root / "encoder.bin"),
+                  encoder_input=test_rae_encoder.INPUT, encoder_heads=test_rae_encoder.HEADS)
   rng = np.random.default_rng(0)
   for c, name in enumerate(("a", "b")):
     (tmp_path / "images" / name).mkdir(parents=True)
@@ -166,6 +173,11 @@ def test_encode_writes_normalised_rae_latents_and_mirrors(files, tmp_path):
   out = tmp_path / "latents"
   rows = encode.encode(source, rae_dir, str(out), image_size=test_rae_encoder.IMAGE,
                        batch_size=4, flip=True, rae=True)
+  return rae_dir, source, out, rows
+
+
+def test_encode_writes_normalised_rae_latents_and_mirrors(encoded, tmp_path):
+  rae_dir, source, out, rows = encoded
   assert rows == 12 and not (out / "std.npy").exists()
   manifest = json.loads((out / "manifest.json").read_text())
   assert manifest["moments"] == ["images"] and manifest["rae"] == rae_dir
@@ -182,3 +194,44 @@ def test_encode_writes_normalised_rae_latents_and_mirrors(files, tmp_path):
   assert dataset.train_std is None and dataset.image_shape == (GRID, GRID, CHANNELS)
   with pytest.raises(errors.InvalidInput, match=r"--vae=.* is a converted RAE: pass it as --rae"):
     encode.encode(source, rae_dir, str(tmp_path / "other"), image_size=64, batch_size=4)
+
+
+def test_training_encodes_pixels_in_the_step_as_the_stored_latents(encoded, tmp_path):
+  """RAE's default: `mixflow encode --pixels` crops, encoded by the frozen encoder inside
+  the train step (``data.encoder``), train exactly as the `--rae --flip` latents of the
+  same crops do: same rows, same mirrors (flipped pixels vs stored mirror latents)."""
+  rae_dir, source, latents, _ = encoded
+  pixels = tmp_path / "pixels"
+  assert encode.encode(source, None, str(pixels), image_size=test_rae_encoder.IMAGE,
+                       batch_size=4) == 6
+  assert np.load(pixels / "images.npy").dtype == np.uint8
+  config = _config()
+  config.data.update(name="arrays", path=str(pixels), encoder=rae_dir, flip=True,
+                     batch_size=4)
+  config.train.update(steps=3, checkpoint_every=3)
+  on_the_fly = train.train(config, str(tmp_path / "a"))
+  stored = _with(config, path=str(latents), encoder="")
+  from_latents = train.train(stored, str(tmp_path / "b"))
+  moved = jax.tree.map(lambda p, e: float(jnp.abs(p - e).max()), on_the_fly.params,
+                       on_the_fly.ema_params)
+  assert max(jax.tree.leaves(moved)) > 1e-3  # the steps changed the weights
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5),
+               on_the_fly.params, from_latents.params)
+  result = plan.plan(config)
+  assert result["encoder"] == rae_dir and result["encoder_bytes_per_device"] > 0
+
+  with pytest.raises(configuration.ConfigError,
+                     match=r"data\.path=.*uint8 pixels.*set config\.data\.encoder"):
+    train.train(_with(config, encoder=""), str(tmp_path / "c"))
+  with pytest.raises(configuration.ConfigError,
+                     match=r"data\.path=.*float32 .*not pixels.*data\.encoder="):
+    train.train(_with(config, path=str(latents)), str(tmp_path / "d"))
+  with pytest.raises(errors.InvalidInput, match=r"--flip.*pixels"):
+    encode.encode(source, None, str(tmp_path / "e"), image_size=64, batch_size=4, flip=True)
+
+
+def _with(config, **data):
+  """A copy of ``config`` with ``data`` fields replaced."""
+  config = config.copy_and_resolve_references()
+  config.data.update(**data)
+  return config

@@ -6,13 +6,13 @@ import dataclasses
 
 import numpy as np
 
-Batch = dict[str, np.ndarray]  # {'image': (B, H, W, C) float32, 'label': (B,) int32}
+Batch = dict[str, np.ndarray]  # {'image': (B, H, W, C) float32 or uint8, 'label': (B,) int32}
 
 
 @dataclasses.dataclass(frozen=True)
 class ImageDataset:
-  """Train and held-out images (N, H, W, C) float32 in [-1, 1] (or latents) with labels
-  (N,) int32.
+  """Train and held-out images (N, H, W, C) float32 in [-1, 1] (or latents; or uint8
+  pixels, which an encoder in the train step turns into latents) with labels (N,) int32.
 
   Latent datasets may hold, row for row with ``train_images``, the latents of each image's
   horizontal mirror (``train_mirrors``: a flipped latent is not the latent of the flipped

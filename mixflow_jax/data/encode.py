@@ -1,6 +1,8 @@
 """An ImageFolder -> the ``arrays`` folder of VAE latents that latent models train on
 (``mixflow encode --images=DIR --vae=DIR --out=DIR``, ``configs/imagenet_sit.py``), or of
-RAE latents (``mixflow encode --images=DIR --rae=DIR --out=DIR``: ``configs/imagenet_rae.py``).
+RAE latents (``mixflow encode --images=DIR --rae=DIR --out=DIR``), or of the uint8 crops
+themselves (``mixflow encode --images=DIR --pixels --out=DIR``), which RAE's encoder turns
+into latents inside the train step (``config.data.encoder``, ``configs/imagenet_rae.py``).
 
 Images: ImageFolder layout (one subfolder per class, e.g. ImageNet's
 ``train/n01440764/*.JPEG``), converted to RGB, ADM center-cropped to ``image_size``
@@ -29,7 +31,8 @@ flip is), so an image and its mirror land on the same side of the split (except 
 one pair at the boundary).
 
 Output: ``out/images.npy`` and ``out/std.npy`` (rows, s / f, s / f, latent_channels) float32
-(RAE: ``images.npy`` (rows, h, w, C) only), preallocated and memory-mapped;
+(RAE: ``images.npy`` (rows, h, w, C) only; pixels: ``images.npy`` (rows, S, S, 3) uint8),
+preallocated and memory-mapped;
 ``out/labels.npy`` (rows,) int32, ``out/classes.json`` (class folder names in label order)
 and ``out/manifest.json`` (rows, shape, dtype, VAE or RAE, crop, flip, and each file's size
 and sha256), written when the last row is; ``out/progress.json`` (rows done and a
@@ -65,7 +68,6 @@ from mixflow_jax.data.image_sources import (
     folder_source,
     list_image_folder,
 )
-from mixflow_jax.models import dinov2
 from mixflow_jax.models.vae import AutoencoderKL, VAEConfig
 
 __all__ = ["IMAGE_EXTENSIONS", "center_crop_adm", "encode", "encode_folder",
@@ -76,6 +78,7 @@ CLASSES_JSON = "classes.json"
 MANIFEST_JSON = "manifest.json"
 MOMENTS = ("images", "std")  # the files of the posterior's scaled mean and std
 RAE_MOMENTS = ("images",)     # RAE's deterministic normalised latent
+PIXELS = ("images",)          # the uint8 crops, for an encoder in the train step
 FORMAT_VERSION = 2
 _PREFETCH_BATCHES = 4  # batches decoded ahead of the encoder
 
@@ -101,15 +104,6 @@ def _encode_batch(config: VAEConfig, params: dict, images: jax.Array
           jnp.exp(0.5 * logvar) * config.scaling_factor)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _rae_encode_batch(config: dinov2.Dinov2Config, params: tuple[dict, dinov2.LatentStats],
-                      images: jax.Array) -> tuple[jax.Array]:
-  """uint8 images (B, S, S, 3) -> (RAE's normalised latent (B, h, w, C),)."""
-  encoder_params, stats = params
-  x = images.astype(jnp.float32) / 255.0
-  return (dinov2.rae_encode(dinov2.Dinov2WithRegisters(config), encoder_params, x, stats),)
-
-
 @dataclasses.dataclass(frozen=True)
 class _Autoencoder:
   """What ``encode`` needs of a converted autoencoder: ``fn(params, uint8 images)`` -> a
@@ -121,13 +115,18 @@ class _Autoencoder:
   latent: tuple[int, int, int]
   moments: tuple[str, ...]
   record: dict
+  dtype: type = np.float32
 
 
-def _autoencoder(directory: str, image_size: int, rae: bool) -> _Autoencoder:
+def _autoencoder(directory: str | None, image_size: int, rae: bool) -> _Autoencoder:
   """The VAE (``mixflow convert --vae``) or, when ``rae``, the RAE with an encoder
-  (``mixflow convert --rae_decoder ... --rae_encoder``) in ``directory``."""
-  from mixflow_jax import pretrained
+  (``mixflow convert --rae_decoder ... --rae_encoder``) in ``directory``; None: the
+  crops themselves (uint8), for an encoder in the train step (``config.data.encoder``)."""
+  from mixflow_jax import latent_encoder, pretrained
 
+  if directory is None:
+    return _Autoencoder(jax.jit(lambda _, pixels: (pixels,)), None,
+                        (image_size, image_size, 3), PIXELS, {"pixels": True}, np.uint8)
   flag = "--rae" if rae else "--vae"
   kind = pretrained.autoencoder_kind(directory, flag)
   if kind != ("rae" if rae else "vae"):
@@ -147,16 +146,12 @@ def _autoencoder(directory: str, image_size: int, rae: bool) -> _Autoencoder:
         (side, side, config.latent_channels), MOMENTS,
         {"vae": os.path.abspath(directory),
          "vae_config": json.loads(json.dumps(dataclasses.asdict(config)))})
-  model = pretrained.load_rae(directory)
-  if model.config.encoder is None:
-    raise errors.InvalidInput(
-        f"--rae={directory!r} has no encoder: convert it again with "
-        "--rae_encoder=model.safetensors (the DINOv2-with-registers weights).")
+  encoder = latent_encoder.from_folder(directory, flag)
   return _Autoencoder(
-      functools.partial(_rae_encode_batch, model.config.encoder),
-      (model.encoder_params, model.stats), model.config.latent_shape, RAE_MOMENTS,
+      jax.jit(lambda params, pixels: (encoder(params, pixels),)),
+      encoder.load_params(encoder.abstract_params()), encoder.latent_shape, RAE_MOMENTS,
       {"rae": os.path.abspath(directory), "rae_config": json.loads(json.dumps(
-          dataclasses.asdict(model.config)))})
+          dataclasses.asdict(encoder.config)))})
 
 
 def file_digest(path: str) -> dict:
@@ -197,14 +192,15 @@ def encode_folder(images_dir: str, vae_dir: str, out: str, image_size: int = 256
                 num_workers, log_every_s)
 
 
-def encode(source: ImageSource, vae_dir: str, out: str, image_size: int = 256,
+def encode(source: ImageSource, vae_dir: str | None, out: str, image_size: int = 256,
            batch_size: int = 64, seed: int = 0, flip: bool = False,
            num_workers: int | None = None, log_every_s: float = 30.0, rae: bool = False
            ) -> int:
   """Encodes the images of ``source`` with the VAE in ``vae_dir`` (a ``mixflow convert
   --vae`` folder; with ``rae``, the RAE folder of ``mixflow convert --rae_decoder``, which
   must hold an encoder) into the ``arrays`` folder ``out``; returns the number of rows (N
-  images, 2N with ``flip``).
+  images, 2N with ``flip``). ``vae_dir=None`` stores the uint8 crops themselves (N rows;
+  mirrored when read, ``config.data.flip``), for training with ``config.data.encoder``.
 
   See the module docstring for the crop, the posterior moments, the row order and the
   files. Each batch of ``batch_size`` rows is split over every device of every process
@@ -220,6 +216,10 @@ def encode(source: ImageSource, vae_dir: str, out: str, image_size: int = 256,
   if image_size < 1 or batch_size < 1:
     raise errors.InvalidInput(f"encode: image_size={image_size}, batch_size={batch_size}; expected "
                               ">= 1.")
+  if vae_dir is None and flip:
+    raise errors.InvalidInput(
+        "encode: --flip stores the latents of each image's mirror; pixels need none (the "
+        "train pipeline mirrors them when config.data.flip is set). Drop --flip.")
   mesh = sharding.make_mesh()
   if batch_size % mesh.size:
     raise errors.InvalidInput(f"encode: batch_size={batch_size} is not a multiple of the "
@@ -234,7 +234,8 @@ def encode(source: ImageSource, vae_dir: str, out: str, image_size: int = 256,
       "num_images": source.num_images, "num_classes": len(source.class_names),
       "shape": list(shape)}
   writes = jax.process_index() == 0
-  writer = _Writer(out, shape, fingerprint, autoencoder.moments) if writes else None
+  writer = (_Writer(out, shape, fingerprint, autoencoder.moments, autoencoder.dtype)
+            if writes else None)
   done = int(sharding.decided_by_process_zero(lambda: np.array([writer.done]), 1)[0])
 
   logging.info("Encoding %d images (%d classes) of %s into %d rows %s at %s on %d devices; "
@@ -305,8 +306,9 @@ class _Writer:
   done, checked against ``fingerprint`` on resume) and, at the end, the manifest."""
 
   def __init__(self, out: str, shape: tuple[int, ...], fingerprint: dict,
-               moments: tuple[str, ...] = MOMENTS):
+               moments: tuple[str, ...] = MOMENTS, dtype: type = np.float32):
     self.out, self.shape, self.fingerprint, self.moments = out, shape, fingerprint, moments
+    self.dtype = np.dtype(dtype)
     self.total = shape[0]
     os.makedirs(out, exist_ok=True)
     self.progress = os.path.join(out, PROGRESS_JSON)
@@ -327,7 +329,7 @@ class _Writer:
           f"{self.progress} records rows_done={self.done}, neither a multiple "
           f"of batch_size={batch_size} nor all {self.total} rows.")
     shapes = {name: shape for name in moments} | {_PARTIAL_LABELS: shape[:1]}
-    dtypes = {name: np.float32 for name in moments} | {_PARTIAL_LABELS: np.int32}
+    dtypes = {name: self.dtype for name in moments} | {_PARTIAL_LABELS: np.int32}
     if self.done == 0:
       self._save_progress(0)
       self.arrays = {name: np.lib.format.open_memmap(file, mode="w+", dtype=dtypes[name],
@@ -375,7 +377,7 @@ class _Writer:
     storage.write_json(os.path.join(out, CLASSES_JSON), source.class_names)
     storage.write_json(os.path.join(out, MANIFEST_JSON), {
         "format_version": FORMAT_VERSION, "rows": self.total,
-        "num_images": source.num_images, "shape": list(self.shape), "dtype": "float32",
+        "num_images": source.num_images, "shape": list(self.shape), "dtype": self.dtype.name,
         "num_classes": len(source.class_names), "moments": list(self.moments),
         "mirrors": flip, "crop": f"adm_center_{image_size}", "source": source.description,
         **autoencoder,

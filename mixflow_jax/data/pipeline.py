@@ -53,7 +53,8 @@ def mirrored(seed: int, positions: np.ndarray) -> np.ndarray:
 def _take(images: np.ndarray, mirrors: np.ndarray | None, rows: np.ndarray,
           flip: np.ndarray) -> np.ndarray:
   """images[rows], with mirrors[rows] where ``flip``: one read per row."""
-  out = np.empty((len(rows), *images.shape[1:]), np.float32)
+  dtype = np.uint8 if images.dtype == np.uint8 else np.float32  # pixels stay uint8
+  out = np.empty((len(rows), *images.shape[1:]), dtype)
   out[~flip] = images[rows[~flip]]
   if flip.any():
     out[flip] = mirrors[rows[flip]]

@@ -41,7 +41,9 @@ def synthetic(heldout_fraction: float = 0.2, num_examples: int = 512, image_size
 def arrays(path: str, heldout_fraction: float = 0.2, num_classes: int | None = None
            ) -> ImageDataset:
   """``path/images.npy`` (N, H, W, C) float (images in [-1, 1], or VAE latents already
-  multiplied by 0.18215) and ``path/labels.npy`` (N,) int, memory-mapped where local:
+  multiplied by 0.18215) or uint8 (pixels 0..255, (N, S, S, 3): the input of an encoder in
+  the train step, ``config.data.encoder``; their mirrors are views, flipped when read) and
+  ``path/labels.npy`` (N,) int, memory-mapped where local:
   batches read only their rows. The held-out part is the last ceil(fraction * N) rows
   (shuffle the files if they are sorted by class). ``num_classes`` defaults to the largest
   label + 1.
@@ -70,9 +72,10 @@ def arrays(path: str, heldout_fraction: float = 0.2, num_classes: int | None = N
   if images.ndim != 4 or len(labels) != len(images) or labels.ndim != 1:
     raise errors.InvalidInput(f"{files['images']} has shape {images.shape} and {files['labels']} "
                               f"{labels.shape}; expected (N, H, W, C) and (N,).")
-  if not np.issubdtype(images.dtype, np.floating):
-    raise errors.InvalidInput(f"{files['images']} holds {images.dtype}; expected floats in [-1, 1] "
-                              "or scaled latents.")
+  pixels = images.dtype == np.uint8
+  if not (np.issubdtype(images.dtype, np.floating) or (pixels and images.shape[-1] == 3)):
+    raise errors.InvalidInput(f"{files['images']} holds {images.dtype} {images.shape}; expected "
+                              "floats (images in [-1, 1] or scaled latents) or uint8 RGB pixels.")
   num_classes = num_classes or int(labels.max()) + 1
   if labels.min() < 0 or labels.max() >= num_classes:
     raise errors.InvalidInput(f"{files['labels']} has labels in [{labels.min()}, {labels.max()}], "
@@ -83,9 +86,10 @@ def arrays(path: str, heldout_fraction: float = 0.2, num_classes: int | None = N
   n_train = examples - math.ceil(heldout_fraction * examples)
   train, heldout = slice(0, pairs * n_train, pairs), slice(pairs * n_train, None, pairs)
   mirror = slice(1, pairs * n_train, 2) if pairs == 2 else None
+  mirrors = images[train][:, :, ::-1] if pixels else None if mirror is None else images[mirror]
   return ImageDataset(
       "arrays", images[train], labels[train], images[heldout], labels[heldout], num_classes,
-      train_mirrors=None if mirror is None else images[mirror],
+      train_mirrors=mirrors,
       train_std=None if std is None else std[train],
       train_mirror_std=None if std is None or mirror is None else std[mirror])
 
@@ -107,7 +111,8 @@ def _check_manifest(manifest: dict, files: dict, manifest_file) -> None:
                      else np.lib.format.read_array_header_2_0)
       file_shape, _, dtype = read_header(f)
     want = shape if name != "labels" else shape[:1]
-    if tuple(file_shape) != want or (name != "labels" and np.dtype(dtype) != np.float32):
+    stored = np.dtype(manifest.get("dtype", "float32"))
+    if tuple(file_shape) != want or (name != "labels" and np.dtype(dtype) != stored):
       raise errors.InvalidInput(f"{file} holds {np.dtype(dtype)} {tuple(file_shape)}, but "
                                 f"{manifest_file} records {manifest['dtype']} {want}.")
 
