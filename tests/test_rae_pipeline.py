@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 from mixflow_jax import configuration, errors, generate, plan, pretrained, train
-from mixflow_jax.convert import rae
+from mixflow_jax.convert import export, rae
 from mixflow_jax.data import encode, image_sources, sources
-from mixflow_jax.models import dinov2
-from tests import test_rae_encoder, torch_rae
+from mixflow_jax.models import dinov2, ditdh
+from tests import test_rae_encoder, torch_ditdh, torch_rae
 from tests.conftest import tiny_config
 
 # The latent of the tiny HF encoder of test_rae_encoder: 32 channels on a 4 x 4 grid (56 px
@@ -113,14 +113,24 @@ def _boundary_ok(ours: np.ndarray, want: np.ndarray, floats: np.ndarray) -> bool
   return bool(np.all((diff == 0) | ((diff == 1) & near)))
 
 
+def _stage2_run(path, channels: int) -> str:
+  """A DiT^DH-T run converted from a stage-2 file in RAE's layout ({'ema': state_dict})."""
+  hidden, depth, heads = ditdh.SIZES["T"]
+  model = torch_ditdh.random_ditdh(0, input_size=GRID, in_channels=channels, num_classes=4,
+                                   hidden_size=hidden, depth=depth, num_heads=heads)
+  torch.save({"ema": model.state_dict()}, path / "stage2_model.pt")
+  export.convert_checkpoint(str(path / "stage2_model.pt"), str(path / "run"), "DiTDH-T")
+  return str(path / "run")
+
+
 def test_sample_decodes_rae_latents_to_raes_uint8(files, tmp_path):
+  """Both converted from released layouts: RAE's stage-2 model samples, its decoder decodes."""
   root, reference, var = files
   rae_dir = str(tmp_path / "rae")
   _convert(root, rae_dir)
-  run_dir = str(tmp_path / "run")
-  dataset = sources.synthetic(num_examples=64, image_size=GRID, channels=CHANNELS)
+  (tmp_path / "a").mkdir()
+  run_dir = _stage2_run(tmp_path / "a", CHANNELS)
   config = _config()
-  train.train(config, run_dir, dataset=dataset)
 
   latents, labels = generate.sample_run(config, run_dir)  # no decoder: the raw latents
   assert latents.shape == (6, GRID, GRID, CHANNELS)
@@ -141,14 +151,10 @@ def test_sample_decodes_rae_latents_to_raes_uint8(files, tmp_path):
   assert not np.array_equal(images, generate.pixels.to_uint8(
       floats.permute(0, 2, 3, 1).numpy() * 2 - 1))
 
-  other = _config()
-  other.sample.vae = rae_dir
-  other_dir = str(tmp_path / "run_other")
-  train.train(other, other_dir, dataset=sources.synthetic(num_examples=64, image_size=GRID,
-                                                          channels=8))
+  (tmp_path / "b").mkdir()
   with pytest.raises(configuration.ConfigError,
                      match=r"config\.sample\.vae=.*4 x 4 x 32.*4 x 4 x 8"):
-    generate.sample_job(other, other_dir)
+    generate.sample_job(config, _stage2_run(tmp_path / "b", 8))
 
 
 @pytest.fixture(scope="module")
