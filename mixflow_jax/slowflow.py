@@ -126,8 +126,12 @@ def slowflow_run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
   if sf.mode == "restart":
     dataset = load_dataset(config.data)
     if dataset.image_shape != shape:
+      hint = (" Slow Flow's restart mode reads stored latents: set config.data.path to a "
+              "`mixflow encode --rae` folder and config.data.encoder=''."
+              if config.data.encoder else "")
       raise errors.InvalidInput(f"config.data.name={config.data.name!r} has images of shape "
-                                f"{dataset.image_shape}; the model in {run_dir!r} samples {shape}.")
+                                f"{dataset.image_shape}; the model in {run_dir!r} samples "
+                                f"{shape}.{hint}")
     rows = np.arange(sf.num_samples) % len(dataset.heldout_images)
     real, labels = dataset.heldout_images[rows], dataset.heldout_labels[rows]
   # Each batch is split over every device of every process (padded to a multiple of the
