@@ -443,7 +443,9 @@ def _dispatch(command: str) -> None:
     _join_job()
   from mixflow_jax import configuration, storage  # Heavy imports after flag parsing.
   storage.path(workdir, "--workdir")
-  configuration.validate(config)
+  # Sampling, and scoring against an ADM reference, read the run and its samples, not data.
+  reads_data = not (command == "sample" or (command == "evaluate" and config.eval.reference))
+  configuration.validate(config, needs_data=reads_data)
   _run(command, config, workdir)
 
 

@@ -145,6 +145,10 @@ def load_run(run_dir: str, config: ml_collections.ConfigDict,
   a record takes its model from ``config`` on ``dataset``'s (else ``config.data``'s) shape
   and its path from ``config.objective.path``."""
   record = read_record(run_dir)
+  if record is None and not checkpoints.checkpoint_dir(run_dir).is_dir():
+    raise errors.MissingInput(
+        f"{run_dir!r} holds no run: neither {MODEL_JSON} nor checkpoints/ (train one there, "
+        "or write one with `mixflow convert --checkpoint=... --out=DIR`).")
   if record is None:
     dataset = dataset or load_dataset(config.data)
     logging.warning("%s has no %s: the config defines its model and path.", run_dir,

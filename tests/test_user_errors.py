@@ -40,7 +40,7 @@ def test_cli_prints_user_errors_without_traceback(tmp_path):
   empty = _cli("sample", f"--workdir={tmp_path}")
   assert empty.returncode == errors.USER_ERROR_EXIT_CODE, empty.stderr[-3000:]
   assert "Traceback" not in empty.stderr
-  assert f"mixflow sample: error: No checkpoints in '{tmp_path}'" in empty.stderr
+  assert f"mixflow sample: error: '{tmp_path}' holds no run" in empty.stderr
   verbose = _cli("sample", f"--workdir={tmp_path}", "--verbosity=1")
   assert "Traceback" in verbose.stderr and "MissingInput" in verbose.stderr
   nothing = _cli()
@@ -55,7 +55,7 @@ def test_users_mistakes_are_user_errors_naming_the_file_or_field(config, tmp_pat
   with pytest.raises(errors.MissingInput, match="No checkpoints in"):
     checkpoints.load_params(str(tmp_path / "missing"), {})  # init_from, sample, slowflow
   config.data.batch_size = 16
-  with pytest.raises(errors.MissingInput, match="No checkpoints in"):
+  with pytest.raises(errors.MissingInput, match=r"empty' holds no run: neither model\.json"):
     generate.sample_job(config, str(tmp_path / "empty"))
   config.data.name, config.data.path = "arrays", str(tmp_path / "nowhere")
   with pytest.raises(errors.MissingInput, match=r"data\.path=.*has no images\.npy"):
