@@ -210,10 +210,10 @@ def load_params(run_dir: str, abstract_params: Any, field: str = "ema_params",
         item={field: stored}, restore_args={field: host}, partial_restore=True))
   converted = to_layout(jax.tree.map(np.asarray, restored[field]),
                         "scanned" if scanned else "unrolled")
-  return jax.tree.map(_place, converted, abstract_params), step
+  return jax.tree.map(place, converted, abstract_params), step
 
 
-def _place(value: np.ndarray, abstract: jax.ShapeDtypeStruct) -> jax.Array:
+def place(value: np.ndarray, abstract: jax.ShapeDtypeStruct) -> jax.Array:
   """A host array (the same on every process) as a global array of ``abstract``'s sharding
   (replicated on the first device if it has none)."""
   value = np.asarray(value, abstract.dtype)

@@ -3,8 +3,8 @@
 
 RAE trains its stage-2 model on latents encoded every step (bytetriper/RAE,
 src/train.py: ``rae.encode(x)`` under ``torch.no_grad()``, the encoder in eval mode), so
-ImageNet needs no ~1 TB latent store: the data are ADM center crops (uint8) and the
-train step computes z_n = (DINOv2(x / 255) - mu) / sqrt(sigma^2 + 1e-5) itself
+ImageNet needs no latent store (2 TB in fp32 with the mirrors): the data are ADM center
+crops (uint8) and the train step computes z_n = (DINOv2(x / 255) - mu) / sqrt(sigma^2 + 1e-5) itself
 (``dinov2.rae_encode``). The encoder's parameters and the statistics are arguments of the
 jitted step, never compile-time constants (86M parameters would be baked into the HLO),
 sharded by the train state's partition rules, and they get no gradient.
@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mixflow_jax import checkpoints, errors, pretrained
 from mixflow_jax.models import dinov2
@@ -63,9 +64,9 @@ class RAEEncoder:
     say."""
     encoder_params, _ = checkpoints.load_params(self.directory, abstract[0], field="encoder")
     stats = pretrained.load_rae_stats(self.directory, self.config)
-    mean = jnp.zeros(self.latent_shape) if stats.mean is None else stats.mean
-    return (encoder_params, jax.device_put(stats.var, abstract[1].sharding),
-            jax.device_put(mean, abstract[2].sharding))
+    mean = np.zeros(self.latent_shape) if stats.mean is None else stats.mean
+    return (encoder_params, checkpoints.place(stats.var, abstract[1]),
+            checkpoints.place(mean, abstract[2]))
 
 
 def from_folder(directory: str, field: str = "config.data.encoder") -> RAEEncoder:
