@@ -18,10 +18,13 @@ step (``mixflow convert --rae_decoder ... --rae_encoder``). Or stored latents:
 Every setting is RAE's published one (bytetriper/RAE, configs/stage2/training/ImageNet256/
 DiTDH-XL_DINOv2-B.yaml and the sampling yamls under configs/stage2/sampling/), or MixFlow's
 patch of RAE's transport (its model card):
-- transport: Linear path, velocity, t = 0 data in RAE's time (``time_convention``), u ~
-  U[0, 0.999) (``objective.u_interval``), the dimension-dependent shift
-  s = sqrt(C H W / 4096) (sqrt(48) at 256 px, sqrt(192) at 512); MixFlow draws Beta(2, 1),
-  then shifts, then m_t ~ U[(1 - gamma) t, t] with gamma = 0.4;
+- transport: Linear path, velocity, t = 0 data in RAE's time (``time_convention``), RAE's
+  interval [0, 0.999] (``objective.u_interval``), the dimension-dependent shift
+  s = sqrt(C H W / 4096) (sqrt(48) at 256 px, sqrt(192) at 512); MixFlow draws Beta(2, 1)
+  as its patch of RAE's uniform branch, u ~ U[0, 0.999) then t_RAE = 1 - sqrt(u), then
+  shifts, then m_t ~ U[(1 - gamma) t, t] with gamma = 0.4. RAE's own training law,
+  ``--config.objective.t_law=logit_normal`` (its 'logit-normal_0_1'), is truncated to
+  t_RAE <= 0.999 in RAE's time by inverse-CDF sampling, as RAE's (``timesteps.TimeLaw``);
 - optimiser: AdamW, betas (0.9, 0.95), eps 1e-8, weight decay 0, gradient clipping at
   global norm 1.0, EMA 0.9995, global batch 1024; learning rate 2e-5, the end of RAE's
   linear schedule (MixFlow's own post-training rate and length are not published);
@@ -77,6 +80,8 @@ def get_config(variant: str = "xl") -> ml_collections.ConfigDict:
   config.objective.gamma = 0.4
   config.objective.t_law = "beta21"
   config.objective.t_shift = shift
+  # RAE's (t0, t1) = (0, 1 - 1/1000): u ~ U[0, 0.999) for beta21 (t_RAE = 1 - sqrt(u)) and
+  # uniform (t_RAE = u); a logit-normal truncated to t_RAE in [0, 0.999] (TimeLaw).
   config.objective.u_interval = (0.0, 0.999)
 
   config.optim.lr = 2e-5

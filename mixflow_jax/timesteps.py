@@ -8,6 +8,7 @@ random numbers are consumed.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,22 @@ _INVERSE_CDFS_REVERSED = {
     "beta21": lambda u, loc, scale: 1.0 - jnp.sqrt(u),
     "logit_normal": lambda u, loc, scale: jax.nn.sigmoid(loc + scale * ndtri(u)),
 }
+
+
+def _logit_normal_cdf(s: float, loc: float, scale: float) -> float:
+  """P(S <= s) for logit(S) ~ N(loc, scale^2): Phi((logit(s) - loc) / scale), 0 at s = 0 and
+  1 at s = 1 (a Python float, computed in float64 once per trace)."""
+  if s <= 0.0:
+    return 0.0
+  if s >= 1.0:
+    return 1.0
+  return 0.5 * math.erfc(-(math.log(s / (1.0 - s)) - loc) / scale / math.sqrt(2.0))
+
+
+# Laws that ``TimeLaw.u_interval`` truncates in their own time (the network's), by
+# inverse-CDF sampling: their CDFs there, given (location, scale) in that time. Not listed:
+# the interval is the range of the uniform draw u (the law's quantiles).
+_TIME_CDFS = {"logit_normal": _logit_normal_cdf}
 # The law standard (post-)training defaults to where the run's pretraining recorded none:
 # SiT's and REPA's uniform t.
 DEFAULT_T_LAW = "uniform"
@@ -67,11 +84,26 @@ class TimeLaw:
   the MixFlow patch for RAE draws Beta(2, 1) and then shifts). ``logit_normal``: the
   (location, scale) of the 'logit_normal' law, in SD3's convention.
 
-  ``u_interval`` is the range the uniform draw u is scaled to before the law transforms it
-  (RAE's transport draws u ~ U[0, 0.999): its ``t1 = 1 - 1/1000`` for velocity and the
-  Linear path). With ``reversed_time`` the law is drawn as a network trained with t = 1
-  noise draws it, tau = law(u) in its time, and t = 1 - tau: the same laws, the same numbers
-  per draw as that network's own code (RAE, REPA).
+  With ``reversed_time`` the law is drawn as a network trained with t = 1 noise draws it,
+  tau = law(u) in its time, and t = 1 - tau: the same laws, the same numbers per draw as
+  that network's own code (RAE, REPA).
+
+  ``u_interval`` = (lo, hi) is the interval RAE's transport draws its time on (its
+  ``check_interval``: (0, 1 - 1/1000) for velocity on the Linear path), before the shift.
+  What it bounds depends on the law, as in RAE's ``Transport.sample`` and MixFlow's patch:
+  - 'uniform': the time, in the network's own convention (tau with ``reversed_time``, else
+    t), is U[lo, hi): u scaled to [lo, hi), RAE's uniform branch;
+  - 'logit_normal': the law truncated to [lo, hi] in the network's own time, by inverse-CDF
+    sampling: u scaled to [F(lo), F(hi)) for the law's CDF F there, the time F^-1 of it,
+    clamped to [lo, hi] against rounding (RAE's ``truncated_logitnormal_sample``). With
+    RAE's (0, 0.999) and (location, scale) = (0, 1) the cut mass is 2.5e-12, under float32
+    resolution: the draw is the untruncated law's (tau up to its quantile at the largest
+    float32 u, 0.994), not the law cut at its 0.999 quantile (tau <= 0.956);
+  - 'beta21': the range of the uniform draw u, i.e. of the law's quantiles: MixFlow's patch
+    transforms RAE's uniform draw, tau = 1 - sqrt(u) for u ~ U[lo, hi) (t = sqrt(u) in both
+    conventions: with (0, 0.999), t < sqrt(0.999)).
+  For the uniform law the first two readings agree; the default (0, 1) leaves every law
+  untruncated.
   """
 
   name: str = "uniform"
@@ -82,12 +114,19 @@ class TimeLaw:
 
   def __call__(self, u: Array) -> Array:
     lo, hi = self.u_interval
-    if (lo, hi) != (0.0, 1.0):
-      u = lo + (hi - lo) * u
-    if self.reversed_time:
-      t = 1.0 - _INVERSE_CDFS_REVERSED[self.name](u, *self.logit_normal)
+    inverse_cdf = (_INVERSE_CDFS_REVERSED if self.reversed_time else _INVERSE_CDFS)[self.name]
+    time_cdf = _TIME_CDFS.get(self.name)
+    truncated = (lo, hi) != (0.0, 1.0)
+    if truncated and time_cdf is not None:
+      # The law's (location, scale) in the network's own time: SD3's in reversed time, the
+      # mirror image (-location) in ours.
+      loc, scale = self.logit_normal
+      own = (loc if self.reversed_time else -loc, scale)
+      f_lo, f_hi = time_cdf(lo, *own), time_cdf(hi, *own)
+      s = jnp.clip(inverse_cdf(f_lo + (f_hi - f_lo) * u, *self.logit_normal), lo, hi)
     else:
-      t = _INVERSE_CDFS[self.name](u, *self.logit_normal)
+      s = inverse_cdf(lo + (hi - lo) * u if truncated else u, *self.logit_normal)
+    t = 1.0 - s if self.reversed_time else s
     return t if self.shift == 1.0 else shift_time(t, self.shift)
 
 

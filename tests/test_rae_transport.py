@@ -6,13 +6,18 @@ The reference is written from RAE's code (bytetriper/RAE src/stage2/transport/tr
 card: ``t <- 1 - sqrt(t)`` in the uniform branch, before the shift; m_t = t + U(0, 1) gamma
 (1 - t)), all in RAE's time tau (tau = 1 noise): u ~ U[0, 0.999), tau = u (or 1 - sqrt(u)),
 tau <- s tau / (1 + (s - 1) tau) with s = sqrt(C H W / 4096), x = (1 - tau) x_data + tau eps,
-target eps - x_data, loss = mean over (C, H, W) of (v(x, tau, y) - target)^2.
+target eps - x_data, loss = mean over (C, H, W) of (v(x, tau, y) - target)^2. RAE's
+'logit-normal_mu_sigma' law (its training configs since Dec. 2025) is truncated to [0, 0.999]
+in tau by inverse-CDF sampling (``truncated_logitnormal_sample``): with
+alpha, beta = (logit(0) - mu) / sigma, (logit(0.999) - mu) / sigma, tau = sigmoid(mu + sigma
+Phi^-1(Phi(alpha) + (Phi(beta) - Phi(alpha)) u)), clamped to [0, 0.999].
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.special
 
 from mixflow_jax import objectives, timesteps
 from mixflow_jax.interpolants import get_path
@@ -51,9 +56,20 @@ def _draws(key):
   return u, v, eps
 
 
-def _rae_loss(x_data, u, v, eps, mixflow: bool):
+def _rae_truncated_logit_normal(u, mu, sigma, low, high):
+  """RAE's logit-normal truncated to [low, high] in its time, from the uniform draws u."""
+  cdf_alpha, cdf_beta = scipy.special.ndtr((scipy.special.logit([low, high]) - mu) / sigma)
+  z = mu + sigma * scipy.special.ndtri(cdf_alpha + (cdf_beta - cdf_alpha) * u)
+  return np.clip(scipy.special.expit(z), low, high)
+
+
+def _rae_loss(x_data, u, v, eps, law_name: str):
   lo, hi = U_INTERVAL
-  tau = lo + (hi - lo) * u                      # u ~ U[0, 0.999)
+  if law_name == "logit_normal":                # 'logit-normal_0_1', truncated to [0, 0.999]
+    tau = _rae_truncated_logit_normal(u, 0.0, 1.0, lo, hi)
+  else:
+    tau = lo + (hi - lo) * u                    # u ~ U[0, 0.999)
+  mixflow = law_name == "beta21"
   if mixflow:
     tau = 1.0 - np.sqrt(tau)                    # MixFlow's patch: Beta(2, 1) towards data
   tau = SHIFT * tau / (1.0 + (SHIFT - 1.0) * tau)
@@ -64,13 +80,14 @@ def _rae_loss(x_data, u, v, eps, mixflow: bool):
   return np.mean((out - target) ** 2, axis=(1, 2, 3))
 
 
-@pytest.mark.parametrize("name, law_name", [("standard", "uniform"), ("mixflow", "beta21")])
+@pytest.mark.parametrize("name, law_name", [("standard", "uniform"), ("mixflow", "beta21"),
+                                            ("standard", "logit_normal")])
 def test_loss_equals_raes_published_formula_on_the_same_draws(name, law_name):
   key = jax.random.key(3)
   x1 = jax.random.normal(jax.random.key(0), (B, H, W, C))
   law = timesteps.TimeLaw(law_name, shift=SHIFT, u_interval=U_INTERVAL, reversed_time=True)
   ours = _ours(law, name, x1, key)
-  ref = _rae_loss(np.asarray(x1, np.float64), *_draws(key), mixflow=name == "mixflow")
+  ref = _rae_loss(np.asarray(x1, np.float64), *_draws(key), law_name)
   np.testing.assert_allclose(ours, ref, rtol=2e-5, atol=2e-6)
   # Drawing the law in our time instead (a mirrored uniform) or on U[0, 1) is another
   # draw: the comparison sees it.
@@ -78,7 +95,30 @@ def test_loss_equals_raes_published_formula_on_the_same_draws(name, law_name):
                 timesteps.TimeLaw(law_name, SHIFT, reversed_time=True)):
     if law_name == "beta21" and not other.reversed_time:
       continue  # MixFlow's draw is the same u -> t in both conventions (next test)
+    if law_name == "logit_normal" and other.reversed_time:
+      # RAE's cut at tau = 0.999 removes 2.5e-12 of the mass: in float32 the same draws.
+      np.testing.assert_array_equal(_ours(other, name, x1, key), ours)
+      continue
     assert np.max(np.abs(_ours(other, name, x1, key) - ref)) > 1e-4
+
+
+@pytest.mark.parametrize("logit_normal, interval", [
+    ((0.0, 1.0), U_INTERVAL),       # RAE's training config: 'logit-normal_0_1'
+    ((0.5, 0.8), (0.2, 0.9)),       # a cut of visible mass at both ends
+    ((-1.0, 1.5), (0.05, 0.999)),
+])
+def test_logit_normal_draw_equals_raes_truncated_inverse_cdf(logit_normal, interval):
+  u = jax.random.uniform(jax.random.key(1), (4096,))
+  law = timesteps.TimeLaw("logit_normal", logit_normal=logit_normal, u_interval=interval,
+                          reversed_time=True)
+  tau = 1.0 - np.asarray(law(u), np.float64)
+  ref = _rae_truncated_logit_normal(np.asarray(u, np.float64), *logit_normal, *interval)
+  np.testing.assert_allclose(tau, ref, rtol=0, atol=1e-5)  # float32: 2.5e-6 at most seen
+  # The law cut at its quantiles instead (u scaled to the interval) is 1e-4 away or more.
+  lo, hi = interval
+  cut = scipy.special.expit(logit_normal[0] + logit_normal[1] * scipy.special.ndtri(
+      lo + (hi - lo) * np.asarray(u, np.float64)))
+  assert np.max(np.abs(cut - ref)) > 1e-4
 
 
 def test_mixflow_draw_is_ours_beta21_in_both_conventions():
