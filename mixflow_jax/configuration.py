@@ -13,8 +13,9 @@ import re
 import ml_collections
 from ml_collections import config_dict
 
-from mixflow_jax import errors, objectives, sampling, time_shift, timesteps
+from mixflow_jax import objectives, sampling, time_shift, timesteps
 from mixflow_jax.data import SOURCES
+from mixflow_jax.errors import ConfigError
 from mixflow_jax.interpolants import PATHS
 from mixflow_jax.models import attention, ditdh, families, sit
 
@@ -197,10 +198,6 @@ def model_config(config: ml_collections.ConfigDict, image_shape: tuple[int, int,
     return sit.SiTConfig(depth=m.depth, hidden_size=m.hidden_size, num_heads=m.num_heads,
                          patch_size=m.patch_size, **common)
   return sit.SiTConfig.named(m.name, **common)
-
-
-class ConfigError(errors.InvalidInput):
-  """An impossible config value; the message names the field."""
 
 
 # The config field that sets each SiTConfig field.

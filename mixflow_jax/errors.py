@@ -22,3 +22,8 @@ class MissingInput(UserError, FileNotFoundError):
 
 class OutputExists(UserError, FileExistsError):
   """An output the user named already holds what a job would write there."""
+
+
+class ConfigError(InvalidInput):
+  """An impossible config value; the message names the field (``configuration.validate``,
+  and any layer that finds one, e.g. ``sharding``'s mesh and partition rules)."""

@@ -40,7 +40,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mixflow_jax.configuration import ConfigError
+from mixflow_jax.errors import ConfigError
 
 BATCH_AXES = ("data", "fsdp")
 FSDP_AXIS = "fsdp"
