@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from mixflow_jax import errors, storage
-from mixflow_jax.sharding import path_str
+from mixflow_jax.tree_paths import path_str
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_ITEM = "default"  # the name orbax gives a single item: checkpoints before DATA_ITEM

@@ -29,7 +29,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mixflow_jax import configuration, sharding, storage, train
+from mixflow_jax import configuration, sharding, storage, train, tree_paths
 from mixflow_jax.data import load_dataset
 
 GiB = 2**30
@@ -110,7 +110,7 @@ def plan(config: ml_collections.ConfigDict) -> dict[str, Any]:
       "lower_seconds": lower_seconds,
       "compile_seconds": compile_seconds,
       "largest_params": [
-          {"path": sharding.path_str(path), "shape": list(x.shape),
+          {"path": tree_paths.path_str(path), "shape": list(x.shape),
            "spec": str(x.sharding.spec), "bytes_per_device": _shard_bytes(x)}
           for path, x in largest],
   }

@@ -41,6 +41,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mixflow_jax.errors import ConfigError
+from mixflow_jax.tree_paths import path_str
 
 BATCH_AXES = ("data", "fsdp")
 FSDP_AXIS = "fsdp"
@@ -75,12 +76,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) axis split over every device of the mesh."""
   return NamedSharding(mesh, P(BATCH_AXES))
-
-
-def path_str(path: tuple) -> str:
-  """'params/blocks_0/attn/qkv/kernel' for a jax tree path."""
-  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-                  for k in path)
 
 
 def _parse_spec(spec: str, mesh: Mesh, rule: str) -> tuple[str | None, ...]:

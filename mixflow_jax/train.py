@@ -43,6 +43,7 @@ from mixflow_jax import (
     sharding,
     storage,
     timesteps,
+    tree_paths,
 )
 from mixflow_jax.data import ImageDataset, load_dataset, pipeline
 from mixflow_jax.interpolants import get_path
@@ -166,7 +167,7 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int = 1,
   def decayed(params):  # whole path parts: 't_embedder/W', not 'x_t_embedder/W'
     ends = tuple("/" + f for f in frozen)
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: not ("/" + sharding.path_str(path)).endswith(ends), params)
+        lambda path, _: not ("/" + tree_paths.path_str(path)).endswith(ends), params)
 
   adamw = optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps,
                       weight_decay=optim.weight_decay, mask=decayed if frozen else None)
