@@ -18,6 +18,7 @@ from mixflow_jax.data import SOURCES
 from mixflow_jax.errors import ConfigError
 from mixflow_jax.interpolants import PATHS
 from mixflow_jax.models import attention, ditdh, families, sit
+from mixflow_jax.time_conventions import TIME_CONVENTIONS
 
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -286,8 +287,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
            f"a divisor of model.hidden_size={m.hidden_size}")
   _check(0 <= m.class_dropout_prob < 1, "model.class_dropout_prob", m.class_dropout_prob,
          "a probability in [0, 1)")
-  _check(m.time_convention in sit.TIME_CONVENTIONS, "model.time_convention",
-         m.time_convention, f"one of {sit.TIME_CONVENTIONS}")
+  _check(m.time_convention in TIME_CONVENTIONS, "model.time_convention",
+         m.time_convention, f"one of {TIME_CONVENTIONS}")
   _check(m.dtype in DTYPES, "model.dtype", m.dtype, f"one of {DTYPES}")
   _check(m.remat in sit.REMAT_POLICIES, "model.remat", m.remat,
          f"one of {tuple(sit.REMAT_POLICIES)}")

@@ -49,7 +49,7 @@ import ml_collections
 
 from mixflow_jax import time_shift, timesteps
 from mixflow_jax.interpolants import Linear, Path, get_path
-from mixflow_jax.models.sit import TIME_CONVENTIONS
+from mixflow_jax.time_conventions import ours_interval
 
 Array = jnp.ndarray
 # (x (B, ...), t (B,), guide_t (B,) or None) -> (B, ...); guide_t, where given, is the time
@@ -155,18 +155,6 @@ class Sampler:
     t0, t1 = self.grid_interval or self.path.sample_interval
     grid = jnp.linspace(t0, t1, self.num_steps + 1, dtype=jnp.float32)
     return grid if self.grid_shift == 1.0 else timesteps.shift_time(grid, self.grid_shift)
-
-
-def ours_interval(interval: tuple[float, float], time_convention: str
-                  ) -> tuple[float, float]:
-  """A time interval (lo, hi) of a model trained in ``time_convention``, in our time:
-  unchanged for 'noise_to_data'; (1 - hi, 1 - lo) for 'data_to_noise' (REPA's
-  ``guidance_high=0.7`` is our t >= 0.3)."""
-  if time_convention not in TIME_CONVENTIONS:
-    raise ValueError(f"time_convention={time_convention!r}; expected one of "
-                     f"{TIME_CONVENTIONS}.")
-  lo, hi = interval
-  return (lo, hi) if time_convention == "noise_to_data" else (1.0 - hi, 1.0 - lo)
 
 
 def _expand(t: Array, x: Array) -> Array:

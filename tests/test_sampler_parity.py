@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mixflow_jax import sampling
+from mixflow_jax import sampling, time_conventions
 from mixflow_jax.convert.sit import convert_state_dict, infer_config
 from mixflow_jax.models import sit
 from tests import torch_sit, torch_transport
@@ -160,8 +160,9 @@ def test_repa_samplers_match_repas_semantics(repa_models, method):
   ref, apply, params = repa_models
   repa_steps = 8
   num_steps = repa_steps if method == "repa_heun" else repa_steps - 1
+  repa_interval = time_conventions.ours_interval((0.0, 0.7), "data_to_noise")
   sampler = sampling.Sampler(method, num_steps=num_steps, cfg_scale=1.8,
-                             cfg_interval=sampling.ours_interval((0.0, 0.7), "data_to_noise"))
+                             cfg_interval=repa_interval)
   got, x_noise, noises = _ours_and_noise(apply, params, sampler, jax.random.key(12))
   kwargs = dict(cfg_scale=1.8, null_class=NUM_CLASSES, guidance_high=0.7)
   y = torch.from_numpy(_Y)

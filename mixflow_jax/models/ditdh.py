@@ -54,7 +54,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixflow_jax.models import attention, sit
-from mixflow_jax.models.sit import TIME_CONVENTIONS, LabelEmbedder, PatchEmbed, sincos_pos_embed_2d
+from mixflow_jax.models.sit import LabelEmbedder, PatchEmbed, sincos_pos_embed_2d
+from mixflow_jax.time_conventions import TIME_CONVENTIONS
 
 Array = jnp.ndarray
 

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixflow_jax.models import attention
+from mixflow_jax.time_conventions import TIME_CONVENTIONS
 
 Array = jnp.ndarray
 
@@ -40,8 +41,6 @@ SIZES = {
     "XL": (28, 1152, 16),
 }
 PATCH_SIZES = (2, 4, 8)
-# 'noise_to_data': ours and SiT's (t = 0 noise); 'data_to_noise': REPA's and RAE's.
-TIME_CONVENTIONS = ("noise_to_data", "data_to_noise")
 NAMED_MODELS = tuple(f"SiT-{s}/{p}" for s in SIZES for p in PATCH_SIZES)
 # Rematerialisation of each block's activations in the backward pass: 'none' keeps them
 # all, 'full' keeps only each block's input, 'dots' keeps every matmul output, and
