@@ -16,9 +16,9 @@ from ml_collections import config_dict
 from mixflow_jax import objectives, sampling, time_shift, timesteps
 from mixflow_jax.data import SOURCES
 from mixflow_jax.errors import ConfigError
-from mixflow_jax.interpolants import PATHS
+from mixflow_jax.interpolants import PATHS, get_path
 from mixflow_jax.models import attention, ditdh, families, sit
-from mixflow_jax.time_conventions import TIME_CONVENTIONS
+from mixflow_jax.time_conventions import TIME_CONVENTIONS, ours_interval
 
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -199,6 +199,29 @@ def model_config(config: ml_collections.ConfigDict, image_shape: tuple[int, int,
     return sit.SiTConfig(depth=m.depth, hidden_size=m.hidden_size, num_heads=m.num_heads,
                          patch_size=m.patch_size, **common)
   return sit.SiTConfig.named(m.name, **common)
+
+
+def make_sampler(sample: ml_collections.ConfigDict, path: str, num_steps: int | None = None,
+                 *, time_convention: str) -> sampling.Sampler:
+  """The sampler of a ``config.sample`` section, on the path named ``path``, for a model
+  trained in ``time_convention``: ``sample.cfg_interval`` is given in the model's own
+  time (REPA's guidance_low / guidance_high for 'data_to_noise') and translated here,
+  once, to ours."""
+  return sampling.Sampler(
+      method=sample.sampler, num_steps=num_steps or sample.num_steps, path=get_path(path),
+      cfg_scale=sample.cfg_scale, guided_channels=sample.guided_channels,
+      cfg_interval=ours_interval(tuple(sample.cfg_interval), time_convention),
+      guidance=sample.guidance,
+      grid_interval=(None if sample.grid_interval is None
+                     else ours_interval(tuple(sample.grid_interval), time_convention)),
+      grid_shift=sample.grid_shift,
+      atol=sample.atol, rtol=sample.rtol,
+      last_step_size=sample.last_step_size, diffusion_norm=sample.diffusion_norm,
+      eps_scale=sample.eps_scale, eps_scale_slope=sample.eps_scale_slope,
+      time_shift_window=sample.time_shift_window,
+      time_shift_cutoff=sample.time_shift_cutoff,
+      time_shift_schedule=sample.time_shift_schedule,
+      time_shift_mode=sample.time_shift_mode, data_var=sample.data_var)
 
 
 # The config field that sets each SiTConfig field.

@@ -96,8 +96,8 @@ def make_batch_sampler(config: ml_collections.ConfigDict, run: runs.Run,
                                     f"multiple of the device count {mesh.size}.")
   model, params, step = runs.load_model(run, config)
   params = jax.device_put(params, sharding.replicated(mesh))
-  sampler = sampling.Sampler.from_config(s, run.path, num_steps,
-                                         time_convention=model_config.time_convention)
+  sampler = configuration.make_sampler(s, run.path, num_steps,
+                                       time_convention=model_config.time_convention)
   shape = (model_config.input_size, model_config.input_size, model_config.in_channels)
   decode, vae_params, to_uint8 = _latent_decoder(s.vae, shape, mesh)
   key = jax.random.key(config.seed)

@@ -126,10 +126,8 @@ class Sampler:
   @classmethod
   def from_config(cls, sample: ml_collections.ConfigDict, path: str,
                   num_steps: int | None = None, *, time_convention: str) -> Sampler:
-    """The sampler of a ``config.sample`` section, on the path named ``path``, for a model
-    trained in ``time_convention``: ``sample.cfg_interval`` is given in the model's own
-    time (REPA's guidance_low / guidance_high for 'data_to_noise') and translated here,
-    once, to ours."""
+    """Deprecated: the config's reader is ``configuration.make_sampler`` (the layer that
+    knows configs); this copy stays only while tests/test_rae_transport.py calls it."""
     return cls(
         method=sample.sampler, num_steps=num_steps or sample.num_steps, path=get_path(path),
         cfg_scale=sample.cfg_scale, guided_channels=sample.guided_channels,

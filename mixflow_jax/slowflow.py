@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mixflow_jax import errors, report, runs, sampling, sharding, storage
+from mixflow_jax import configuration, errors, report, runs, sampling, sharding, storage
 from mixflow_jax.data import load_dataset
 from mixflow_jax.interpolants import Path
 from mixflow_jax.models.sit import make_apply_fn
@@ -118,8 +118,8 @@ def slowflow_run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
   run = runs.load_run(run_dir, config)
   model_config = run.model_config
   model, params, step = runs.load_model(run, config)
-  sampler = sampling.Sampler.from_config(s, run.path,
-                                         time_convention=model_config.time_convention)
+  sampler = configuration.make_sampler(s, run.path,
+                                       time_convention=model_config.time_convention)
   shape = (model_config.input_size, model_config.input_size, model_config.in_channels)
   labels = np.asarray(sampling.balanced_labels(sf.num_samples, model_config.num_classes))
   real = None

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from mixflow_jax import configuration, errors, generate, runs, sampling, slowflow
+from mixflow_jax import configuration, errors, generate, runs, slowflow
 from mixflow_jax.convert.export import recorded_path
 from tests.conftest import tiny_config
 
@@ -51,7 +51,7 @@ def test_sampler_settings_are_free_and_the_sampler_gets_the_runs_path(gvp_run, m
     paths.append(path)
     raise KeyboardInterrupt
 
-  monkeypatch.setattr(sampling.Sampler, "from_config", staticmethod(spy))
+  monkeypatch.setattr(configuration, "make_sampler", spy)
   monkeypatch.setattr(runs, "load_model", lambda run, config: (None, {}, 0))
   with pytest.raises(KeyboardInterrupt):
     generate.sample_run(config, gvp_run)
