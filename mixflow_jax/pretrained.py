@@ -7,9 +7,10 @@ Inception folder (converted on every load).
 A converted folder holds ``checkpoints/0`` (the item ``default``: ``{'params': ...}`` for
 the VAE, ``{'variables': {'params', 'batch_stats'}}`` for the Inception) and a JSON file
 saying what it is (``vae.json``: the ``VAEConfig``; ``inception.json``: the class count
-and the source file). An RAE folder holds ``{'decoder', 'encoder'?}`` params, ``rae.json``
-and ``stats.npz`` (``convert.rae``). ``autoencoder_kind`` tells the two autoencoders apart
-by their record file.
+and the source file; its name is its converter's, ``convert.inception``, whose mapping
+this module also runs on a ``.pth``). An RAE folder holds ``{'decoder', 'encoder'?}``
+params, ``rae.json`` and ``stats.npz`` (``convert.rae``). ``autoencoder_kind`` tells the
+two autoencoders apart by their record file.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ import jax.numpy as jnp
 from etils import epath
 
 from mixflow_jax import checkpoints, errors, storage
+from mixflow_jax.convert.inception import INCEPTION_JSON, convert_inception_state_dict
+from mixflow_jax.convert.torch_checkpoint import load_state_dict
 from mixflow_jax.models import dinov2, inception, vae, vit_decoder
 
 VAE_JSON = "vae.json"
 RAE_JSON = "rae.json"
 RAE_STATS = "stats.npz"
-INCEPTION_JSON = "inception.json"
 INCEPTION_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's release
 
 
@@ -169,7 +171,5 @@ def load_inception(path: str) -> tuple[inception.InceptionV3, dict]:
         f"No FID Inception weights at {path!r}: convert pytorch-fid's "
         f"{INCEPTION_WEIGHTS_FILE} once with `mixflow convert --inception=PATH --out=DIR` "
         "and pass DIR (it is not downloaded).")
-  from mixflow_jax.convert.inception import convert_inception_state_dict  # needs PyTorch
-  from mixflow_jax.convert.torch_checkpoint import load_state_dict
-
+  # Reading the .pth needs PyTorch (convert.torch_checkpoint imports it on use).
   return inception.InceptionV3(), convert_inception_state_dict(load_state_dict(path))

@@ -26,11 +26,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixflow_jax import checkpoints, errors, pretrained, storage
+from mixflow_jax import checkpoints, errors, storage
 from mixflow_jax.convert import state_dicts
 from mixflow_jax.convert.torch_checkpoint import load_state_dict
 from mixflow_jax.models import inception
 
+# The record of a converted folder (the class count and the source file), which
+# ``pretrained.load_inception`` reads.
+INCEPTION_JSON = "inception.json"
 _DROPPED_SUFFIXES = (".bn.num_batches_tracked",)
 _DROPPED_KEYS = ("fc.bias",)
 _LEAVES = {  # state_dict leaf -> (collection, Flax leaf)
@@ -104,6 +107,6 @@ def convert_inception_checkpoint(path: str, out: str) -> int:
   Returns the number of variables written."""
   variables = convert_inception_state_dict(load_state_dict(path))
   checkpoints.save_converted(out, {"variables": variables})
-  storage.write_json(storage.path(out) / pretrained.INCEPTION_JSON, {
+  storage.write_json(storage.path(out) / INCEPTION_JSON, {
       "num_classes": inception.NUM_CLASSES, "source": os.path.abspath(path)})
   return sum(leaf.size for leaf in jax.tree.leaves(variables))
