@@ -1,68 +1,136 @@
-"""The model families a run can hold, and what training, sampling and loading ask of each.
+"""The registry of trainable model families: what training, sampling and loading ask of each.
 
 - 'SiT' (models/sit.py): SiT / DiT / REPA checkpoints, ``config.model.name`` 'SiT-XL/2' ...
   or 'custom'.
-- 'DiTDH' (models/ditdh.py): RAE's stage-2 DiT^DH, ``config.model.name`` 'DiTDH-XL' or
-  'DiTDH-S' (the autoguidance guide).
+- 'DiTDH' (models/ditdh.py): RAE's stage-2 DiT^DH, 'DiTDH-XL', 'DiTDH-S' (the autoguidance
+  guide) or the tiny 'DiTDH-T'.
+- 'MMDiT' (models/mmdit.py): SD3 / SD3.5's transformer, 'SD3-Medium', 'SD3.5-Medium',
+  'SD3.5-Large' or the tiny 'MMDiT-T'.
 
-Both networks take (x (B, H, W, C), t (B,), y (B,)) in our time (t = 0 noise) and return the
-velocity, with the same options of how they compute (compute dtype, remat, scanned blocks,
-attention kernel, activation sharding); their architectures are frozen dataclasses, recorded
-in a run's model.json under the family's name. A family's scanned parameter layout stacks
-its (body) blocks under ``blocks``; parameters it never trains (DiT^DH's Fourier frequencies
-W) are named by ``frozen_params``.
+Every network takes (x (B, H, W, C), t (B,), condition) in our time (t = 0 noise) and returns
+the velocity, with the same options of how it computes (compute dtype, remat, scanned
+blocks, attention kernel, activation sharding). The condition is the family's pytree
+(``conditioning``: a class label, or text embeddings). Architectures are frozen dataclasses,
+recorded in a run's model.json under the family's name. A family's scanned parameter layout
+stacks its blocks under ``blocks``; parameters it never trains are named by
+``frozen_params``. A new family is one ``Family`` entry here (its converter goes in
+convert/, keyed by the family's name).
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 
-from mixflow_jax.models import ditdh, sit
+from mixflow_jax import conditioning
+from mixflow_jax.models import ditdh, mmdit, sit
 
-ModelConfig = sit.SiTConfig | ditdh.DiTDHConfig
-Model = sit.SiT | ditdh.DiTDH
-FAMILIES = {"SiT": sit.SiTConfig, "DiTDH": ditdh.DiTDHConfig}
+ModelConfig = sit.SiTConfig | ditdh.DiTDHConfig | mmdit.MMDiTConfig
+Model = sit.SiT | ditdh.DiTDH | mmdit.MMDiT
+PARAM_LAYOUTS = ("unrolled", "scanned")
 DITDH_PREFIX = "DiTDH-"
-DITDH_NAMES = tuple(DITDH_PREFIX + size for size in ditdh.SIZES)
-NAMED_MODELS = sit.NAMED_MODELS + DITDH_NAMES
 
 
-def family(config: ModelConfig) -> str:
-  """'SiT' or 'DiTDH': the family of an architecture."""
-  return "DiTDH" if isinstance(config, ditdh.DiTDHConfig) else "SiT"
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """What the house asks of a model family.
+
+  ``names``: the ``config.model.name`` values that select it; ``named(name, **common)``
+  their architecture. ``conditioning(config)`` is the condition the network is told;
+  ``head_dims(config)`` its attention head sizes; ``frozen_params`` the '/'-joined ends of
+  parameter paths the optimizer must leave unchanged.
+  """
+
+  name: str
+  config_type: type
+  module: type[nn.Module]
+  names: tuple[str, ...]
+  named: Callable[..., Any]
+  abstract_params: Callable[[Any, bool], dict]
+  to_layout: Callable[[dict, str, Any], dict]
+  head_dims: Callable[[Any], tuple[int, ...]]
+  conditioning: Callable[[Any], conditioning.Conditioning]
+  frozen_params: tuple[str, ...] = ()
+
+
+def _class_label(config: sit.SiTConfig | ditdh.DiTDHConfig) -> conditioning.ClassLabel:
+  return conditioning.ClassLabel(config.num_classes, config.class_dropout_prob)
+
+
+def _text(config: mmdit.MMDiTConfig) -> conditioning.TextEmbedding:
+  return conditioning.TextEmbedding(config.text_tokens, config.joint_attention_dim,
+                                    config.pooled_projection_dim, config.text_dropout)
+
+
+SIT = Family(
+    name="SiT", config_type=sit.SiTConfig, module=sit.SiT, names=sit.NAMED_MODELS,
+    named=sit.SiTConfig.named,
+    abstract_params=sit.abstract_params,
+    to_layout=lambda params, layout, config: sit.to_layout(params, layout),
+    head_dims=lambda c: (c.hidden_size // c.num_heads,),
+    conditioning=_class_label)
+DITDH = Family(
+    name="DiTDH", config_type=ditdh.DiTDHConfig, module=ditdh.DiTDH,
+    names=tuple(DITDH_PREFIX + size for size in ditdh.SIZES),
+    named=lambda name, **kw: ditdh.DiTDHConfig.named(name.removeprefix(DITDH_PREFIX), **kw),
+    abstract_params=ditdh.abstract_params, to_layout=ditdh.to_layout,
+    head_dims=lambda c: tuple(d // h for d, h in zip(c.hidden_size, c.num_heads)),
+    conditioning=_class_label, frozen_params=ditdh.FROZEN_PARAMS)
+MMDIT = Family(
+    name="MMDiT", config_type=mmdit.MMDiTConfig, module=mmdit.MMDiT, names=tuple(mmdit.SIZES),
+    named=mmdit.MMDiTConfig.named, abstract_params=mmdit.abstract_params,
+    to_layout=mmdit.to_layout, head_dims=lambda c: (c.attention_head_dim,),
+    conditioning=_text)
+FAMILIES = {f.name: f for f in (SIT, DITDH, MMDIT)}
+NAMED_MODELS = tuple(name for f in FAMILIES.values() for name in f.names)
+DITDH_NAMES = DITDH.names
+
+
+def of(config: ModelConfig) -> Family:
+  """The family of an architecture."""
+  for f in FAMILIES.values():
+    if isinstance(config, f.config_type):
+      return f
+  raise TypeError(f"{type(config).__name__} is not a registered model family's config.")
+
+
+def of_name(name: str) -> Family:
+  """The family of a ``config.model.name`` ('custom' is a SiT)."""
+  return next((f for f in FAMILIES.values() if name in f.names), SIT)
 
 
 def family_of_name(name: str) -> str:
-  """The family of a ``config.model.name``."""
-  return "DiTDH" if name.startswith(DITDH_PREFIX) else "SiT"
+  """The name of the family of a ``config.model.name``."""
+  return of_name(name).name
+
+
+def family(config: ModelConfig) -> str:
+  """The name of the family of an architecture ('SiT', 'DiTDH', 'MMDiT')."""
+  return of(config).name
 
 
 def build(config: ModelConfig, **how: Any) -> Model:
   """The network of ``config``; ``how``: dtype, remat, scan_blocks, attention,
-  activation_sharding (see SiT and DiTDH)."""
-  return (ditdh.DiTDH if family(config) == "DiTDH" else sit.SiT)(config, **how)
+  activation_sharding."""
+  return of(config).module(config, **how)
 
 
 def head_dims(config: ModelConfig) -> tuple[int, ...]:
   """The attention head sizes of the network (DiT^DH: body's and head's)."""
-  if family(config) == "DiTDH":
-    return tuple(d // h for d, h in zip(config.hidden_size, config.num_heads))
-  return (config.hidden_size // config.num_heads,)
+  return of(config).head_dims(config)
 
 
 def abstract_params(config: ModelConfig, scanned: bool = False) -> dict:
   """The parameter tree as ShapeDtypeStructs, in the scanned or unrolled layout."""
-  module = ditdh if family(config) == "DiTDH" else sit
-  return module.abstract_params(config, scanned)
+  return of(config).abstract_params(config, scanned)
 
 
 def to_layout(params: dict, layout: str, config: ModelConfig) -> dict:
   """``params`` (in either layout) in ``layout`` ('unrolled' or 'scanned')."""
-  if family(config) == "DiTDH":
-    return ditdh.to_layout(params, layout, config)
-  return sit.to_layout(params, layout)
+  return of(config).to_layout(params, layout, config)
 
 
 def param_layout(model: nn.Module) -> str:
@@ -72,4 +140,9 @@ def param_layout(model: nn.Module) -> str:
 
 def frozen_params(config: ModelConfig) -> tuple[str, ...]:
   """'/'-joined ends of the parameter paths the optimizer must leave unchanged."""
-  return ditdh.FROZEN_PARAMS if family(config) == "DiTDH" else ()
+  return of(config).frozen_params
+
+
+def condition_of(config: ModelConfig) -> conditioning.Conditioning:
+  """The condition the network of ``config`` is told."""
+  return of(config).conditioning(config)

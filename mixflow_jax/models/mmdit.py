@@ -99,6 +99,10 @@ class MMDiTConfig:
   dual_attention_layers: tuple[int, ...] = ()
   qk_norm: str | None = None
   time_convention: str = "data_to_noise"
+  # Of the training, not the architecture (diffusers' config has neither): the text tokens
+  # of a condition (SD3: 77 CLIP + 256 T5) and the probability of the null condition.
+  text_tokens: int = 333
+  text_dropout: float = 0.0
 
   def __post_init__(self):
     object.__setattr__(self, "dual_attention_layers",
@@ -461,9 +465,10 @@ class MMDiT(nn.Module):
     return -x if flipped else x
 
 
-def example_condition(config: MMDiTConfig, batch: int = 1, text_tokens: int = 333
+def example_condition(config: MMDiTConfig, batch: int = 1, text_tokens: int | None = None
                       ) -> dict[str, jax.ShapeDtypeStruct]:
   """The condition's shapes: context (B, L, joint_attention_dim), pooled (B, P)."""
+  text_tokens = text_tokens or config.text_tokens
   return {"context": jax.ShapeDtypeStruct((batch, text_tokens, config.joint_attention_dim),
                                           jnp.float32),
           "pooled": jax.ShapeDtypeStruct((batch, config.pooled_projection_dim), jnp.float32)}

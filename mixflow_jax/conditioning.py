@@ -1,0 +1,108 @@
+"""What a network is told besides x and t: the condition, one small pytree per family.
+
+- ``ClassLabel``: ``{'label': int32 (B,)}`` (SiT, DiT^DH); the null condition is the null
+  class id ``num_classes``.
+- ``TextEmbedding``: ``{'context': (B, L, D_ctx), 'pooled': (B, P)}`` float32 (SD3's MMDiT:
+  the text encoders' per-token and pooled embeddings); the null condition is the encoders'
+  output for the empty prompt, which is data (``null_value``, a (1, ...) pytree stored with
+  the embeddings), not zeros: SD3's classifier-free guidance uses it.
+
+Training, sampling, guidance, data and checkpoints ask a family's conditioning (models/
+families.py) what its condition looks like (``spec``), what its null is (``null``) and drop
+examples to it for CFG training (``drop``); none of them knows what a label is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Condition = dict[str, Any]  # field -> (B, ...) array
+
+
+class Conditioning(Protocol):
+  """A family's condition: its fields, their shapes and dtypes, its null value."""
+
+  fields: tuple[str, ...]
+  dropout: float  # per-example probability of the null condition in CFG training
+
+  def spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The condition of a batch of ``batch_size`` as ShapeDtypeStructs."""
+
+  def null(self, batch_size: int, null_value: Condition | None = None) -> Condition:
+    """The null condition of a batch, (B, ...) per field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassLabel:
+  """A class id per example; row ``num_classes`` of the label table is the null class."""
+
+  num_classes: int
+  dropout: float = 0.0
+  fields: tuple[str, ...] = ("label",)
+
+  def spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    return {"label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+
+  def null(self, batch_size: int, null_value: Condition | None = None) -> Condition:
+    return {"label": jnp.full((batch_size,), self.num_classes, jnp.int32)}
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEmbedding:
+  """Text-encoder embeddings: ``context`` (B, tokens, width), ``pooled`` (B, pooled_width);
+  the null condition is ``null_value`` (the empty prompt's embeddings, (1, ...) each)
+  broadcast to the batch."""
+
+  tokens: int
+  width: int
+  pooled_width: int
+  dropout: float = 0.0
+  fields: tuple[str, ...] = ("context", "pooled")
+
+  def spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    return {"context": jax.ShapeDtypeStruct((batch_size, self.tokens, self.width), jnp.float32),
+            "pooled": jax.ShapeDtypeStruct((batch_size, self.pooled_width), jnp.float32)}
+
+  def null(self, batch_size: int, null_value: Condition | None = None) -> Condition:
+    if null_value is None:
+      raise ValueError("A text condition's null value is the empty prompt's embeddings "
+                       "(data): none was given.")
+    spec = self.spec(batch_size)
+    return {k: jnp.broadcast_to(jnp.asarray(null_value[k], jnp.float32), spec[k].shape)
+            for k in self.fields}
+
+
+def check(condition: Condition, conditioning: Conditioning, source: str) -> None:
+  """Raises ValueError naming ``source`` and the field whose shape or dtype is not the
+  conditioning's (any batch size)."""
+  batch = len(next(iter(condition.values())))
+  spec = conditioning.spec(batch)
+  if set(condition) != set(spec):
+    raise ValueError(f"{source} holds the condition fields {sorted(condition)}; the model is "
+                     f"conditioned on {sorted(spec)}.")
+  for field, want in spec.items():
+    have = condition[field]
+    if tuple(have.shape) != want.shape or jnp.dtype(have.dtype) != want.dtype:
+      raise ValueError(f"{source}: condition field {field!r} is {jnp.dtype(have.dtype).name} "
+                       f"{tuple(have.shape)}; the model needs {want.dtype.name} {want.shape}.")
+
+
+def drop(key: Array, condition: Condition, null: Condition, prob: float) -> Condition:
+  """Each example's condition replaced, as a whole, by the null one with probability
+  ``prob`` (CFG training): one Bernoulli draw (B,) from ``key`` for all fields."""
+  if prob == 0:
+    return condition
+  batch = len(next(iter(condition.values())))
+  mask = jax.random.bernoulli(key, prob, (batch,))
+  return {k: jnp.where(mask.reshape((batch,) + (1,) * (v.ndim - 1)), null[k], v)
+          for k, v in condition.items()}
+
+
+def concat(a: Condition, b: Condition) -> Condition:
+  """Two conditions as one batch (a's rows first): the doubled batch of guidance."""
+  return jax.tree.map(lambda x, y: jnp.concatenate([x, y]), a, b)
