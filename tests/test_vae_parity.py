@@ -1,30 +1,53 @@
 """The Flax AutoencoderKL computes diffusers' AutoencoderKL (the parity reference only) to
-1e-4 relative error in fp32, with random weights in every parameter, in a reduced config
-and in SD's shapes; conversion reads every key style, round-trips through a checkpoint
-on disk, and names the key when it fails."""
+1e-4 relative error in fp32, with random weights in every parameter, in a reduced config,
+in SD's shapes and in a reduced SD3 config (16 latent channels, no quant convs, SD3's
+scaling and shift applied as diffusers' SD3 pipeline and training script do); conversion
+reads every key style and diffusers' folder layout (config.json beside the weights),
+round-trips through a checkpoint on disk, and names the key or the file when it fails."""
 
+import dataclasses
+import json
+import os
+
+import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-from mixflow_jax import pretrained
+from mixflow_jax import errors, pretrained
 from mixflow_jax.convert import vae as convert
 from mixflow_jax.models import vae
 from tests import torch_vae
 
 REL_TOL = 1e-4
+# SD3's latent: diffusers' scripts/convert_sd3_to_diffusers.py, the released vae/config.json.
+SD3_LATENT = dict(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+                  scaling_factor=1.5305, shift_factor=0.0609)
 CONFIGS = {  # name: (diffusers kwargs, image (H, W))
     "reduced": (dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8),
                 (24, 32)),
     "sd": (dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
                 norm_num_groups=32), (32, 32)),
+    "sd3": (dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+                 **SD3_LATENT), (24, 32)),
 }
+# stabilityai/stable-diffusion-3-medium-diffusers' vae/config.json (SD3.5's has the same).
+SD3_RELEASED = dict(
+    block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4, in_channels=3, out_channels=3, act_fn="silu",
+    layers_per_block=2, norm_num_groups=32, sample_size=1024, force_upcast=True,
+    latents_mean=None, latents_std=None, **SD3_LATENT)
 
 
 def _state_dict(ref) -> dict[str, np.ndarray]:
   return {k: v.numpy() for k, v in ref.state_dict().items()}
+
+
+def _shift(ref: diffusers.AutoencoderKL) -> float:
+  """diffusers' shift_factor (None for SD's VAE: no shift)."""
+  return ref.config.shift_factor or 0.0
 
 
 def _rel_err(got: np.ndarray, want: np.ndarray) -> float:
@@ -45,7 +68,9 @@ def pair(request):
   kwargs, _ = CONFIGS[request.param]
   ref = torch_vae.random_vae(0, **kwargs)
   state = _state_dict(ref)
-  config = convert.infer_vae_config(state, norm_num_groups=kwargs["norm_num_groups"])
+  config = convert.infer_vae_config(state, norm_num_groups=kwargs["norm_num_groups"],
+                                    scaling_factor=ref.config.scaling_factor,
+                                    shift_factor=_shift(ref))
   return request.param, ref, state, config, vae.AutoencoderKL(config), \
       convert.convert_vae_state_dict(state, config)
 
@@ -61,28 +86,35 @@ def test_encoder_posterior_matches_diffusers(pair):
   images = jnp.asarray(x.transpose(0, 2, 3, 1))
   mean, logvar = jax.jit(lambda p, im: model.apply({"params": p}, im, method=model.encode))(
       params, images)
-  errors = _rel_err(np.asarray(mean), want_mean), _rel_err(np.asarray(logvar), want_logvar)
-  print(f"\n{name}: encoder mean rel err {errors[0]:.2e}, logvar {errors[1]:.2e}")
-  assert mean.shape == (2, h // config.downsample_factor, w // config.downsample_factor, 4)
-  assert max(errors) <= REL_TOL
+  rel = _rel_err(np.asarray(mean), want_mean), _rel_err(np.asarray(logvar), want_logvar)
+  diff = (np.abs(np.asarray(mean) - want_mean).max(),
+          np.abs(np.asarray(logvar) - want_logvar).max())
+  print(f"\n{name}: encoder mean rel err {rel[0]:.2e} (abs {diff[0]:.2e}), logvar "
+        f"{rel[1]:.2e} (abs {diff[1]:.2e})")
+  assert mean.shape == (2, h // config.downsample_factor, w // config.downsample_factor,
+                        ref.config.latent_channels)
+  assert max(rel) <= REL_TOL
   assert np.abs(want_mean).max() > 0.1 and np.abs(want_logvar).max() > 0.1  # a real signal
   z = jax.jit(lambda p, im: model.apply({"params": p}, im, method=model.latents))(
       params, images)
-  np.testing.assert_allclose(np.asarray(z), want_mean * 0.18215, rtol=0,
-                             atol=REL_TOL * np.abs(want_mean * 0.18215).max())
+  # What the diffusion model sees, as diffusers' train_dreambooth_sd3.py computes it.
+  want_z = (want_mean - _shift(ref)) * ref.config.scaling_factor
+  np.testing.assert_allclose(np.asarray(z), want_z, rtol=0,
+                             atol=REL_TOL * np.abs(want_z).max())
 
 
 def test_decoder_matches_diffusers(pair):
   name, ref, _, config, model, params = pair
   h, w = (s // config.downsample_factor for s in CONFIGS[name][1])
-  z = np.random.default_rng(2).standard_normal((2, 4, h, w)).astype(np.float32)
-  with torch.no_grad():  # diffusers' decode takes unscaled latents; ours takes z * 0.18215
-    want = ref.decode(torch.from_numpy(z)).sample.numpy().transpose(0, 2, 3, 1)
-  scaled = jnp.asarray(z.transpose(0, 2, 3, 1) * config.scaling_factor)
+  z = np.random.default_rng(2).standard_normal((2, ref.config.latent_channels, h, w))
+  scaled = ((z - _shift(ref)) * ref.config.scaling_factor).astype(np.float32)
+  with torch.no_grad():  # diffusers' decode takes unscaled latents: its SD3 pipeline's map
+    unscaled = torch.from_numpy(scaled) / ref.config.scaling_factor + _shift(ref)
+    want = ref.decode(unscaled).sample.numpy().transpose(0, 2, 3, 1)
   got = jax.jit(lambda p, zz: model.apply({"params": p}, zz, method=model.decode))(
-      params, scaled)
+      params, jnp.asarray(scaled.transpose(0, 2, 3, 1)))
   error = _rel_err(np.asarray(got), want)
-  print(f"\n{name}: decoder rel err {error:.2e}")
+  print(f"\n{name}: decoder rel err {error:.2e} (abs {np.abs(np.asarray(got) - want).max():.2e})")
   assert error <= REL_TOL
   assert np.abs(want).max() > 0.1
 
@@ -94,9 +126,12 @@ def test_param_count_equals_diffusers_count(pair):
 
 
 def test_infer_config_reads_the_weights(pair):
-  name, _, state, config, _, _ = pair
+  name, _, state, config, _, params = pair
   if name == "sd":
     assert config == vae.VAEConfig.sd()
+  elif name == "sd3":
+    assert config == vae.VAEConfig.sd3(block_out_channels=(32, 64), layers_per_block=1,
+                                       norm_num_groups=8)
   else:
     assert config == vae.VAEConfig(block_out_channels=(32, 64), layers_per_block=1,
                                    norm_num_groups=8)
@@ -104,6 +139,8 @@ def test_infer_config_reads_the_weights(pair):
   default = convert.infer_vae_config(state)
   assert (default.norm_num_groups, default.scaling_factor) == (32, 0.18215)
   assert config.downsample_factor == 2 ** (len(config.block_out_channels) - 1)
+  assert ("quant_conv" in params, "post_quant_conv" in params) == (
+      config.use_quant_conv, config.use_post_quant_conv)
 
 
 def test_posterior_sample_is_mean_plus_std_times_noise():
@@ -143,6 +180,83 @@ def test_checkpoint_round_trip(tmp_path, suffix):
   _assert_same_params(params, convert.convert_vae_state_dict(_state_dict(ref), config))
   with pytest.raises(FileExistsError):
     convert.convert_vae_checkpoint(path, out, norm_num_groups=8)
+
+
+def test_sd3_config_is_the_released_one():
+  with torch.device("meta"):
+    ref = diffusers.AutoencoderKL(**SD3_RELEASED)
+  config = vae.VAEConfig.sd3()
+  assert vae.param_count(config) == sum(p.numel() for p in ref.parameters()) == 83_819_683
+  assert set(vae.abstract_params(config)) == {"encoder", "decoder"}  # no quant convs
+  assert (config.latent_channels, config.scaling_factor, config.shift_factor) == (
+      16, 1.5305, 0.0609)
+  assert config.downsample_factor == 8
+  assert dataclasses.replace(config, latent_channels=4, scaling_factor=0.18215,
+                             shift_factor=0.0, use_quant_conv=True,
+                             use_post_quant_conv=True) == vae.VAEConfig.sd()  # SDXL's = SD's
+
+
+def _save_sd3_folder(seed: int, folder) -> diffusers.AutoencoderKL:
+  """A reduced random SD3 VAE written by diffusers' save_pretrained into ``folder``."""
+  ref = torch_vae.random_vae(seed, **CONFIGS["sd3"][0])
+  ref.save_pretrained(folder)
+  assert sorted(os.listdir(folder)) == ["config.json", "diffusion_pytorch_model.safetensors"]
+  return ref
+
+
+def test_diffusers_folder_converts_with_its_config(tmp_path):
+  folder = tmp_path / "vae"
+  ref = _save_sd3_folder(11, folder)
+  out = str(tmp_path / "converted")
+  config = convert.convert_diffusers_vae(str(folder), out)
+  assert config == vae.VAEConfig.sd3(block_out_channels=(32, 64), layers_per_block=1,
+                                     norm_num_groups=8)
+  loaded_config, params = pretrained.load_vae(out)
+  assert loaded_config == config
+  _assert_same_params(params, convert.convert_vae_state_dict(_state_dict(ref), config))
+  # The weights file beside its config.json: the file's scaling; an argument must agree.
+  weights = str(folder / "diffusion_pytorch_model.safetensors")
+  with pytest.raises(errors.InvalidInput, match=r"shift_factor=0\.0 \(the file: 0\.0609\) "
+                                                r"disagree with '.*vae/config\.json'"):
+    convert.convert_vae_checkpoint(weights, str(tmp_path / "other"), norm_num_groups=8,
+                                   shift_factor=0.0)
+
+
+def test_diffusers_folder_errors_name_the_file(tmp_path):
+  folder = tmp_path / "vae"
+  _save_sd3_folder(12, folder)
+  config_file = folder / "config.json"
+  saved = json.loads(config_file.read_text())
+  out = str(tmp_path / "converted")
+
+  def convert_with(**changes):
+    config_file.write_text(json.dumps(saved | changes))
+    convert.convert_diffusers_vae(str(folder), out)
+
+  with pytest.raises(errors.InvalidInput, match=r"vae/config\.json' does not describe the "
+                     r"weights in '.*vae/diffusion_pytorch_model\.safetensors': it says "
+                     r"latent_channels=4 where the weights have 16\."):
+    convert_with(latent_channels=4)
+  with pytest.raises(errors.InvalidInput, match=r"use_quant_conv=True where the weights have "
+                                                r"False; use_post_quant_conv=True where"):
+    convert_with(use_quant_conv=True, use_post_quant_conv=True)
+  with pytest.raises(errors.InvalidInput, match=r"config\.json'.*norm_num_groups=12 does not"):
+    convert_with(norm_num_groups=12)
+  with pytest.raises(errors.InvalidInput, match=r"config\.json' asks for latents_mean="):
+    convert_with(latents_mean=[0.0] * 16, latents_std=[1.0] * 16)
+  with pytest.raises(errors.InvalidInput, match=r"config\.json' is the config of "
+                                                r"'AutoencoderTiny'"):
+    convert_with(_class_name="AutoencoderTiny")
+  assert not os.path.exists(out)
+  config_file.write_text(json.dumps(saved))
+  (folder / "diffusion_pytorch_model.safetensors").rename(
+      folder / "diffusion_pytorch_model.fp16.safetensors")
+  with pytest.raises(errors.MissingInput, match=r"No '.*vae/diffusion_pytorch_model\.safetensors'"
+                     r" .*holds \['diffusion_pytorch_model\.fp16\.safetensors'\]"):
+    convert.convert_diffusers_vae(str(folder), out)
+  config_file.unlink()
+  with pytest.raises(errors.MissingInput, match=r"No '.*vae/config\.json'"):
+    convert.convert_diffusers_vae(str(folder), out)
 
 
 def test_legacy_attention_keys_give_the_same_params():
@@ -198,7 +312,7 @@ def _ldm_key(key: str, num_levels: int) -> str:
 
 
 def test_ldm_layout_gives_the_same_params(pair):
-  name, _, state, config, _, params = pair
+  _, _, state, config, _, params = pair
   levels = len(config.block_out_channels)
   ldm = {}
   for key, value in state.items():
@@ -209,7 +323,7 @@ def test_ldm_layout_gives_the_same_params(pair):
   assert f"decoder.up.{levels - 1}.block.0.conv1.weight" in ldm
   assert "encoder.mid.attn_1.q.weight" in ldm and ldm["encoder.mid.attn_1.q.weight"].ndim == 4
   assert not any("_blocks" in k for k in ldm)
-  kwargs = {"norm_num_groups": 8} if name == "reduced" else {}
+  kwargs = {"norm_num_groups": config.norm_num_groups}
   assert convert.infer_vae_config(ldm, **kwargs) == convert.infer_vae_config(state, **kwargs)
   _assert_same_params(convert.convert_vae_state_dict(ldm, config), params)
 

@@ -1,17 +1,19 @@
 """The Stable Diffusion VAE (``AutoencoderKL``, e.g. stabilityai/sd-vae-ft-ema and -ft-mse)
-in Flax Linen, NHWC.
+and SD3 / SD3.5's 16-channel VAE, in Flax Linen, NHWC.
 
 Written from the published architecture (Rombach et al., LDM; diffusers' AutoencoderKL
-layout). Images are (N, H, W, 3) in [-1, 1]; latents are (N, H / f, W / f, 4) with
-f = 2^(len(block_out_channels) - 1) = 8 for SD. The diffusion model sees the scaled latent
-z = (mean - shift_factor) * scaling_factor (0.18215 and no shift for SD); ``decode`` undoes
-that scaling before the decoder.
+layout). Images are (N, H, W, 3) in [-1, 1]; latents are (N, H / f, W / f, L) with
+f = 2^(len(block_out_channels) - 1) = 8 and L = ``latent_channels`` (4 for SD, 16 for SD3).
+The diffusion model sees the scaled latent z = (mean - shift_factor) * scaling_factor
+(0.18215 and no shift for SD; 1.5305 and 0.0609 for SD3); ``decode`` maps z back to
+z / scaling_factor + shift_factor before the decoder, as diffusers' pipelines do.
 
 Encoder: conv_in, one down block per width (``layers_per_block`` ResnetBlocks, then, except
 in the last block, a stride-2 3 x 3 conv on the input padded by one pixel at the bottom and
 right only), a mid block (ResnetBlock, single-head spatial self-attention, ResnetBlock),
 GroupNorm, SiLU, conv_out to 2 * latent channels (posterior mean and log-variance), then
-the 1 x 1 ``quant_conv``. Decoder: the 1 x 1 ``post_quant_conv``, conv_in, the mid block,
+the 1 x 1 ``quant_conv`` (if ``use_quant_conv``; SD3 has none). Decoder: the 1 x 1
+``post_quant_conv`` (if ``use_post_quant_conv``; SD3 has none), conv_in, the mid block,
 one up block per width from the widest (``layers_per_block + 1`` ResnetBlocks, then, except
 in the last block, a nearest 2x upsample and a 3 x 3 conv), GroupNorm, SiLU, conv_out.
 Every GroupNorm has eps 1e-6 and computes its statistics in float32 in two passes, as
@@ -21,6 +23,7 @@ Parameter paths mirror diffusers' state_dict keys, a numeric key part joined to 
 before it: ``encoder.down_blocks.1.resnets.0.conv1.weight`` is
 ``encoder/down_blocks_1/resnets_0/conv1/kernel``; GroupNorm weights are ``.../scale``;
 ``mid_block.attentions.0.to_out.0.weight`` is ``mid_block/attentions_0/to_out_0/kernel``.
+A config without quant convs has no ``quant_conv`` / ``post_quant_conv`` parameters.
 See ``convert.vae`` for the conversion.
 """
 
@@ -78,9 +81,24 @@ class VAEConfig:
     """The config of stabilityai/sd-vae-ft-ema and sd-vae-ft-mse (and SD 1.x's VAE)."""
     return cls(**kwargs)
 
+  @classmethod
+  def sd3(cls, **kwargs) -> VAEConfig:
+    """The config of SD3 / SD3.5's VAE (83,819,683 parameters): SDXL's architecture (the
+    widths, depth and groups of SD's) with 16 latent channels, no ``quant_conv`` /
+    ``post_quant_conv``, scaling_factor 1.5305 and shift_factor 0.0609.
+
+    Sources: diffusers' scripts/convert_sd3_to_diffusers.py (the SDXL VAE config with
+    latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+    scaling_factor=1.5305, shift_factor=0.0609) and the released vae/config.json of
+    stabilityai/stable-diffusion-3-medium-diffusers (SD3.5 Large and Medium ship the same
+    VAE config). ``kwargs`` override fields, e.g. for a reduced test model.
+    """
+    return cls(**{"latent_channels": 16, "scaling_factor": 1.5305, "shift_factor": 0.0609,
+                  "use_quant_conv": False, "use_post_quant_conv": False} | kwargs)
+
   @property
   def downsample_factor(self) -> int:
-    """Image side / latent side: 8 for SD."""
+    """Image side / latent side: 8 for SD and SD3."""
     return 2 ** (len(self.block_out_channels) - 1)
 
 
@@ -227,8 +245,8 @@ class UpBlock(nn.Module):
 
 class Encoder(nn.Module):
   """Images (N, H, W, in_channels) -> posterior moments (N, H / f, W / f, 2 * latent)
-  before ``quant_conv``: mean in the first ``latent_channels`` channels, log-variance in
-  the rest."""
+  before ``quant_conv`` (if any): mean in the first ``latent_channels`` channels,
+  log-variance in the rest."""
 
   config: VAEConfig
   dtype: jnp.dtype = jnp.float32
@@ -250,7 +268,7 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-  """Unscaled latents (N, h, w, latent) after ``post_quant_conv`` -> images
+  """Unscaled latents (N, h, w, latent) after ``post_quant_conv`` (if any) -> images
   (N, f h, f w, out_channels)."""
 
   config: VAEConfig
@@ -337,5 +355,6 @@ def abstract_params(config: VAEConfig) -> dict:
 
 
 def param_count(config: VAEConfig) -> int:
-  """Number of parameters (83,653,863 for SD's VAE), without allocating."""
+  """Number of parameters (83,653,863 for SD's VAE, 83,819,683 for SD3's), without
+  allocating."""
   return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(abstract_params(config)))
