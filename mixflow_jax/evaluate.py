@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mixflow_jax import configuration, errors, generate, pretrained, runs, storage
+from mixflow_jax import configuration, errors, pretrained, runs, storage
 from mixflow_jax import pixels as pixels_lib
 from mixflow_jax.data import load_dataset
 from mixflow_jax.evaluation import adm_inputs, adm_report, classifier_metric
@@ -72,7 +72,7 @@ def _adm_job(config: ml_collections.ConfigDict, workdir: str, path: str) -> dict
 
 def evaluate_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """``mixflow evaluate``: scores the samples that ``mixflow sample`` wrote for ``config``
-  in ``workdir`` (``generate.samples_path``).
+  in ``workdir`` (``runs.samples_path``).
 
   With ``config.eval.reference`` set: the ADM metrics (``adm_report.adm_metrics``) against
   it on the FID Inception at ``config.eval.inception`` (``pretrained.load_inception``),
@@ -81,7 +81,7 @@ def evaluate_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   written to ``<samples>.metrics.json`` beside the samples. Labels (``arr_1``) outside the
   run's classes are an error naming the file. Returns the metrics.
   """
-  path = generate.samples_path(config, workdir)
+  path = runs.samples_path(config, workdir)
   if not storage.path(path).exists():
     raise errors.MissingInput(f"No samples at {path}: run `mixflow sample` with the same "
                               "config and workdir first.")

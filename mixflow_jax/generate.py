@@ -21,7 +21,6 @@ the rule of the decoder in use.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -49,13 +48,6 @@ from mixflow_jax import (
 from mixflow_jax.data import ImageDataset
 from mixflow_jax.models.sit import make_apply_fn
 
-# The inference-time options that do not appear in the name itself (every ``Sampler`` field
-# but those and the path, which the run records); those changed from their defaults (the
-# ``sampling.Sampler`` field defaults) enter the name's hash.
-_SAMPLER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(sampling.Sampler)
-                     if f.name not in ("method", "num_steps", "cfg_scale", "guided_channels",
-                                       "path")}
-_HASHED_OPTIONS = tuple(_SAMPLER_DEFAULTS)
 _RANDOM_LABELS_STREAM = 1  # seeds 'random' labels apart from other draws of the same seed
 
 
@@ -235,37 +227,9 @@ def sample_run(config: ml_collections.ConfigDict, run_dir: str,
   return images, labels
 
 
-def samples_name(config: ml_collections.ConfigDict) -> str:
-  """``{ema|raw}_{sampler}{steps}_cfg{scale}_n{N}``, plus ``_seed{k}`` for a seed other
-  than 0 and a hash of the inference-time options (and labels) that differ from their
-  defaults."""
-  s = config.sample
-  name = (f"{'ema' if s.use_ema else 'raw'}_{s.sampler}{s.num_steps}_cfg{s.cfg_scale:g}"
-          f"_n{s.num_samples}")
-  if s.guided_channels != "all":
-    name += f"_{s.guided_channels}"
-  if config.seed:
-    name += f"_seed{config.seed}"
-  changed = {k: s[k] for k in _HASHED_OPTIONS
-             if (tuple(s[k]) if isinstance(s[k], (list, tuple)) else s[k])
-             != _SAMPLER_DEFAULTS[k]}
-  if s.guide:  # the guide network of autoguidance
-    changed["guide"] = s.guide
-  if s.labels != "balanced":
-    changed["labels"] = s.labels
-  if changed:
-    name += "_" + hashlib.sha1(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8]
-  return name
-
-
-def samples_path(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Where ``mixflow sample`` writes (and ``mixflow evaluate`` reads) the samples."""
-  return str(storage.path(workdir, "workdir") / "samples" / (samples_name(config) + ".npz"))
-
-
 def sample_job(config: ml_collections.ConfigDict, workdir: str) -> str:
   """``mixflow sample``: samples the run in ``workdir`` in resumable shards, merges them
-  into ``samples_path(config, workdir)`` and returns that path. Latent models (neither 1
+  into ``runs.samples_path(config, workdir)`` and returns that path. Latent models (neither 1
   nor 3 channels) need ``config.sample.vae`` to decode them."""
   s = config.sample
   run = runs.load_run(workdir, config)
@@ -277,7 +241,7 @@ def sample_job(config: ml_collections.ConfigDict, workdir: str) -> str:
         f"The model in {workdir!r} samples {channels}-channel latents: set "
         "config.sample.vae to a VAE converted with `mixflow convert --vae` (or an RAE, "
         "`mixflow convert --rae_decoder`) to decode them.")
-  path = samples_path(config, workdir)
+  path = runs.samples_path(config, workdir)
   if sharding.decided_by_process_zero(lambda: np.array([storage.path(path).exists()]), 1)[0]:
     logging.info("%s exists; nothing to sample.", path)
     return path

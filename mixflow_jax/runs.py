@@ -15,11 +15,15 @@ Records written before the path, prediction and family were recorded keep loadin
 fields read as what the code assumed then (the config's ``objective.path``, velocity, SiT),
 with a logged warning. A run folder without any record (its checkpoints only) takes its
 model from the config and the data's shape, as before records existed.
+
+``samples_path`` is where a run's samples live in its workdir (``mixflow sample`` writes
+them, ``mixflow evaluate`` reads them), named by the sampler settings.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from typing import Any
 
@@ -27,7 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from mixflow_jax import checkpoints, configuration, errors, storage
+from mixflow_jax import checkpoints, configuration, errors, sampling, storage
 from mixflow_jax.data import ImageDataset, load_dataset
 from mixflow_jax.models import families
 from mixflow_jax.models.families import Model, ModelConfig
@@ -81,7 +85,7 @@ def read_record(run_dir: str) -> RunRecord | None:
   if family not in families.FAMILIES:
     raise errors.InvalidInput(f"{file} records family={family!r}: this code runs "
                               f"{tuple(families.FAMILIES)} models.")
-  model = checkpoints.read_config(run_dir, MODEL_JSON, families.FAMILIES[family],
+  model = checkpoints.read_config(run_dir, MODEL_JSON, families.FAMILIES[family].config_type,
                                   optional=("time_convention",))
   missing = [name for name in _SINCE_RECORD if name not in stored]
   if missing:
@@ -202,3 +206,40 @@ def load_guide(guide_dir: str, main: Run, config: ml_collections.ConfigDict
     raise errors.InvalidInput(f"{source} was trained on path={record.path!r}, the model it "
                               f"guides on path={main.path!r}.")
   return load_model(Run(guide_dir, record.model, main.path, record), config)
+
+
+# The inference-time options that do not appear in the name itself (every ``Sampler`` field
+# but those and the path, which the run records); those changed from their defaults (the
+# ``sampling.Sampler`` field defaults) enter the name's hash.
+_SAMPLER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(sampling.Sampler)
+                     if f.name not in ("method", "num_steps", "cfg_scale", "guided_channels",
+                                       "path")}
+_HASHED_OPTIONS = tuple(_SAMPLER_DEFAULTS)
+
+
+def samples_name(config: ml_collections.ConfigDict) -> str:
+  """``{ema|raw}_{sampler}{steps}_cfg{scale}_n{N}``, plus ``_seed{k}`` for a seed other
+  than 0 and a hash of the inference-time options (and labels) that differ from their
+  defaults."""
+  s = config.sample
+  name = (f"{'ema' if s.use_ema else 'raw'}_{s.sampler}{s.num_steps}_cfg{s.cfg_scale:g}"
+          f"_n{s.num_samples}")
+  if s.guided_channels != "all":
+    name += f"_{s.guided_channels}"
+  if config.seed:
+    name += f"_seed{config.seed}"
+  changed = {k: s[k] for k in _HASHED_OPTIONS
+             if (tuple(s[k]) if isinstance(s[k], (list, tuple)) else s[k])
+             != _SAMPLER_DEFAULTS[k]}
+  if s.guide:  # the guide network of autoguidance
+    changed["guide"] = s.guide
+  if s.labels != "balanced":
+    changed["labels"] = s.labels
+  if changed:
+    name += "_" + hashlib.sha1(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8]
+  return name
+
+
+def samples_path(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Where ``mixflow sample`` writes (and ``mixflow evaluate`` reads) the samples."""
+  return str(storage.path(workdir, "workdir") / "samples" / (samples_name(config) + ".npz"))

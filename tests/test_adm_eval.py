@@ -25,7 +25,7 @@ import scipy.special
 import torch
 from PIL import Image
 
-from mixflow_jax import configuration, evaluate, generate, metrics
+from mixflow_jax import configuration, evaluate, metrics, runs
 from mixflow_jax.convert.inception import convert_inception_checkpoint
 from mixflow_jax.evaluation import adm_inputs, adm_report, inception_pass
 from mixflow_jax.pretrained import load_inception
@@ -337,7 +337,7 @@ def _adm_config(files, workdir, **eval_fields):
   config.eval.reference = files["paths"]["ref_batch"]
   config.eval.inception = files["paths"]["weights"]
   config.eval.update(eval_fields)
-  path = generate.samples_path(config, str(workdir))
+  path = runs.samples_path(config, str(workdir))
   os.makedirs(os.path.dirname(path), exist_ok=True)
   return config, path
 
@@ -377,7 +377,7 @@ def test_evaluate_command_line(files, tmp_path):
   images: IS, FID and sFID from its stored statistics, precision / recall skipped with a
   warning."""
   config = _digits_config()
-  path = generate.samples_path(config, str(tmp_path))
+  path = runs.samples_path(config, str(tmp_path))
   os.makedirs(os.path.dirname(path))
   np.savez(path, arr_0=files["samples"], arr_1=files["labels"])
   reference = files["paths"]["ref_stats_only"]
@@ -403,7 +403,7 @@ def test_classifier_metric_checks_labels(tmp_path):
   """The embedded default (no reference) checks labels against the data's classes before
   any work; its outputs are those of tests/test_cli.py and tests/test_evaluate.py."""
   config = configuration.default_config()
-  path = generate.samples_path(config, str(tmp_path))
+  path = runs.samples_path(config, str(tmp_path))
   os.makedirs(os.path.dirname(path))
   pixels = np.zeros((20, 8, 8, 1), np.uint8)
   np.savez(path, arr_0=pixels, arr_1=np.arange(20))

@@ -64,7 +64,7 @@ def test_interrupted_job_resumes_to_the_same_file(run_dir, tmp_path, monkeypatch
 
 def test_relaunch_with_another_checkpoint_refuses_to_mix_shards(run_dir, tmp_path):
   config = _config()
-  shards = generate.samples_path(config, run_dir)[:-len(".npz")] + ".shards"
+  shards = runs.samples_path(config, run_dir)[:-len(".npz")] + ".shards"
   os.makedirs(shards)
   with open(os.path.join(shards, "job.json"), "w") as f:
     f.write('{"step": 999}')
@@ -75,24 +75,24 @@ def test_relaunch_with_another_checkpoint_refuses_to_mix_shards(run_dir, tmp_pat
 
 def test_name_tells_samplers_and_baselines_apart():
   config = _config()
-  base = generate.samples_name(config)
+  base = runs.samples_name(config)
   assert base == "ema_heun3_cfg1.5_n20"
   config.sample.eps_scale = 1.004
-  scaled = generate.samples_name(config)
+  scaled = runs.samples_name(config)
   assert scaled.startswith(base + "_") and scaled != base
   config.sample.eps_scale, config.seed = 1.0, 3
-  assert generate.samples_name(config) == base + "_seed3"
+  assert runs.samples_name(config) == base + "_seed3"
   config.seed, config.sample.time_shift_window = 0, 80
-  shifted = generate.samples_name(config)
+  shifted = runs.samples_name(config)
   config.sample.time_shift_mode = "network"  # every sampler field enters the hash
-  assert len({base, shifted, generate.samples_name(config)}) == 3
+  assert len({base, shifted, runs.samples_name(config)}) == 3
 
 
 def test_given_labels_are_sampled_and_named(run_dir):
   config = _config()
   config.sample.update(labels="3,1", num_samples=5)
   path = generate.sample_job(config, run_dir)
-  assert path != generate.samples_path(_config(), run_dir)
+  assert path != runs.samples_path(_config(), run_dir)
   with np.load(path) as npz:
     np.testing.assert_array_equal(npz["arr_1"], [3, 1, 3, 1, 3])
 
@@ -158,7 +158,7 @@ def test_autoguidance_by_the_model_itself_is_plain_sampling_and_refuses_another_
   plain.sample.update(cfg_scale=1.0, num_samples=8)
   guided = _config()
   guided.sample.update(cfg_scale=1.42, num_samples=8, guidance="autoguidance", guide=run_dir)
-  assert generate.samples_name(guided) != generate.samples_name(plain)
+  assert runs.samples_name(guided) != runs.samples_name(plain)
   with np.load(generate.sample_job(plain, run_dir)) as a, \
        np.load(generate.sample_job(guided, run_dir)) as b:
     np.testing.assert_allclose(b["arr_0"], a["arr_0"], atol=1)  # uint8: one level at most
