@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, flags
 
 from mixflow_jax.data import load_dataset, pipeline
-from mixflow_jax.data.encode import file_digest
+from mixflow_jax.encode import file_digest
 
 _EXAMPLES = flags.DEFINE_integer("examples", 20_000, "Images in the folder (2 rows each).")
 _PROCESSES = flags.DEFINE_integer("processes", 4, "Hosts the global batch is split over.")

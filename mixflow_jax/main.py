@@ -8,7 +8,7 @@ Flags only: the work is done by importable functions (``train.train``,
 ``demo.run_demo``, ``study.run_study``, ``convert.export.convert_checkpoint``,
 ``convert.vae.convert_vae_checkpoint``, ``convert.rae.convert_rae``,
 ``convert.inception.convert_inception_checkpoint``,
-``data.encode.encode``, ``plan.plan``).
+``encode.encode``, ``plan.plan``).
 """
 
 import dataclasses
@@ -421,7 +421,8 @@ def _dispatch(command: str) -> None:
                              "--pixels (the crops themselves), and --out=DIR.")
     if _DISTRIBUTED.value:
       _join_job()
-    from mixflow_jax.data import encode, image_sources
+    from mixflow_jax import encode
+    from mixflow_jax.data import image_sources
     source = (image_sources.folder_source(_IMAGES.value) if _IMAGES.value else
               image_sources.tfds_source(_TFDS.value, _SPLIT.value, _TFDS_DATA_DIR.value,
                                         _MANUAL_DIR.value))

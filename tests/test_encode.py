@@ -14,9 +14,9 @@ import pytest
 import safetensors.torch
 from PIL import Image
 
-from mixflow_jax import configuration
+from mixflow_jax import configuration, encode
 from mixflow_jax.convert.vae import convert_vae_checkpoint
-from mixflow_jax.data import encode, image_sources, load_dataset
+from mixflow_jax.data import image_sources, load_dataset
 from mixflow_jax.models.vae import AutoencoderKL
 from mixflow_jax.pretrained import load_vae
 from tests import torch_vae

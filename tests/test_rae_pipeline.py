@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mixflow_jax import configuration, errors, generate, plan, pretrained, train
+from mixflow_jax import configuration, encode, errors, generate, plan, pretrained, train
 from mixflow_jax.convert import export, rae
-from mixflow_jax.data import encode, image_sources, sources
+from mixflow_jax.data import image_sources, sources
 from mixflow_jax.models import dinov2, ditdh
 from tests import test_rae_encoder, torch_ditdh, torch_rae
 from tests.conftest import tiny_config

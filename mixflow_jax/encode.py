@@ -1,8 +1,10 @@
-"""An ImageFolder -> the ``arrays`` folder of VAE latents that latent models train on
-(``mixflow encode --images=DIR --vae=DIR --out=DIR``, ``configs/imagenet_sit.py``), or of
-RAE latents (``mixflow encode --images=DIR --rae=DIR --out=DIR``), or of the uint8 crops
-themselves (``mixflow encode --images=DIR --pixels --out=DIR``), which RAE's encoder turns
-into latents inside the train step (``config.data.encoder``, ``configs/imagenet_rae.py``).
+"""The ``mixflow encode`` job: an ImageFolder -> the ``arrays`` folder of VAE latents that
+latent models train on (``mixflow encode --images=DIR --vae=DIR --out=DIR``,
+``configs/imagenet_sit.py``), or of RAE latents (``mixflow encode --images=DIR --rae=DIR
+--out=DIR``), or of the uint8 crops themselves (``mixflow encode --images=DIR --pixels
+--out=DIR``), which RAE's encoder turns into latents inside the train step
+(``config.data.encoder``, ``configs/imagenet_rae.py``). The images come from
+``data.image_sources``; the ``arrays`` source (``data.sources``) reads the folder.
 
 Images: ImageFolder layout (one subfolder per class, e.g. ImageNet's
 ``train/n01440764/*.JPEG``), converted to RGB, ADM center-cropped to ``image_size``
@@ -60,7 +62,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from mixflow_jax import errors, resume, storage
+from mixflow_jax import errors, latent_encoder, pretrained, resume, sharding, storage
 from mixflow_jax.data.image_sources import (
     IMAGE_EXTENSIONS,
     ImageSource,
@@ -122,8 +124,6 @@ def _autoencoder(directory: str | None, image_size: int, rae: bool) -> _Autoenco
   """The VAE (``mixflow convert --vae``) or, when ``rae``, the RAE with an encoder
   (``mixflow convert --rae_decoder ... --rae_encoder``) in ``directory``; None: the
   crops themselves (uint8), for an encoder in the train step (``config.data.encoder``)."""
-  from mixflow_jax import latent_encoder, pretrained
-
   if directory is None:
     return _Autoencoder(jax.jit(lambda _, pixels: (pixels,)), None,
                         (image_size, image_size, 3), PIXELS, {"pixels": True}, np.uint8)
@@ -210,9 +210,6 @@ def encode(source: ImageSource, vae_dir: str | None, out: str, image_size: int =
   interruption; other arguments, another VAE config or a changed source listing raise
   ValueError naming what differs.
   """
-  # Imported here: encode_folder needs neither a mesh nor orbax.
-  from mixflow_jax import sharding
-
   if image_size < 1 or batch_size < 1:
     raise errors.InvalidInput(f"encode: image_size={image_size}, batch_size={batch_size}; expected "
                               ">= 1.")
