@@ -135,7 +135,8 @@ def run_variant(name: str, spec: str, model: str | None, batch_size: int, steps:
   if config.data.encoder == "random":
     config.data.encoder = _random_rae(tempfile.mkdtemp(), image_shape[0])
   setup = train.setup_step(config, image_shape, num_classes, mesh)
-  encoder_params = _random_like(setup.abstract_encoder) if setup.encoder else ()
+  frozen = train.frozen(
+      encoder=_random_like(setup.abstract_frozen["encoder"]) if setup.encoder else ())
 
   params = jax.jit(lambda k: train.init_params(setup.model, image_shape, k),
                    out_shardings=setup.state_shardings.params)(jax.random.key(0))
@@ -153,22 +154,22 @@ def run_variant(name: str, spec: str, model: str | None, batch_size: int, steps:
   key = jax.random.key(1)
 
   start = time.perf_counter()
-  compiled = setup.step_fn.lower(state, batch, key, encoder_params).compile()
+  compiled = setup.step_fn.lower(state, batch, key, frozen).compile()
   compile_seconds = time.perf_counter() - start
   memory = compiled.memory_analysis()
   for _ in range(2):
-    state, metrics = compiled(state, batch, key, encoder_params)
+    state, metrics = compiled(state, batch, key, frozen)
   jax.block_until_ready((state, metrics))
   start = time.perf_counter()
   for _ in range(steps):
-    state, metrics = compiled(state, batch, key, encoder_params)
+    state, metrics = compiled(state, batch, key, frozen)
   jax.block_until_ready((state, metrics))
   seconds = (time.perf_counter() - start) / steps
   loss = float(metrics.loss.compute())
   if _PROFILE.value:
     with jax.profiler.trace(os.path.join(_PROFILE.value, name)):
       for _ in range(2):
-        state, metrics = compiled(state, batch, key, encoder_params)
+        state, metrics = compiled(state, batch, key, frozen)
       jax.block_until_ready((state, metrics))
 
   device = jax.devices()[0]

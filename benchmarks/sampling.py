@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.timing import best_time
 from mixflow_jax import sampling
 from mixflow_jax.convert.sit import convert_state_dict, infer_config
-from mixflow_jax.models import sit
+from mixflow_jax.models import families, sit
 from tests import torch_sit, torch_transport
 
 _SIZES = flags.DEFINE_list("sizes", ["SiT-T/2", "SiT-S/2"], "Named model sizes.")
@@ -56,12 +56,13 @@ def compare(name: str, steps: int, repeats: int) -> tuple[float, float]:
   labels = np.arange(batch) % classes
   guided = "first3" if channels > 3 else "all"
 
-  apply = lambda p, x, t, y: sit.SiT(config).apply({"params": p}, x, t, y)
+  apply = families.make_apply_fn(sit.SiT(config))
   sampler = sampling.Sampler("heun", num_steps=steps, cfg_scale=CFG_SCALE,
                              guided_channels=guided)
   run_jax = lambda: sampling.sample(
-      apply, params, jnp.arange(batch), jnp.asarray(labels), jax.random.key(0),
-      sampler=sampler, shape=(size, size, channels), null_class=classes).block_until_ready()
+      apply, params, jnp.arange(batch), {"label": jnp.asarray(labels)},
+      {"label": jnp.full((batch,), classes)}, jax.random.key(0), sampler=sampler,
+      shape=(size, size, channels)).block_until_ready()
   run_jax()  # compile
   jax_time = best_time(run_jax, repeats)
 

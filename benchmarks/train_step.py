@@ -22,7 +22,8 @@ from absl import app, flags
 from mixflow_jax import configuration, train
 from mixflow_jax.data import ImageDataset, pipeline
 from mixflow_jax.data.arrays import split
-from mixflow_jax.models.sit import make_apply_fn
+from mixflow_jax.models import families
+from mixflow_jax.models.families import make_apply_fn
 
 _SIZES = flags.DEFINE_list("sizes", ["SiT-T/2", "SiT-S/2"], "Named model sizes.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Alternating measurements per objective.")
@@ -45,21 +46,22 @@ def time_step(config, dataset: ImageDataset, steps: int):
   tx = train.make_optimizer(config.optim)
   step_fn = jax.jit(functools.partial(
       train.train_step, apply_fn=make_apply_fn(model),
-      objective=train.make_objective(config, model), tx=tx,
+      objective=train.make_objective(config, model),
+      condition=families.condition_of(model.config), tx=tx,
       ema_decay=config.optim.ema_decay), donate_argnums=0)
   state = train.create_train_state(
       train.init_params(model, dataset.image_shape, jax.random.key(0)), tx)
   batch = {k: jnp.asarray(v) for k, v in
            next(pipeline.train_batches(dataset, config.data.batch_size, 0)).items()}
   rng = jax.random.key(1)
-  state, _ = step_fn(state, batch, rng)  # compile
+  state, _ = step_fn(state, batch, rng, train.frozen())  # compile
   jax.block_until_ready(state)
 
   def measure():
     nonlocal state
     start = time.perf_counter()
     for _ in range(steps):
-      state, metrics = step_fn(state, batch, rng)
+      state, metrics = step_fn(state, batch, rng, train.frozen())
     jax.block_until_ready((state, metrics))
     return (time.perf_counter() - start) / steps
 

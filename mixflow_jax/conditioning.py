@@ -36,6 +36,9 @@ class Conditioning(Protocol):
   def null(self, batch_size: int, null_value: Condition | None = None) -> Condition:
     """The null condition of a batch, (B, ...) per field."""
 
+  def null_spec(self) -> dict[str, jax.ShapeDtypeStruct] | tuple[()]:
+    """The data ``null`` needs as ``null_value``: (1, ...) per field, or () for none."""
+
 
 @dataclasses.dataclass(frozen=True)
 class ClassLabel:
@@ -50,6 +53,9 @@ class ClassLabel:
 
   def null(self, batch_size: int, null_value: Condition | None = None) -> Condition:
     return {"label": jnp.full((batch_size,), self.num_classes, jnp.int32)}
+
+  def null_spec(self) -> tuple[()]:
+    return ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +81,9 @@ class TextEmbedding:
     spec = self.spec(batch_size)
     return {k: jnp.broadcast_to(jnp.asarray(null_value[k], jnp.float32), spec[k].shape)
             for k in self.fields}
+
+  def null_spec(self) -> dict[str, jax.ShapeDtypeStruct]:
+    return self.spec(1)
 
 
 def check(condition: Condition, conditioning: Conditioning, source: str) -> None:

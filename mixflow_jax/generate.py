@@ -46,7 +46,8 @@ from mixflow_jax import (
     storage,
 )
 from mixflow_jax.data import ImageDataset
-from mixflow_jax.models.sit import make_apply_fn
+from mixflow_jax.models import families
+from mixflow_jax.models.families import make_apply_fn
 
 _RANDOM_LABELS_STREAM = 1  # seeds 'random' labels apart from other draws of the same seed
 
@@ -103,12 +104,14 @@ def make_batch_sampler(config: ml_collections.ConfigDict, run: runs.Run,
                  s.cfg_scale)
   params = (params, guide_params)
 
+  condition = families.condition_of(model_config)
+
   @jax.jit
   def fn(params, vae_params, indices, y):
     main_params, guide_params = params
     return decode(vae_params, sampling.sample(
-        apply_fn, main_params, indices, y, key, sampler=sampler, shape=shape,
-        null_class=model_config.num_classes, guide_fn=guide_fn, guide_params=guide_params))
+        apply_fn, main_params, indices, {"label": y}, condition.null(len(y)), key,
+        sampler=sampler, shape=shape, guide_fn=guide_fn, guide_params=guide_params))
 
   logging.info("Sampling step %d of %s on %d devices (%d processes).", step, run.directory,
                mesh.size, jax.process_count())

@@ -2,7 +2,10 @@
 
     x1    data (B, H, W, C)            x0   noise ~ N(0, I)
     t     training time (B,)           m_t  slowed time (B,), m_t <= t
-    u_theta(x, t, y)                   the network's velocity for input x told time t
+    u_theta(x, t, c)                   the network's velocity for input x told time t
+
+The condition c (conditioning.py: a class label, text embeddings) passes through untouched;
+its CFG dropout is the train step's, from this step's ``Draws.condition`` key.
 
 Every objective splits its key the same way (``Draws``), so that MixFlow with gamma = 0
 consumes the same random numbers as standard flow matching and returns the same loss,
@@ -35,7 +38,7 @@ class Draws(NamedTuple):
   m: jax.Array
   noise: jax.Array
   perturbation: jax.Array
-  labels: jax.Array
+  condition: jax.Array  # the train step's CFG dropout of the condition
 
 
 def split_key(key: jax.Array) -> Draws:
@@ -86,18 +89,12 @@ def input_perturbation_loss(u_theta: VelocityFn, x1: Array, draws: Draws, *, pat
   return per_example_mse(u_theta(x_t, t), path.velocity(t, x0, x1))
 
 
-def drop_labels(key: jax.Array, y: Array, drop_prob: float, null_class: int) -> Array:
-  """Replaces each label by the null class with probability ``drop_prob`` (for CFG)."""
-  if drop_prob == 0:
-    return y
-  return jnp.where(jax.random.bernoulli(key, drop_prob, y.shape), null_class, y)
-
-
 @dataclasses.dataclass(frozen=True)
 class Objective:
-  """A configured objective: ``loss(apply_fn, params, batch, key) -> (B,)`` per example.
+  """A configured objective: ``loss(apply_fn, params, x1, condition, key) -> (B,)`` per
+  example.
 
-  ``apply_fn(params, x (B, H, W, C), t (B,), y (B,)) -> u (B, H, W, C)``.
+  ``apply_fn(params, x (B, H, W, C), t (B,), condition) -> u (B, H, W, C)``.
   """
 
   name: str
@@ -108,17 +105,13 @@ class Objective:
   slow_bounds: tuple[float, float] = (0.0, 1.0)
   target_time: str = "m_t"
   perturbation_scale: float = 0.1
-  label_dropout: float = 0.0
-  null_class: int = 0
 
-  def loss(self, apply_fn: Callable, params, batch: dict[str, Array], key: jax.Array) -> Array:
+  def loss(self, apply_fn: Callable, params, x1: Array, condition, key: jax.Array) -> Array:
     draws = split_key(key)
-    y = drop_labels(draws.labels, batch["label"], self.label_dropout, self.null_class)
 
     def u_theta(x, t):
-      return apply_fn(params, x, t, y)
+      return apply_fn(params, x, t, condition)
 
-    x1 = batch["image"]
     if self.name == "standard":
       return flow_matching_loss(u_theta, x1, draws, path=self.path, t_law=self.t_law)
     if self.name == "mixflow":

@@ -61,7 +61,7 @@ def plan(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
   start = time.perf_counter()
   lowered = setup.step_fn.lower(setup.abstract_state, batch, jax.random.key(0),
-                                setup.abstract_encoder)
+                                setup.abstract_frozen)
   lower_seconds = time.perf_counter() - start
   compiled = lowered.compile()
   compile_seconds = time.perf_counter() - start - lower_seconds
@@ -90,7 +90,7 @@ def plan(config: ml_collections.ConfigDict) -> dict[str, Any]:
       "image_shape": list(image_shape),
       "encoder": config.data.encoder or None,
       "encoder_bytes_per_device": int(sum(_shard_bytes(x) for x in
-                                          jax.tree.leaves(setup.abstract_encoder))),
+                                          jax.tree.leaves(setup.abstract_frozen["encoder"]))),
       "dtype": config.model.dtype,
       "remat": config.model.remat,
       "scan_blocks": config.model.scan_blocks,

@@ -27,10 +27,11 @@ counting integration steps: the official ``--num-sampling-steps N`` is ``num_ste
   official SiT form's sigma_t on Linear only). REPA's ``--num-steps N`` is
   ``num_steps = N - 1``.
 
-Guidance: classifier-free (``guidance='cfg'``: the conditional and the null-class pass of one
-network) or autoguidance (``'autoguidance'``, Karras et al. 2024, as RAE samples its best
-FID: ``u_guide + s (u_main - u_guide)``, a second, weaker network of the same family, both
-told the class), each on ``cfg_interval``.
+Guidance, written once over the condition pytree (conditioning.py): classifier-free
+(``guidance='cfg'``: the pass told the condition and the pass told the null condition, of one
+network, as one doubled batch) or autoguidance (``'autoguidance'``, Karras et al. 2024, as
+RAE samples its best FID: ``u_guide + s (u_main - u_guide)``, a second, weaker network of
+the same family, both told the condition), each on ``cfg_interval``.
 
 Every sample's noise (its initial x0 and each SDE increment) is drawn from a key folded
 with the sample's global index, so samples do not depend on batch size, device count or
@@ -45,11 +46,10 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
-from mixflow_jax import time_shift, timesteps
-from mixflow_jax.interpolants import Linear, Path, get_path
-from mixflow_jax.time_conventions import ours_interval
+from mixflow_jax import conditioning, time_shift, timesteps
+from mixflow_jax.conditioning import Condition
+from mixflow_jax.interpolants import Linear, Path
 
 Array = jnp.ndarray
 # (x (B, ...), t (B,), guide_t (B,) or None) -> (B, ...); guide_t, where given, is the time
@@ -62,7 +62,7 @@ SDE_METHODS = ("sde", "repa_sde")
 TIME_SHIFT_METHODS = ("euler", "heun")
 GUIDED_CHANNELS = ("all", "first3")
 GUIDANCE = ("cfg", "autoguidance")
-# A guide network for autoguidance: (apply_fn (params, x, t, y) -> u, its params).
+# A guide network for autoguidance: (apply_fn (params, x, t, condition) -> u, its params).
 Guide = tuple[Callable, object]
 
 
@@ -123,27 +123,6 @@ class Sampler:
       raise ValueError(f"time_shift_mode={self.time_shift_mode!r}; expected one of "
                        f"{time_shift.MODES}.")
 
-  @classmethod
-  def from_config(cls, sample: ml_collections.ConfigDict, path: str,
-                  num_steps: int | None = None, *, time_convention: str) -> Sampler:
-    """Deprecated: the config's reader is ``configuration.make_sampler`` (the layer that
-    knows configs); this copy stays only while tests/test_rae_transport.py calls it."""
-    return cls(
-        method=sample.sampler, num_steps=num_steps or sample.num_steps, path=get_path(path),
-        cfg_scale=sample.cfg_scale, guided_channels=sample.guided_channels,
-        cfg_interval=ours_interval(tuple(sample.cfg_interval), time_convention),
-        guidance=sample.guidance,
-        grid_interval=(None if sample.grid_interval is None
-                       else ours_interval(tuple(sample.grid_interval), time_convention)),
-        grid_shift=sample.grid_shift,
-        atol=sample.atol, rtol=sample.rtol,
-        last_step_size=sample.last_step_size, diffusion_norm=sample.diffusion_norm,
-        eps_scale=sample.eps_scale, eps_scale_slope=sample.eps_scale_slope,
-        time_shift_window=sample.time_shift_window,
-        time_shift_cutoff=sample.time_shift_cutoff,
-        time_shift_schedule=sample.time_shift_schedule,
-        time_shift_mode=sample.time_shift_mode, data_var=sample.data_var)
-
   @property
   def grid(self) -> Array:
     """The time grid of the fixed-step methods, (num_steps + 1,) float32."""
@@ -159,13 +138,14 @@ def _expand(t: Array, x: Array) -> Array:
   return t.reshape(t.shape + (1,) * (x.ndim - t.ndim))
 
 
-def guided_velocity(apply_fn: Callable, params, y: Array, *, cfg_scale: float,
-                    null_class: int, guided_channels: str = "all",
+def guided_velocity(apply_fn: Callable, params, condition: Condition, *, cfg_scale: float,
+                    null_condition: Condition | None = None, guided_channels: str = "all",
                     cfg_interval: tuple[float, float] = (0.0, 1.0),
                     guide: Guide | None = None) -> VelocityFn:
-  """u(x, t) with classifier-free guidance ``u_null + s (u_y - u_null)``, or with
-  ``guide`` = (guide_apply_fn, guide_params) autoguidance ``u_guide + s (u_y - u_guide)``,
-  the guide told the class y too (Karras et al. 2024; RAE's ``forward_with_autoguidance``).
+  """u(x, t) with classifier-free guidance ``u_null + s (u_c - u_null)`` (``null_condition``:
+  the null condition of the batch, conditioning.py), or with ``guide`` = (guide_apply_fn,
+  guide_params) autoguidance ``u_guide + s (u_c - u_guide)``, the guide told the condition
+  c too (Karras et al. 2024; RAE's ``forward_with_autoguidance``).
 
   The conditional and unconditional passes run as one doubled batch. With
   ``guided_channels='first3'`` only channels 0-2 are guided and the rest keep the
@@ -174,14 +154,16 @@ def guided_velocity(apply_fn: Callable, params, y: Array, *, cfg_scale: float,
   the conditional output is used. ``cfg_scale = 1`` is a plain conditional pass.
   """
   if cfg_scale == 1.0:
-    return lambda x, t, guide_t=None: apply_fn(params, x, t, y)
-  y_both = jnp.concatenate([y, jnp.full_like(y, null_class)])
+    return lambda x, t, guide_t=None: apply_fn(params, x, t, condition)
+  if guide is None and null_condition is None:
+    raise ValueError("Classifier-free guidance needs the null condition.")
+  both = None if guide is not None else conditioning.concat(condition, null_condition)
 
   def cond_and_reference(x, t):
     if guide is not None:
       guide_fn, guide_params = guide
-      return apply_fn(params, x, t, y), guide_fn(guide_params, x, t, y)
-    out = apply_fn(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]), y_both)
+      return apply_fn(params, x, t, condition), guide_fn(guide_params, x, t, condition)
+    out = apply_fn(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]), both)
     return jnp.split(out, 2)
 
   def velocity(x, t, guide_t=None):
@@ -222,15 +204,16 @@ def adm_es_schedule(b: float, k: float, num_steps: int) -> tuple[float, float]:
   return b - k * (num_steps + 1) / 2, k * num_steps
 
 
-def velocity_field(apply_fn: Callable, params, y: Array, sampler: Sampler,
-                   null_class: int, guide: Guide | None = None) -> VelocityFn:
+def velocity_field(apply_fn: Callable, params, condition: Condition, sampler: Sampler,
+                   null_condition: Condition | None, guide: Guide | None = None
+                   ) -> VelocityFn:
   """The velocity the sampler integrates: the network with guidance (autoguidance by
   ``guide`` where ``sampler.guidance`` says so) and epsilon scaling."""
   if (sampler.guidance == "autoguidance") != (guide is not None):
     raise ValueError(f"Sampler guidance={sampler.guidance!r} needs a guide network exactly "
                      "when it is 'autoguidance'.")
-  u = guided_velocity(apply_fn, params, y, cfg_scale=sampler.cfg_scale,
-                      null_class=null_class, guided_channels=sampler.guided_channels,
+  u = guided_velocity(apply_fn, params, condition, cfg_scale=sampler.cfg_scale,
+                      null_condition=null_condition, guided_channels=sampler.guided_channels,
                       cfg_interval=sampler.cfg_interval, guide=guide)
   if sampler.eps_scale != 1.0 or sampler.eps_scale_slope != 0.0:
     u = epsilon_scaled(u, sampler.path, sampler.eps_scale, sampler.eps_scale_slope)
@@ -375,18 +358,19 @@ def step_noise(key: jax.Array, indices: Array, step: Array, shape: tuple[int, ..
       jax.random.fold_in(jax.random.fold_in(key, i), step), shape))(indices)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "sampler", "shape", "null_class",
-                                             "guide_fn"))
-def sample(apply_fn: Callable, params, indices: Array, y: Array, key: jax.Array, *,
-           sampler: Sampler, shape: tuple[int, ...], null_class: int,
-           guide_fn: Callable | None = None, guide_params=None) -> Array:
-  """Samples (B, *shape) for labels y (B,), the noise of sample j drawn from ``key`` folded
-  with its global index ``indices[j]``; the whole trajectory in one jit. ``guide_fn``,
-  ``guide_params``: the guide network of autoguidance."""
+@functools.partial(jax.jit, static_argnames=("apply_fn", "sampler", "shape", "guide_fn"))
+def sample(apply_fn: Callable, params, indices: Array, condition: Condition,
+           null_condition: Condition | None, key: jax.Array, *, sampler: Sampler,
+           shape: tuple[int, ...], guide_fn: Callable | None = None, guide_params=None
+           ) -> Array:
+  """Samples (B, *shape) for the condition (B, ...) (and its null, for CFG), the noise of
+  sample j drawn from ``key`` folded with its global index ``indices[j]``; the whole
+  trajectory in one jit. ``guide_fn``, ``guide_params``: the guide network of
+  autoguidance."""
   init_key, sde_key = jax.random.split(key)
   x0 = initial_noise(init_key, indices, shape)
   guide = None if guide_fn is None else (guide_fn, guide_params)
-  u = velocity_field(apply_fn, params, y, sampler, null_class, guide)
+  u = velocity_field(apply_fn, params, condition, sampler, null_condition, guide)
   return integrate(u, x0, sampler, lambda i: step_noise(sde_key, indices, i, shape))
 
 

@@ -31,9 +31,11 @@ import numpy as np
 from absl import logging
 
 from mixflow_jax import configuration, errors, report, runs, sampling, sharding, storage
+from mixflow_jax.conditioning import Condition
 from mixflow_jax.data import load_dataset
 from mixflow_jax.interpolants import Path
-from mixflow_jax.models.sit import make_apply_fn
+from mixflow_jax.models import families
+from mixflow_jax.models.families import make_apply_fn
 
 Array = jnp.ndarray
 MODES = ("trajectory", "restart")
@@ -52,20 +54,21 @@ def nearest_time(path: Path, x: Array, x0: Array, x1: Array, num_s: int = 2001) 
   return s[0, jnp.argmin(dist, axis=1)]
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "sampler", "shape", "null_class",
-                                             "mode", "start", "guide_fn"))
-def _nearest_times(apply_fn, params, labels: Array, key: jax.Array, real: Array, *,
-                   sampler: sampling.Sampler, shape: tuple[int, ...], null_class: int,
-                   mode: str, start: int, guide_fn=None, guide_params=None) -> Array:
+@functools.partial(jax.jit, static_argnames=("apply_fn", "sampler", "shape", "mode", "start",
+                                             "guide_fn"))
+def _nearest_times(apply_fn, params, condition: Condition, null_condition: Condition,
+                   key: jax.Array, real: Array, *, sampler: sampling.Sampler,
+                   shape: tuple[int, ...], mode: str, start: int, guide_fn=None,
+                   guide_params=None) -> Array:
   """(T, B) nearest ground-truth times of the states at ``sampler.grid[start:]``."""
-  indices = jnp.arange(len(labels))
+  indices = jnp.arange(len(real))
   init_key, sde_key = jax.random.split(key)
   x0 = sampling.initial_noise(init_key, indices, shape)
   guide = None if guide_fn is None else (guide_fn, guide_params)
-  u = sampling.velocity_field(apply_fn, params, labels, sampler, null_class, guide)
+  u = sampling.velocity_field(apply_fn, params, condition, sampler, null_condition, guide)
   noise = lambda i: sampling.step_noise(sde_key, indices, i, shape)
   if mode == "restart":
-    t0 = jnp.full((len(labels),), sampler.grid[start])
+    t0 = jnp.full((len(real),), sampler.grid[start])
     states, _ = sampling.trajectory(u, sampler.path.interpolate(t0, x0, real), sampler,
                                     noise, start)
     x1 = real
@@ -74,11 +77,12 @@ def _nearest_times(apply_fn, params, labels: Array, key: jax.Array, real: Array,
   return jax.vmap(lambda x: nearest_time(sampler.path, x, x0, x1))(states)
 
 
-def measure(apply_fn, params, labels: Array, key: jax.Array, *, sampler: sampling.Sampler,
-            shape: tuple[int, ...], null_class: int, mode: str = "trajectory",
-            real: Array | None = None, restart_time: float = 0.5, guide_fn=None,
-            guide_params=None) -> tuple[np.ndarray, np.ndarray]:
-  """Nearest ground-truth times of one batch (labels (B,)): returns (t (T,), s (B, T)).
+def measure(apply_fn, params, condition: Condition, null_condition: Condition,
+            key: jax.Array, *, sampler: sampling.Sampler, shape: tuple[int, ...],
+            mode: str = "trajectory", real: Array | None = None, restart_time: float = 0.5,
+            guide_fn=None, guide_params=None) -> tuple[np.ndarray, np.ndarray]:
+  """Nearest ground-truth times of one batch (its condition (B, ...) and null condition):
+  returns (t (T,), s (B, T)).
   ``real`` (B, *shape): the data of 'restart' mode, started at the grid time nearest
   ``restart_time``. ``guide_fn``, ``guide_params``: the guide of autoguidance."""
   if mode not in MODES:
@@ -87,10 +91,11 @@ def measure(apply_fn, params, labels: Array, key: jax.Array, *, sampler: samplin
     raise ValueError("Slow Flow mode 'restart' needs real data.")
   grid = np.asarray(sampler.grid)
   start = int(np.argmin(np.abs(grid - restart_time))) if mode == "restart" else 0
-  s = _nearest_times(apply_fn, params, labels, key,
-                     real if real is not None else jnp.zeros((len(labels), *shape)),
-                     sampler=sampler, shape=shape, null_class=null_class, mode=mode,
-                     start=start, guide_fn=guide_fn, guide_params=guide_params)
+  batch = len(jax.tree.leaves(condition)[0])
+  s = _nearest_times(apply_fn, params, condition, null_condition, key,
+                     real if real is not None else jnp.zeros((batch, *shape)),
+                     sampler=sampler, shape=shape, mode=mode, start=start, guide_fn=guide_fn,
+                     guide_params=guide_params)
   return grid[start:], sharding.gather(s.T)
 
 
@@ -152,9 +157,10 @@ def slowflow_run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
         "real": (np.zeros((len(padded), *shape), np.float32) if real is None
                  else np.asarray(real[padded], np.float32))}, mesh)
     t, s_batch = measure(
-        make_apply_fn(model), params, batch["labels"],
+        make_apply_fn(model), params, {"label": batch["labels"]},
+        families.condition_of(model_config).null(len(padded)),
         jax.random.fold_in(jax.random.key(config.seed), start), sampler=sampler,
-        shape=shape, null_class=model_config.num_classes, mode=sf.mode,
+        shape=shape, mode=sf.mode,
         real=batch["real"], restart_time=sf.restart_time, guide_fn=guide_fn,
         guide_params=guide_params)
     parts.append(s_batch[:len(rows)])

@@ -1,9 +1,8 @@
 """Training: the train state, the pure train step, and the loop around it.
 
-``train_step(state, batch, rng, encoder_params) -> (state, metrics)`` is a pure function of
-pytrees, compiled once with ``jax.jit`` over explicit shardings (``encoder_params``: the
-frozen encoder of ``config.data.encoder`` that turns batches of pixels into latents in the
-step, or ``()``). The loop around it resumes from
+``train_step(state, batch, rng, frozen) -> (state, metrics)`` is a pure function of
+pytrees, compiled once with ``jax.jit`` over explicit shardings (``frozen``: what the step
+reads and never trains, ``Frozen``). The loop around it resumes from
 ``<workdir>/checkpoints`` automatically, warm-starts from another run with
 ``config.train.init_from`` (which is what post-training is), writes clu metrics
 (TensorBoard and the log; with images/s and MFU), stops at the first non-finite loss,
@@ -36,6 +35,7 @@ from jax.sharding import Mesh
 
 from mixflow_jax import (
     checkpoints,
+    conditioning,
     configuration,
     hardware,
     latent_encoder,
@@ -48,9 +48,8 @@ from mixflow_jax import (
 from mixflow_jax.data import ImageDataset, load_dataset, pipeline
 from mixflow_jax.interpolants import get_path
 from mixflow_jax.models import attention, families
-from mixflow_jax.models.families import Model, param_layout
-from mixflow_jax.models.sit import ApplyFn, make_apply_fn
-from mixflow_jax.objectives import Objective
+from mixflow_jax.models.families import ApplyFn, Model, make_apply_fn, param_layout
+from mixflow_jax.objectives import Objective, split_key
 
 
 @flax.struct.dataclass
@@ -59,6 +58,22 @@ class TrainState:
   params: Any
   ema_params: Any        # exponential moving average of params, used for sampling
   opt_state: optax.OptState
+
+
+class Frozen(dict):
+  """The step's inputs that it reads and never trains, a pytree: ``encoder``, the
+  parameters of ``config.data.encoder`` (which encodes batches of pixels in the step) or
+  ``()``; ``null_condition``, the data of the null condition (text: the empty prompt's
+  embeddings, (1, ...) per field) or ``()`` where the family computes it (a null class)."""
+
+
+jax.tree_util.register_pytree_node(
+    Frozen, lambda f: ((f["encoder"], f["null_condition"]), None),
+    lambda _, children: Frozen(encoder=children[0], null_condition=children[1]))
+
+
+def frozen(encoder: Any = (), null_condition: Any = ()) -> Frozen:
+  return Frozen(encoder=encoder, null_condition=null_condition)
 
 
 @flax.struct.dataclass
@@ -133,8 +148,7 @@ def make_objective(config: ml_collections.ConfigDict, model: Model) -> Objective
           tuple(o.u_interval), reversed_time=model.config.time_convention == "data_to_noise"),
       gamma=o.gamma, slow_law=o.slow_law, slow_bounds=tuple(o.slow_interval),
       target_time=o.target_time,
-      perturbation_scale=o.perturbation_scale,
-      label_dropout=model.config.class_dropout_prob, null_class=model.config.num_classes)
+      perturbation_scale=o.perturbation_scale)
 
 
 def learning_rate(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -178,7 +192,9 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int = 1,
 
 def init_params(model: Model, image_shape: tuple[int, ...], key: jax.Array) -> Any:
   x = jnp.zeros((1, *image_shape), jnp.float32)
-  return model.init(key, x, jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))["params"]
+  condition = {k: jnp.zeros(v.shape, v.dtype)
+               for k, v in families.condition_of(model.config).spec(1).items()}
+  return model.init(key, x, jnp.zeros((1,)), **condition)["params"]
 
 
 def create_train_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
@@ -188,27 +204,32 @@ def create_train_state(params: Any, tx: optax.GradientTransformation) -> TrainSt
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
-               encoder_params: Any = (), *, apply_fn: ApplyFn, objective: Objective,
-               tx: optax.GradientTransformation, ema_decay: float,
-               encoder: latent_encoder.RAEEncoder | None = None
+               frozen: Frozen, *, apply_fn: ApplyFn, objective: Objective,
+               condition: conditioning.Conditioning, tx: optax.GradientTransformation,
+               ema_decay: float, encoder: latent_encoder.RAEEncoder | None = None
                ) -> tuple[TrainState, TrainMetrics]:
   """One optimisation step. The step's randomness is ``fold_in(rng, state.step)``, split
   into the objective's key and the posterior's.
 
-  With ``encoder``, the batch holds uint8 pixels and the step trains on their latents
-  ``encoder(encoder_params, image)`` (frozen: no gradient). A batch with ``image_std``
-  holds VAE posterior moments: the step trains on a fresh latent ``image + image_std *
-  eps`` (as encoding every step would).
+  The batch holds ``image`` and the fields of ``condition`` (conditioning.py), each
+  example's condition replaced by the null one with probability ``condition.dropout``
+  (CFG training; the objective's ``Draws.condition`` key). With ``encoder``, ``image`` is
+  uint8 pixels and the step trains on their latents ``encoder(frozen['encoder'], image)``
+  (no gradient). A batch with ``image_std`` holds VAE posterior moments: the step trains on
+  a fresh latent ``image + image_std * eps`` (as encoding every step would).
   """
   key, posterior_key = jax.random.split(jax.random.fold_in(rng, state.step))
+  x1 = batch["image"]
   if encoder is not None:
-    batch = {"image": encoder(encoder_params, batch["image"]), "label": batch["label"]}
+    x1 = encoder(frozen["encoder"], x1)
   if "image_std" in batch:
-    eps = jax.random.normal(posterior_key, batch["image"].shape, batch["image"].dtype)
-    batch = {"image": batch["image"] + batch["image_std"] * eps, "label": batch["label"]}
+    x1 = x1 + batch["image_std"] * jax.random.normal(posterior_key, x1.shape, x1.dtype)
+  c = {k: batch[k] for k in condition.fields}
+  null = condition.null(x1.shape[0], frozen["null_condition"] or None)
+  c = conditioning.drop(split_key(key).condition, c, null, condition.dropout)
 
   def loss_fn(params):
-    return jnp.mean(objective.loss(apply_fn, params, batch, key))
+    return jnp.mean(objective.loss(apply_fn, params, x1, c, key))
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -225,10 +246,11 @@ class StepSetup:
   """Everything the train step of a config needs, built without data or parameters.
 
   ``abstract_state`` holds ShapeDtypeStructs carrying ``state_shardings``; ``step_fn`` is
-  the jitted ``train_step(state, batch, rng, encoder_params)`` over the mesh (the state
-  donated). ``image_shape`` is the model's input (H, W, C); with ``encoder`` the batches
-  hold its uint8 pixels, and ``abstract_encoder`` its parameters (sharded by the same
-  partition rules as the state; ``()`` without one).
+  the jitted ``train_step(state, batch, rng, frozen)`` over the mesh (the state donated).
+  ``image_shape`` is the model's input (H, W, C); with ``encoder`` the batches hold its
+  uint8 pixels. ``abstract_frozen``: the step's ``Frozen`` inputs as ShapeDtypeStructs
+  (the encoder's parameters sharded by the same partition rules as the state, the null
+  condition's data replicated).
   """
 
   model: Model
@@ -240,7 +262,7 @@ class StepSetup:
   state_shardings: TrainState
   step_fn: Callable
   encoder: latent_encoder.RAEEncoder | None = None
-  abstract_encoder: Any = ()
+  abstract_frozen: Frozen = dataclasses.field(default_factory=frozen)
 
 
 def _sharded(abstract: Any, config: ml_collections.ConfigDict, mesh: Mesh) -> Any:
@@ -272,27 +294,35 @@ def setup_step(config: ml_collections.ConfigDict, image_shape: tuple[int, int, i
       lambda k: create_train_state(init_params(model, image_shape, k), tx), jax.random.key(0)),
       config, mesh)
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
-  abstract_encoder = () if encoder is None else _sharded(encoder.abstract_params(), config,
-                                                         mesh)
+  condition = families.condition_of(model.config)
+  replicated = sharding.replicated(mesh)
+  abstract_frozen = frozen(
+      encoder=() if encoder is None else _sharded(encoder.abstract_params(), config, mesh),
+      null_condition=jax.tree.map(
+          lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+          condition.null_spec()))
   step_fn = jax.jit(
-      functools.partial(train_step, apply_fn=make_apply_fn(model), objective=objective, tx=tx,
-                        ema_decay=config.optim.ema_decay, encoder=encoder),
-      in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh),
-                    jax.tree.map(lambda a: a.sharding, abstract_encoder)),
-      out_shardings=(shardings, sharding.replicated(mesh)),
+      functools.partial(train_step, apply_fn=make_apply_fn(model), objective=objective,
+                        condition=condition, tx=tx, ema_decay=config.optim.ema_decay,
+                        encoder=encoder),
+      in_shardings=(shardings, sharding.batch_sharding(mesh), replicated,
+                    jax.tree.map(lambda a: a.sharding, abstract_frozen)),
+      out_shardings=(shardings, replicated),
       donate_argnums=0)
   return StepSetup(model, objective, tx, mesh, tuple(image_shape), abstract, shardings,
-                   step_fn, encoder, abstract_encoder)
+                   step_fn, encoder, abstract_frozen)
 
 
 def abstract_batch(setup: StepSetup, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
   """The global batch the step takes, as sharded ShapeDtypeStructs: images of the model's
-  input, or the encoder's uint8 pixels."""
+  input, or the encoder's uint8 pixels, and the fields of the model's condition."""
   batch_sharding = sharding.batch_sharding(setup.mesh)
   shape, dtype = ((setup.image_shape, jnp.float32) if setup.encoder is None
                   else (setup.encoder.pixel_shape, jnp.uint8))
+  condition = families.condition_of(setup.model.config).spec(batch_size)
   return {"image": jax.ShapeDtypeStruct((batch_size, *shape), dtype, sharding=batch_sharding),
-          "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=batch_sharding)}
+          **{k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
+             for k, v in condition.items()}}
 
 
 def model_flops_per_step(config: ml_collections.ConfigDict, setup: StepSetup) -> float:
@@ -309,7 +339,7 @@ def model_flops_per_step(config: ml_collections.ConfigDict, setup: StepSetup) ->
   cpu = sharding.make_mesh(1, jax.devices("cpu")[:1])
   s = setup_step(plain, setup.image_shape, setup.model.config.num_classes, cpu)
   lowered = s.step_fn.lower(s.abstract_state, abstract_batch(s, config.data.batch_size),
-                            jax.random.key(0), s.abstract_encoder)
+                            jax.random.key(0), s.abstract_frozen)
   return float(lowered.cost_analysis()["flops"])
 
 
@@ -451,6 +481,22 @@ def model_input_shape(config: ml_collections.ConfigDict, dataset: ImageDataset
   return encoder.latent_shape
 
 
+def dataset_null_condition(dataset: ImageDataset, setup: StepSetup) -> Any:
+  """The null condition's data of the step (``Frozen['null_condition']``): the dataset's
+  (text: the empty prompt's embeddings stored with them), on the mesh; ``()`` where the
+  model's conditioning computes its null."""
+  spec = families.condition_of(setup.model.config).null_spec()
+  if not spec:
+    return ()
+  null = getattr(dataset, "null_condition", None)
+  if null is None:
+    raise configuration.ConfigError(
+        f"The {families.family(setup.model.config)} model's null condition is the empty prompt's "
+        "embeddings, which the dataset does not hold.")
+  return jax.device_put({k: np.asarray(null[k], np.float32) for k in spec},
+                        sharding.replicated(setup.mesh))
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *,
           dataset: ImageDataset | None = None,
           batches: Iterator[dict[str, np.ndarray]] | None = None) -> TrainState:
@@ -483,7 +529,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                               f"{tr.init_from!r} (its {runs.MODEL_JSON})")
   manager = checkpoints.make_manager(workdir, tr.checkpoint_every, tr.keep_checkpoints)
   state = _restore_or_init(config, workdir, s, manager, init_key)
-  encoder_params = s.encoder.load_params(s.abstract_encoder) if s.encoder else ()
+  step_inputs = frozen(
+      encoder=s.encoder.load_params(s.abstract_frozen["encoder"]) if s.encoder else (),
+      null_condition=dataset_null_condition(dataset, s))
   if jax.process_index() == 0:
     runs.write_record(workdir, s.model.config, config.objective.path,
                       param_layout=param_layout(s.model), pretraining_t_law=pretraining_t_law,
@@ -536,7 +584,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
           jax.profiler.start_trace(str(storage.path(workdir) / "profile"))
           profiling = True
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
-          state, step_metrics = s.step_fn(state, next(batches), rng, encoder_params)
+          state, step_metrics = s.step_fn(state, next(batches), rng, step_inputs)
         interval = step_metrics if interval is None else interval.merge(step_metrics)
         if step == start + 1:  # Throughput is timed from the end of the compiled first step.
           jax.block_until_ready(state)

@@ -61,7 +61,7 @@ def _setup(config, dataset):
 def _lowered(config, dataset):
   s = _setup(config, dataset)
   return s.step_fn.lower(s.abstract_state, train.abstract_batch(s, config.data.batch_size),
-                         jax.random.key(0), ())
+                         jax.random.key(0), s.abstract_frozen)
 
 
 def test_bf16_step_has_bf16_dots_and_float32_state_and_loss(config, synthetic_dataset):
@@ -83,7 +83,7 @@ def test_bf16_step_has_bf16_dots_and_float32_state_and_loss(config, synthetic_da
     state = train.create_train_state(_random(s.abstract_state.params), s.tx)
     batch = next(pipeline.train_batches(synthetic_dataset, 16, 0))
     step = lowered.compile() if dtype == "bfloat16" else s.step_fn
-    state, metrics = step(state, batch, jax.random.key(0), ())
+    state, metrics = step(state, batch, jax.random.key(0), train.frozen())
     assert {x.dtype for x in jax.tree.leaves((state.params, state.opt_state[0].mu))} == {
         jnp.dtype("float32")}
     losses[dtype] = metrics.compute()["loss"]
@@ -195,7 +195,7 @@ def test_posterior_moments_are_sampled_in_the_step(config, synthetic_dataset):
 
   def loss(batch):
     state = train.create_train_state(jax.tree.map(jnp.copy, params), s.tx)
-    return float(s.step_fn(state, batch, rng, ())[1].compute()["loss"])
+    return float(s.step_fn(state, batch, rng, train.frozen())[1].compute()["loss"])
 
   std = np.full_like(batch["image"], 0.3)
   eps = jax.random.normal(jax.random.split(jax.random.fold_in(rng, 0))[1], std.shape)

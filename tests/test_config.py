@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from mixflow_jax import configuration, sampling
+from mixflow_jax import configuration
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -130,20 +130,6 @@ def test_imagenet_variants_validate_once_given_data():
                                        time_convention=repa.model.time_convention)
   assert (sampler.method, sampler.num_steps, sampler.cfg_scale) == ("repa_sde", 249, 1.8)
   np.testing.assert_allclose(sampler.cfg_interval, (0.3, 1.0))
-
-
-def test_the_deprecated_sampler_reader_equals_configurations():
-  """sampling.Sampler.from_config is a copy of configuration.make_sampler kept for one
-  caller; they must not drift apart until it goes."""
-  for module, variant in (("imagenet_sit", "repa_xl2"), ("imagenet_rae", "xl_ag"),
-                          ("digits", "mixflow")):
-    config = _config_module(module).get_config(variant)
-    for num_steps in (None, 7):
-      assert sampling.Sampler.from_config(
-          config.sample, config.objective.path, num_steps,
-          time_convention=config.model.time_convention) == configuration.make_sampler(
-              config.sample, config.objective.path, num_steps,
-              time_convention=config.model.time_convention)
 
 
 def test_time_shift_needs_a_fixed_grid(config):

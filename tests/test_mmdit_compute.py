@@ -39,7 +39,7 @@ def _output_and_grads(model, params):
   layout = "scanned" if model.scan_blocks else "unrolled"
 
   def loss(p):
-    out = model.apply({"params": p}, x, t, cond)
+    out = model.apply({"params": p}, x, t, **cond)
     return jnp.mean(jnp.square(out.astype(jnp.float32))), out
 
   (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
@@ -92,4 +92,4 @@ def test_scanning_needs_the_dual_blocks_first():
   config = dataclasses.replace(_CONFIG, dual_attention_layers=(1,))
   x, t, cond = _inputs()
   with pytest.raises(ValueError, match=r"dual_attention_layers to be 0 \.\. k-1"):
-    mmdit.MMDiT(config, scan_blocks=True).init(jax.random.key(0), x, t, cond)
+    mmdit.MMDiT(config, scan_blocks=True).init(jax.random.key(0), x, t, **cond)

@@ -16,7 +16,7 @@ import torch
 from diffusers import SD3Transformer2DModel
 
 from mixflow_jax.convert import mmdit as convert
-from mixflow_jax.models import attention, mmdit
+from mixflow_jax.models import attention, families, mmdit
 
 ATOL = 1e-5
 TINY = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, attention_head_dim=8,
@@ -72,7 +72,8 @@ def _flax(config, params, x, context, pooled, skip_layers=(), scan_blocks=False)
   model = mmdit.MMDiT(config, scan_blocks=scan_blocks)
   if scan_blocks:
     params = mmdit.to_layout(params, "scanned", config)
-  out = jax.jit(lambda p, *a: model.apply({"params": p}, *a, skip_layers=skip_layers))(
+  apply = families.make_apply_fn(model, skip_layers=tuple(skip_layers))
+  out = jax.jit(lambda *a: apply(*a))(  # a fresh function: a fresh trace
       params, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(1.0 - SIGMA),
       {"context": jnp.asarray(context), "pooled": jnp.asarray(pooled)})
   return -np.asarray(out).transpose(0, 3, 1, 2)

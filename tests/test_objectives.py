@@ -7,17 +7,19 @@ import pytest
 
 from mixflow_jax import objectives, timesteps
 from mixflow_jax.interpolants import get_path
+from mixflow_jax.models import families
 from mixflow_jax.objectives import Objective
 
 
 def _apply(model):
-  return lambda params, x, t, y: model.apply({"params": params}, x, t, y)
+  return families.make_apply_fn(model)
 
 
 def _batch(n=8):
+  """(x1 (n, 8, 8, 1), the condition {'label': (n,)})."""
   k0, k1 = jax.random.split(jax.random.key(42))
-  return {"image": jax.random.uniform(k0, (n, 8, 8, 1), minval=-1, maxval=1),
-          "label": jax.random.randint(k1, (n,), 0, 4)}
+  return (jax.random.uniform(k0, (n, 8, 8, 1), minval=-1, maxval=1),
+          {"label": jax.random.randint(k1, (n,), 0, 4)})
 
 
 @pytest.mark.parametrize("path", ["linear", "gvp", "vp"])
@@ -25,13 +27,13 @@ def _batch(n=8):
 @pytest.mark.parametrize("jit", [False, True])
 def test_gamma_zero_mixflow_equals_standard_bit_for_bit(tiny_model, path, t_law, jit):
   model, params = tiny_model
-  common = dict(path=get_path(path), t_law=t_law, label_dropout=0.1, null_class=4)
+  common = dict(path=get_path(path), t_law=t_law)
   standard = Objective("standard", **common)
   mixflow = Objective("mixflow", gamma=0.0, **common)
   batch, key = _batch(), jax.random.key(7)
 
   def loss(objective, params):
-    return objective.loss(_apply(model), params, batch, key)
+    return objective.loss(_apply(model), params, *batch, key)
 
   if not jit:
     np.testing.assert_array_equal(loss(mixflow, params), loss(standard, params))
@@ -52,15 +54,15 @@ def test_mixflow_loss_follows_algorithm_1(tiny_model):
   path, gamma = get_path("gvp"), 0.8
   batch, key = _batch(), jax.random.key(3)
   draws = objectives.split_key(key)
-  x1, y = batch["image"], batch["label"]
+  x1, y = batch[0], batch[1]["label"]
   x0 = jax.random.normal(draws.noise, x1.shape)
   t = timesteps.sample_t(draws.t, "beta21", (8,))
   m_t = t * (1 - gamma * jax.random.uniform(draws.m, (8,)))
   u = model.apply({"params": params}, path.interpolate(m_t, x0, x1), t, y)
   for target_time, s in (("m_t", m_t), ("t", t)):
     expected = jnp.mean((u - path.velocity(s, x0, x1)) ** 2, axis=(1, 2, 3))
-    got = Objective("mixflow", path, "beta21", gamma=gamma, target_time=target_time,
-                    null_class=4).loss(_apply(model), params, batch, key)
+    got = Objective("mixflow", path, "beta21", gamma=gamma, target_time=target_time).loss(
+        _apply(model), params, *batch, key)
     np.testing.assert_allclose(got, expected, rtol=1e-6)
   assert not np.allclose(u, model.apply({"params": params},
                                         path.interpolate(m_t, x0, x1), m_t, y))
@@ -69,8 +71,8 @@ def test_mixflow_loss_follows_algorithm_1(tiny_model):
 def test_linear_targets_at_m_t_and_t_agree(tiny_model):
   model, params = tiny_model
   batch, key = _batch(), jax.random.key(5)
-  losses = [Objective("mixflow", get_path("linear"), "beta21", target_time=tt,
-                      null_class=4).loss(_apply(model), params, batch, key)
+  losses = [Objective("mixflow", get_path("linear"), "beta21", target_time=tt).loss(
+                _apply(model), params, *batch, key)
             for tt in ("m_t", "t")]
   np.testing.assert_array_equal(*losses)
 
@@ -78,14 +80,14 @@ def test_linear_targets_at_m_t_and_t_agree(tiny_model):
 def test_input_perturbation_scale_zero_equals_standard(tiny_model):
   model, params = tiny_model
   batch, key = _batch(), jax.random.key(9)
-  common = dict(path=get_path("linear"), t_law="uniform", null_class=4)
+  common = dict(path=get_path("linear"), t_law="uniform")
   ip = Objective("input_perturbation", perturbation_scale=0.0, **common)
-  np.testing.assert_array_equal(ip.loss(_apply(model), params, batch, key),
+  np.testing.assert_array_equal(ip.loss(_apply(model), params, *batch, key),
                                 Objective("standard", **common).loss(
-                                    _apply(model), params, batch, key))
+                                    _apply(model), params, *batch, key))
   ip_on = Objective("input_perturbation", perturbation_scale=0.1, **common)
-  assert not np.allclose(ip_on.loss(_apply(model), params, batch, key),
-                         ip.loss(_apply(model), params, batch, key))
+  assert not np.allclose(ip_on.loss(_apply(model), params, *batch, key),
+                         ip.loss(_apply(model), params, *batch, key))
 
 
 def test_input_perturbation_perturbs_input_not_target():
@@ -94,20 +96,12 @@ def test_input_perturbation_perturbs_input_not_target():
   path, scale = get_path("linear"), 0.1
   batch, key = _batch(), jax.random.key(11)
   draws = objectives.split_key(key)
-  x1 = batch["image"]
+  x1 = batch[0]
   x0 = jax.random.normal(draws.noise, x1.shape)
   xi = jax.random.normal(draws.perturbation, x1.shape)
   t = timesteps.sample_t(draws.t, "uniform", (8,))
   x_in = path.interpolate(t, x0 + scale * xi, x1)
   expected = jnp.mean((x_in - (x1 - x0)) ** 2, axis=(1, 2, 3))
   got = Objective("input_perturbation", path, "uniform", perturbation_scale=scale).loss(
-      lambda p, x, t, y: x, None, batch, key)
+      lambda p, x, t, y: x, None, *batch, key)
   np.testing.assert_allclose(got, expected, rtol=1e-6)
-
-
-def test_label_dropout_rate_and_null_class():
-  y = jnp.zeros((20_000,), jnp.int32)
-  dropped = objectives.drop_labels(jax.random.key(0), y, 0.1, null_class=10)
-  assert set(np.unique(dropped)) == {0, 10}
-  assert abs(np.mean(dropped == 10) - 0.1) < 4 * np.sqrt(0.09 / 20_000)
-  np.testing.assert_array_equal(objectives.drop_labels(jax.random.key(0), y, 0.0, 10), y)

@@ -43,8 +43,8 @@ def _ours(law: timesteps.TimeLaw, name: str, x1, key):
     return -jnp.tanh(x * weights + 3.0 * (1.0 - t)[:, None, None, None] - 1.0)
 
   objective = objectives.Objective(name=name, path=get_path("linear"), t_law=law, gamma=GAMMA)
-  batch = {"image": x1, "label": jnp.zeros((B,), jnp.int32)}
-  return np.asarray(objective.loss(apply_fn, None, batch, key))
+  return np.asarray(objective.loss(apply_fn, None, x1, {"label": jnp.zeros((B,), jnp.int32)},
+                                   key))
 
 
 def _draws(key):
@@ -155,10 +155,10 @@ def _ours_apply(weights, scale, offset, slope):
   """The same network as ours: u(x, t, y) = -v(x, 1 - t, y) (models.sit's 'data_to_noise')."""
   w = jnp.asarray(weights)
 
-  def apply_fn(params, x, t, y):
+  def apply_fn(params, x, t, condition):
     del params
     tau = (1.0 - t)[:, None, None, None]
-    return -scale * jnp.tanh(x * w[y][:, None, None] + slope * tau + offset)
+    return -scale * jnp.tanh(x * w[condition["label"]][:, None, None] + slope * tau + offset)
 
   return apply_fn
 
@@ -192,12 +192,13 @@ def test_euler_with_guidance_equals_raes_sampler(guidance, scale, interval):
   s.sampler, s.num_steps = "euler", GRID_POINTS - 1          # 50 points, 49 Euler steps
   s.grid_interval, s.grid_shift = (0.001, 1.0), SHIFT         # RAE's time: 1 -> 0.001
   s.cfg_scale, s.guidance, s.cfg_interval = scale, guidance, interval
-  sampler = sampling.Sampler.from_config(s, "linear", time_convention="data_to_noise")
+  sampler = configuration.make_sampler(s, "linear", time_convention="data_to_noise")
   indices, key = jnp.arange(6), jax.random.key(5)
   y = jnp.asarray([0, 1, 2, 3, 4, 0])
   guide = dict(guide_fn=_GUIDE_FN, guide_params=None) if guidance == "autoguidance" else {}
-  ours = sampling.sample(_MAIN_FN, None, indices, y, key, sampler=sampler, shape=(H, W, C),
-                         null_class=CLASSES, **guide)
+  ours = sampling.sample(_MAIN_FN, None, indices, {"label": y},
+                         {"label": jnp.full_like(y, CLASSES)}, key, sampler=sampler,
+                         shape=(H, W, C), **guide)
   x0 = sampling.initial_noise(jax.random.split(key)[0], indices, (H, W, C))
   ref = _rae_sample(np.asarray(x0), np.asarray(y), guidance, scale, interval)
   np.testing.assert_allclose(np.asarray(ours), ref, atol=2e-5)

@@ -11,7 +11,7 @@ import torch
 
 from mixflow_jax import sampling, time_conventions
 from mixflow_jax.convert.sit import convert_state_dict, infer_config
-from mixflow_jax.models import sit
+from mixflow_jax.models import families, sit
 from tests import torch_sit, torch_transport
 
 NUM_CLASSES, BATCH, SHAPE = 5, 3, (8, 8, 4)
@@ -24,7 +24,7 @@ def models():
                              depth=2, num_heads=2, num_classes=NUM_CLASSES)
   config = infer_config(ref.state_dict(), num_heads=2)
   params, _ = convert_state_dict(ref.state_dict(), config)
-  apply = lambda p, x, t, y: sit.SiT(config).apply({"params": p}, x, t, y)
+  apply = families.make_apply_fn(sit.SiT(config))
   return ref, apply, params
 
 
@@ -43,11 +43,16 @@ def _torch_velocity(ref, y, cfg_scale):
                                            cfg_scale)[: len(x)]
 
 
+def _conditions(y):
+  """The condition of labels y and its null (the null class)."""
+  return {"label": jnp.asarray(y)}, {"label": jnp.full((len(y),), NUM_CLASSES)}
+
+
 def _ours_and_noise(apply, params, sampler, key):
   """(our samples NCHW for labels _Y, their initial noise NCHW, the SDE step noises NCHW)."""
   indices = jnp.arange(BATCH)
-  got = sampling.sample(apply, params, indices, jnp.asarray(_Y), key, sampler=sampler,
-                        shape=SHAPE, null_class=NUM_CLASSES)
+  got = sampling.sample(apply, params, indices, *_conditions(_Y), key,
+                        sampler=sampler, shape=SHAPE)
   init_key, sde_key = jax.random.split(key)
   x0 = _nchw(sampling.initial_noise(init_key, indices, SHAPE))
   noises = [_nchw(sampling.step_noise(sde_key, indices, i, SHAPE))
@@ -81,8 +86,8 @@ def test_fixed_grid_samplers_match_torchdiffeq(models, method, torchdiffeq_metho
   sampler = sampling.Sampler(method, num_steps=6, cfg_scale=1.5, guided_channels="first3")
   indices, y = jnp.arange(BATCH), np.array([0, 3, 4])
   key = jax.random.key(11)
-  got = sampling.sample(apply, params, indices, jnp.asarray(y), key, sampler=sampler,
-                        shape=SHAPE, null_class=NUM_CLASSES)
+  got = sampling.sample(apply, params, indices, *_conditions(y), key,
+                        sampler=sampler, shape=SHAPE)
   x0 = _nchw(sampling.initial_noise(jax.random.split(key)[0], indices, SHAPE))
   with torch.no_grad():
     want = torch_transport.official_odeint_sample(_torch_velocity(ref, y, 1.5), x0, 7,
@@ -100,8 +105,8 @@ def _dopri5_samples(models, cfg_scale: float, atol: float, rtol: float,
                              guided_channels="first3")
   indices, y = jnp.arange(BATCH), np.array([0, 3, 4])
   key = jax.random.key(11)
-  got = sampling.sample(apply, params, indices, jnp.asarray(y), key, sampler=sampler,
-                        shape=SHAPE, null_class=NUM_CLASSES)
+  got = sampling.sample(apply, params, indices, *_conditions(y), key,
+                        sampler=sampler, shape=SHAPE)
   x0 = _nchw(sampling.initial_noise(jax.random.split(key)[0], indices, SHAPE))
   u = _torch_velocity(ref, y, cfg_scale)
   n = 7  # --num-sampling-steps: output points only, torchdiffeq does not step onto them
@@ -147,7 +152,7 @@ def repa_models():
                              encoder_depth=1)
   config = infer_config(ref.state_dict(), num_heads=2)
   params, _ = convert_state_dict(ref.state_dict(), config)
-  apply = lambda p, x, t, y: sit.SiT(config).apply({"params": p}, x, t, y)
+  apply = families.make_apply_fn(sit.SiT(config))
   return ref, apply, params
 
 

@@ -7,6 +7,7 @@ import pytest
 
 from mixflow_jax import sampling, time_shift
 from mixflow_jax.interpolants import get_path
+from mixflow_jax.models import families
 
 
 @pytest.mark.parametrize("method", ["euler", "heun", "dopri5"])
@@ -175,7 +176,7 @@ def test_adm_es_schedule_gives_adm_es_lambda_at_every_step():
   scale, slope = sampling.adm_es_schedule(b, k, steps)
   sampler = sampling.Sampler("euler", num_steps=steps, eps_scale=scale, eps_scale_slope=slope)
   apply = lambda p, x, t, y: jnp.full_like(x, 3.0)
-  u = sampling.velocity_field(apply, None, None, sampler, null_class=0)
+  u = sampling.velocity_field(apply, None, None, sampler, None)
   t = sampler.grid[1:-1]
   x = jnp.ones((len(t), 1))
   lam = (x - t[:, None] * 3.0) / (x - t[:, None] * u(x, t))  # noise / scaled noise
@@ -263,36 +264,44 @@ def test_time_shift_picks_the_step_whose_variance_matches():
   np.testing.assert_allclose(got, times[[530, 550]], atol=2e-4)
 
 
-def _fake_apply(params, x, t, y):
-  """A 'network' whose output depends on the label: y + x * t per channel."""
-  return x * t[:, None, None, None] + y[:, None, None, None].astype(x.dtype)
+def _fake_apply(params, x, t, condition):
+  """A 'network' whose output depends on the condition: x * t + y + 10 pooled[0] per
+  channel (``pooled`` where the condition has it: a text-like pytree)."""
+  y = condition["label"].astype(x.dtype) + 10 * condition.get("pooled", jnp.zeros((1, 1)))[:, 0]
+  return x * t[:, None, None, None] + y[:, None, None, None]
 
 
-def test_cfg_formula_and_channel_rule():
+@pytest.mark.parametrize("text", [False, True])
+def test_cfg_formula_and_channel_rule(text):
+  """Over the condition pytree: a class label, or a label and a pooled vector (every field
+  of the doubled batch is the condition's, then the null's)."""
   x = jax.random.normal(jax.random.key(0), (2, 2, 2, 4))
   t = jnp.array([0.3, 0.6])
-  y = jnp.array([1, 2])
-  null, scale = 7, 1.5
-  cond, uncond = _fake_apply(None, x, t, y), _fake_apply(None, x, t, jnp.full_like(y, null))
+  y = {"label": jnp.array([1, 2])}
+  null, scale = {"label": jnp.full((2,), 7)}, 1.5
+  if text:
+    y["pooled"], null["pooled"] = jnp.array([[0.5], [0.25]]), jnp.full((2, 1), -1.0)
+  cond, uncond = _fake_apply(None, x, t, y), _fake_apply(None, x, t, null)
   guided = uncond + scale * (cond - uncond)
-  u_all = sampling.guided_velocity(_fake_apply, None, y, cfg_scale=scale, null_class=null)
+  u_all = sampling.guided_velocity(_fake_apply, None, y, cfg_scale=scale, null_condition=null)
   np.testing.assert_allclose(u_all(x, t), guided, rtol=1e-6)
   u_first3 = sampling.guided_velocity(_fake_apply, None, y, cfg_scale=scale,
-                                      null_class=null, guided_channels="first3")
+                                      null_condition=null, guided_channels="first3")
   out = u_first3(x, t)
   np.testing.assert_allclose(out[..., :3], guided[..., :3], rtol=1e-6)
   np.testing.assert_allclose(out[..., 3:], cond[..., 3:], rtol=1e-6)
-  u_plain = sampling.guided_velocity(_fake_apply, None, y, cfg_scale=1.0, null_class=null)
+  u_plain = sampling.guided_velocity(_fake_apply, None, y, cfg_scale=1.0, null_condition=null)
   np.testing.assert_array_equal(u_plain(x, t), cond)
 
 
 def test_cfg_interval_guides_only_inside():
   x = jax.random.normal(jax.random.key(0), (2, 2, 2, 4))
-  t, y = jnp.array([0.2, 0.6]), jnp.array([1, 2])
-  u = sampling.guided_velocity(_fake_apply, None, y, cfg_scale=3.0, null_class=7,
+  t, y = jnp.array([0.2, 0.6]), {"label": jnp.array([1, 2])}
+  null = {"label": jnp.full((2,), 7)}
+  u = sampling.guided_velocity(_fake_apply, None, y, cfg_scale=3.0, null_condition=null,
                                cfg_interval=(0.5, 1.0))
   out, cond = u(x, t), _fake_apply(None, x, t, y)
-  uncond = _fake_apply(None, x, t, jnp.full_like(y, 7))
+  uncond = _fake_apply(None, x, t, null)
   np.testing.assert_allclose(out[0], cond[0], rtol=1e-6)
   np.testing.assert_allclose(out[1], uncond[1] + 3.0 * (cond[1] - uncond[1]), rtol=1e-6)
 
@@ -302,17 +311,18 @@ def test_samples_do_not_depend_on_the_batch(tiny_model, method):
   """Sample j's noise comes from its global index: batch size and where a job starts do
   not change it."""
   model, params = tiny_model
-  apply = lambda p, x, t, y: model.apply({"params": p}, x, t, y)
+  apply = families.make_apply_fn(model)
   labels = sampling.balanced_labels(10, 4)
   np.testing.assert_array_equal(labels, [0, 1, 2, 3, 0, 1, 2, 3, 0, 1])
-  kwargs = dict(sampler=sampling.Sampler(method, num_steps=3, cfg_scale=2.0), null_class=4,
-                shape=(8, 8, 1))
+  kwargs = dict(sampler=sampling.Sampler(method, num_steps=3, cfg_scale=2.0), shape=(8, 8, 1))
   key = jax.random.key(0)
 
   def batches(first, size):
     return jnp.concatenate([
         sampling.sample(apply, params, jnp.arange(i, min(i + size, 10)),
-                        labels[i:i + size], key, **kwargs) for i in range(first, 10, size)])
+                        {"label": labels[i:i + size]},
+                        {"label": jnp.full((len(labels[i:i + size]),), 4)}, key, **kwargs)
+        for i in range(first, 10, size)])
 
   a, b = batches(0, 5), batches(0, 5)
   assert a.shape == (10, 8, 8, 1)

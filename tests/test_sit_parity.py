@@ -9,7 +9,7 @@ import torch
 
 from mixflow_jax import sampling
 from mixflow_jax.convert.sit import convert_state_dict, flax_path, infer_config
-from mixflow_jax.models import sit
+from mixflow_jax.models import families, sit
 from tests import torch_sit
 
 ATOL = 1e-5
@@ -66,8 +66,8 @@ def test_cfg_matches_official_forward_with_cfg(guided_channels):
         torch.from_numpy(doubled_x), torch.from_numpy(np.concatenate([t, t])),
         torch.from_numpy(np.concatenate([y, np.full_like(y, 7)])), scale,
         guided_channels).numpy()[:3]
-  apply = lambda p, xx, tt, yy: model.apply({"params": p}, xx, tt, yy)
-  u = sampling.guided_velocity(apply, params, jnp.asarray(y), cfg_scale=scale, null_class=7,
+  u = sampling.guided_velocity(families.make_apply_fn(model), params, {"label": jnp.asarray(y)},
+                               cfg_scale=scale, null_condition={"label": jnp.full((3,), 7)},
                                guided_channels="first3" if guided_channels else "all")
   got = np.asarray(jax.jit(u)(jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t)))
   np.testing.assert_allclose(got.transpose(0, 3, 1, 2), expected, rtol=0, atol=ATOL)

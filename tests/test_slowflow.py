@@ -36,17 +36,18 @@ def _real(labels):
 def _pulled_towards_data(rate):
   """u = rate (r_y - x) / (1 - t): rate 1 follows the straight path to the datum r_y exactly;
   rate < 1 lags behind it."""
-  def apply(params, x, t, y):
-    return rate * (_real(y) - x) / (1 - t)[:, None, None, None]
+  def apply(params, x, t, condition):
+    return rate * (_real(condition["label"]) - x) / (1 - t)[:, None, None, None]
   return apply
 
 
 def test_trajectory_mode_sees_no_slowdown_on_straight_paths():
   """A constant velocity moves every state along its own straight line: s = t."""
-  apply = lambda params, x, t, y: jnp.broadcast_to((y + 1.0)[:, None, None, None], x.shape)
+  apply = lambda params, x, t, c: jnp.broadcast_to((c["label"] + 1.0)[:, None, None, None],
+                                                   x.shape)
   sampler = sampling.Sampler("euler", num_steps=8)
-  t, s = slowflow.measure(apply, None, jnp.arange(4), jax.random.key(0), sampler=sampler,
-                          shape=SHAPE, null_class=4)
+  t, s = slowflow.measure(apply, None, {"label": jnp.arange(4)}, None, jax.random.key(0),
+                          sampler=sampler, shape=SHAPE)
   np.testing.assert_allclose(t, np.linspace(0, 1, 9), atol=1e-6)
   np.testing.assert_allclose(s, np.broadcast_to(t, s.shape), atol=5e-4)
 
@@ -58,8 +59,8 @@ def test_restart_mode_matches_the_closed_form(rate):
   s(t) = 1 - (1 - t0)^(1 - rate) (1 - t)^rate: s = t at rate 1, s < t below."""
   labels = jnp.arange(4)
   sampler = sampling.Sampler("heun", num_steps=200)
-  t, s = slowflow.measure(_pulled_towards_data(rate), None, labels, jax.random.key(1),
-                          sampler=sampler, shape=SHAPE, null_class=4, mode="restart",
+  t, s = slowflow.measure(_pulled_towards_data(rate), None, {"label": labels}, None,
+                          jax.random.key(1), sampler=sampler, shape=SHAPE, mode="restart",
                           real=_real(labels), restart_time=0.3)
   assert t[0] == pytest.approx(0.3, abs=1e-6) and t[-1] == pytest.approx(1.0)
   keep = t < 0.99  # the field is singular at t = 1

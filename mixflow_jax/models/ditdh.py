@@ -293,7 +293,7 @@ class TimeEmbedder(nn.Module):
 
 
 class DiTDH(nn.Module):
-  """u_theta(x, t, y): x (B, H, W, C), t (B,), y (B,) -> velocity (B, H, W, C), float32.
+  """u_theta(x, t, y): x (B, H, W, C), t (B,), label y (B,) -> velocity (B, H, W, C), float32.
 
   With ``time_convention='data_to_noise'`` the network sees 1 - t and its output is negated
   (see the module docstring). The other fields change how, not what, it computes, as SiT's:
@@ -314,7 +314,7 @@ class DiTDH(nn.Module):
   activation_sharding: Any = None
 
   @nn.compact
-  def __call__(self, x: Array, t: Array, y: Array) -> Array:
+  def __call__(self, x: Array, t: Array, label: Array) -> Array:
     cfg = self.config
     (d, d_head), (depth, depth_head), (heads, heads_head) = (
         cfg.hidden_size, cfg.depth, cfg.num_heads)
@@ -327,7 +327,7 @@ class DiTDH(nn.Module):
 
     t_emb = TimeEmbedder(d, self.dtype, name="t_embedder")(t).astype(jnp.float32)  # (B, D)
     y_emb = LabelEmbedder(cfg.num_classes, d, cfg.class_dropout_prob > 0, self.dtype,
-                          name="y_embedder")(y).astype(jnp.float32)
+                          name="y_embedder")(label).astype(jnp.float32)
     c = nn.silu(t_emb + y_emb)[:, None]                                 # (B, 1, D)
     if self.remat not in sit.REMAT_POLICIES:
       raise ValueError(f"remat={self.remat!r}; expected one of {tuple(sit.REMAT_POLICIES)}.")

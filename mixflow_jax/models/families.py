@@ -20,6 +20,7 @@ convert/, keyed by the family's name).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +31,7 @@ from mixflow_jax.models import ditdh, mmdit, sit
 
 ModelConfig = sit.SiTConfig | ditdh.DiTDHConfig | mmdit.MMDiTConfig
 Model = sit.SiT | ditdh.DiTDH | mmdit.MMDiT
+ApplyFn = Callable[[Any, Any, Any, dict], Any]  # (params, x, t, condition) -> u
 PARAM_LAYOUTS = ("unrolled", "scanned")
 DITDH_PREFIX = "DiTDH-"
 
@@ -146,3 +148,13 @@ def frozen_params(config: ModelConfig) -> tuple[str, ...]:
 def condition_of(config: ModelConfig) -> conditioning.Conditioning:
   """The condition the network of ``config`` is told."""
   return of(config).conditioning(config)
+
+
+@functools.cache
+def make_apply_fn(model: Model, **options: Any) -> ApplyFn:
+  """``(params, x, t, condition) -> u``: the network as a function of its parameters, told
+  the condition's fields by name (``options``: e.g. MMDiT's ``skip_layers``). One function
+  per (hashable) model and options, so that jitted samplers taking it as a static argument
+  compile once."""
+  return lambda params, x, t, condition: model.apply({"params": params}, x, t, **condition,
+                                                     **options)

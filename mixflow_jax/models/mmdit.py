@@ -44,8 +44,8 @@ released checkpoint) takes our t (t = 0 noise), tells the network 1000 (1 - t) a
 its output: our velocity u(x, t) = -v(x, 1 - t), the boundary REPA and RAE use.
 ``'noise_to_data'`` tells it 1000 t and returns its output as is.
 
-Images are NHWC: x (B, H, W, C). The condition is the pytree ``{'context': (B, L, 4096),
-'pooled': (B, 2048)}`` (the text encoders' per-token and pooled embeddings).
+Images are NHWC: x (B, H, W, C). The condition is ``context`` (B, L, 4096) and ``pooled``
+(B, 2048), the text encoders' per-token and pooled embeddings (conditioning.TextEmbedding).
 """
 
 from __future__ import annotations
@@ -398,8 +398,8 @@ class ScannedBlocks(nn.Module):
 
 
 class MMDiT(nn.Module):
-  """u_theta(x, t, cond): x (B, H, W, C), t (B,), cond {'context': (B, L, 4096), 'pooled':
-  (B, 2048)} -> velocity (B, H, W, C) in our time (see the module docstring).
+  """u_theta(x, t, c): x (B, H, W, C), t (B,), c = (context (B, L, 4096), pooled (B, 2048))
+  -> velocity (B, H, W, C) in our time (see the module docstring).
 
   ``skip_layers``: block indices to skip (skip-layer guidance), a static tuple.
   The other fields change how, not what, it computes, as SiT's: ``dtype`` the compute dtype
@@ -416,7 +416,7 @@ class MMDiT(nn.Module):
   activation_sharding: Any = None
 
   @nn.compact
-  def __call__(self, x: Array, t: Array, cond: Mapping[str, Array],
+  def __call__(self, x: Array, t: Array, context: Array, pooled: Array,
                skip_layers: Sequence[int] = ()) -> Array:
     cfg = self.config
     p, d = cfg.patch_size, cfg.hidden_size
@@ -434,8 +434,8 @@ class MMDiT(nn.Module):
     x = PatchEmbed(p, d, self.dtype, name="pos_embed")(x).astype(jnp.float32)
     x = x + cropped_pos_table(cfg, h, w)                                 # (B, N, D)
     c = TimeTextEmbed(d, self.dtype, name="time_text_embed")(
-        s * TIMESTEP_SCALE, cond["pooled"])                               # (B, D)
-    ctx = _linear(cond["context"], d, "context_embedder", self.dtype, _xavier)
+        s * TIMESTEP_SCALE, pooled)                               # (B, D)
+    ctx = _linear(context, d, "context_embedder", self.dtype, _xavier)
     ctx = ctx.astype(jnp.float32)                                         # (B, L, D)
 
     block = JointBlock
@@ -481,7 +481,7 @@ def abstract_params(config: MMDiTConfig, scanned: bool = False) -> dict:
   return jax.eval_shape(
       MMDiT(config, scan_blocks=scanned).init, jax.random.key(0),
       jax.ShapeDtypeStruct((1, p, p, config.in_channels), jnp.float32),
-      jax.ShapeDtypeStruct((1,), jnp.float32), example_condition(config, text_tokens=1),
+      jax.ShapeDtypeStruct((1,), jnp.float32), **example_condition(config, text_tokens=1),
   )["params"]
 
 

@@ -15,10 +15,8 @@ s = 1 - t and its output is negated, which gives our velocity u(x, t) = -v(x, 1 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import re
-from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -274,7 +272,7 @@ class FinalLayer(nn.Module):
 
 
 class SiT(nn.Module):
-  """u_theta(x, t, y): x (B, H, W, C), t (B,), y (B,) -> velocity (B, H, W, C).
+  """u_theta(x, t, y): x (B, H, W, C), t (B,), label y (B,) -> velocity (B, H, W, C).
 
   With ``learn_sigma`` the network has 2C output channels and, as in the official
   forward, the second half is discarded. With ``time_convention='data_to_noise'`` the
@@ -296,7 +294,7 @@ class SiT(nn.Module):
   activation_sharding: Any = None
 
   @nn.compact
-  def __call__(self, x: Array, t: Array, y: Array) -> Array:
+  def __call__(self, x: Array, t: Array, label: Array) -> Array:
     cfg = self.config
     p, d = cfg.patch_size, cfg.hidden_size
     b, height, width, _ = x.shape
@@ -309,7 +307,7 @@ class SiT(nn.Module):
     x = x + sincos_pos_embed_2d(d, h)                                    # (B, T, D)
     t_emb = TimestepEmbedder(d, self.dtype, name="t_embedder")(t)
     y_emb = LabelEmbedder(cfg.num_classes, d, cfg.class_dropout_prob > 0, self.dtype,
-                          name="y_embedder")(y)
+                          name="y_embedder")(label)
     c = t_emb + y_emb                                                    # (B, D)
 
     block = SiTBlock
@@ -330,16 +328,6 @@ class SiT(nn.Module):
     x = x.reshape(b, height, width, cfg.out_channels).astype(jnp.float32)  # (B, H, W, o)
     x = x[..., :cfg.in_channels]
     return -x if flipped else x
-
-
-ApplyFn = Callable[[Any, Array, Array, Array], Array]
-
-
-@functools.cache
-def make_apply_fn(model: SiT) -> ApplyFn:
-  """``(params, x, t, y) -> u``: the network as a function of its parameters. One function
-  per (hashable) model, so that jitted samplers taking it as a static argument compile once."""
-  return lambda params, x, t, y: model.apply({"params": params}, x, t, y)
 
 
 def param_layout(model: SiT) -> str:
