@@ -1,14 +1,20 @@
 """The command line: ``mixflow COMMAND --flag=value ...`` for the commands in ``COMMANDS``.
 
-``mixflow --help`` lists them; ``mixflow COMMAND --help`` shows a command's flags and the
-config fields it reads. A user's mistake (``errors.UserError``, an unknown flag or config
-field) is printed without a traceback and exits 2; ``--verbosity=1`` shows the traceback.
-Flags only: the work is done by importable functions (``train.train``,
-``generate.sample_job``, ``evaluate.evaluate_job``, ``slowflow.slowflow_job``,
-``demo.run_demo``, ``study.run_study``, ``convert.export.convert_checkpoint``,
+``COMMANDS`` is the one table of commands: each entry (a ``Command``) holds the command's
+summary, usage, the flags it reads, whether it needs --config and --workdir, the config
+sections its help shows and the function that runs it; ``mixflow --help``, ``mixflow
+COMMAND --help`` and the dispatch are built from it. ``mixflow convert`` picks its
+converter from ``CONVERTERS`` by the input flag given (--checkpoint, --vae, ...). A new
+command is a function and an entry in ``COMMANDS`` (and its flags below); a new input of
+convert is a flag, a function and an entry in ``CONVERTERS``.
+
+A user's mistake (``errors.UserError``, an unknown flag or config field) is printed without
+a traceback and exits 2; ``--verbosity=1`` shows the traceback. Flags only: the work is
+done by importable functions (``train.train``, ``generate.sample_job``,
+``evaluate.evaluate_job``, ``slowflow.slowflow_job``, ``demo.run_demo``,
+``study.run_study``, ``convert.export.convert_checkpoint``,
 ``convert.vae.convert_vae_checkpoint``, ``convert.rae.convert_rae``,
-``convert.inception.convert_inception_checkpoint``,
-``encode.encode``, ``plan.plan``).
+``convert.inception.convert_inception_checkpoint``, ``encode.encode``, ``plan.plan``).
 """
 
 import dataclasses
@@ -33,54 +39,43 @@ from mixflow_jax import errors
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "configs", "digits.py")
 
+# Read by several commands.
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, outputs).")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "convert: the PyTorch checkpoint "
-                                  "(.pt state_dict or train.py dict, or .safetensors).")
-_VAE = flags.DEFINE_string("vae", None, "convert: an SD-VAE (diffusers AutoencoderKL) "
-                          "state_dict (.safetensors, .bin or .pt) instead of a SiT; encode: "
-                          "the VAE folder written by `mixflow convert --vae`.")
-_RAE_DECODER = flags.DEFINE_string(
-    "rae_decoder", None, "convert: RAE's pixel decoder state_dict (the released decoders/"
-    ".../model.pt), with --rae_stats (and optionally --rae_encoder), into an RAE folder that "
-    "config.sample.vae takes.")
-_RAE_STATS = flags.DEFINE_string("rae_stats", None, "convert: RAE's latent statistics "
-                                 "(stat.pt: {'mean', 'var'} of shape (C, h, w)).")
-_RAE_ENCODER = flags.DEFINE_string(
-    "rae_encoder", None, "convert: the DINOv2-with-registers encoder (HF model.safetensors or "
-    "pytorch_model.bin) to store in the RAE folder too (optional).")
-_RAE_ENCODER_INPUT = flags.DEFINE_integer(
-    "rae_encoder_input", 224, "convert: the encoder's input side (224 for 256 px images, 448 "
-    "for 512 px).")
-_RAE_DECODER_HEADS = flags.DEFINE_integer(
-    "rae_decoder_heads", None, "convert: the RAE decoder's head count (not in the weights); "
-    "by default the named ViT-XL decoder's 16 for its sizes, else required.")
-_RAE_ENCODER_HEADS = flags.DEFINE_integer(
-    "rae_encoder_heads", None, "convert: the RAE encoder's head count; by default width / 64.")
-_RAE = flags.DEFINE_string("rae", None, "encode: the RAE folder (with its encoder) written by "
-                          "`mixflow convert --rae_decoder ... --rae_encoder`, instead of --vae.")
 _OUT = flags.DEFINE_string("out", None, "convert: the output folder; encode: the arrays "
                           "folder to write (images.npy, labels.npy; rerun to resume); plan: "
                           "a JSON file for the plan.")
-_NUM_DEVICES = flags.DEFINE_integer(
-    "num_devices", None, "plan: fake this many CPU devices (a mesh of any size on one "
-    "host); by default the devices this host has.")
-_IMAGES = flags.DEFINE_string("images", None, "encode: the ImageFolder to encode (one "
-                             "subfolder per class, e.g. ImageNet's train/).")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 256, "encode: the side of the ADM center "
-                                   "crop (latents are image_size / 8 for SD's VAE).")
-_TFDS = flags.DEFINE_string("tfds", None, "encode: a TFDS dataset to encode instead of "
-                           "--images, e.g. imagenet2012 (prepared from --manual_dir).")
-_TFDS_DATA_DIR = flags.DEFINE_string("tfds_data_dir", None, "encode: TFDS's data_dir "
-                                     "(default: TFDS's own, ~/tensorflow_datasets).")
-_MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "encode: the manual download TFDS "
-                                  "prepares --tfds from (imagenet2012: ILSVRC2012_img_train"
-                                  ".tar and ILSVRC2012_img_val.tar).")
-_SPLIT = flags.DEFINE_string("split", "train", "encode: the --tfds split.")
-_FLIP = flags.DEFINE_bool("flip", False, "encode: also store the latents of each image's "
-                          "horizontal mirror (2 rows per image), for data.flip=True.")
-_PIXELS = flags.DEFINE_bool("pixels", False, "encode: store the uint8 crops themselves "
-                            "instead of latents, for an encoder in the train step "
-                            "(config.data.encoder: RAE's default).")
+_VAE = flags.DEFINE_string("vae", None, "convert: an SD-VAE (diffusers AutoencoderKL) "
+                          "state_dict (.safetensors, .bin or .pt) instead of a SiT; encode: "
+                          "the VAE folder written by `mixflow convert --vae`.")
+
+# --distributed: the jobs on a run folder and encode join a multi-process job.
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Join a multi-process job with jax.distributed before any work: "
+    "run the same command on every host. TPU pods, SLURM and Open MPI are detected; "
+    "elsewhere give --coordinator_address, --num_processes and --process_id.")
+_COORDINATOR_ADDRESS = flags.DEFINE_string("coordinator_address", None,
+                                           "--distributed: host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "--distributed: the number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "--distributed: this process's index, 0 to n - 1.")
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout", 300, "--distributed: seconds to wait for every process to join "
+    "the coordinator before giving up with an error.")
+
+# slowflow, study.
+_COMPARE = flags.DEFINE_list("compare", [], "slowflow: more run folders to measure and "
+                             "plot next to --workdir's.")
+_CALIBRATE = flags.DEFINE_bool("calibrate", False, "slowflow: also propose MixFlow's gamma "
+                               "from --workdir's Slow Flow (written to DIR/gamma.json).")
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "study: rebuild report.md and its "
+                                 "figures from the finished cells, running nothing.")
+_QUICK = flags.DEFINE_bool("quick", False, "study: apply the config's study.quick overrides "
+                           "(the pipeline in seconds, not the outcome).")
+
+# convert: an input flag per entry of CONVERTERS (--vae above), then its options.
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "convert: the PyTorch checkpoint "
+                                  "(.pt state_dict or train.py dict, or .safetensors).")
 _MODEL = flags.DEFINE_string("model", None, "convert: the named size to check against "
                              "(e.g. SiT-XL/2); by default inferred from the weights.")
 _NUM_HEADS = flags.DEFINE_integer(
@@ -103,31 +98,53 @@ _PATH = flags.DEFINE_enum(
     "convert: the interpolant path the weights were trained on, recorded in DIR/model.json "
     "(sampling refuses a config with another objective.path). By default the checkpoint's "
     "training args' path_type (REPA's cosine is gvp), else linear.")
+_RAE_DECODER = flags.DEFINE_string(
+    "rae_decoder", None, "convert: RAE's pixel decoder state_dict (the released decoders/"
+    ".../model.pt), with --rae_stats (and optionally --rae_encoder), into an RAE folder that "
+    "config.sample.vae takes.")
+_RAE_STATS = flags.DEFINE_string("rae_stats", None, "convert: RAE's latent statistics "
+                                 "(stat.pt: {'mean', 'var'} of shape (C, h, w)).")
+_RAE_ENCODER = flags.DEFINE_string(
+    "rae_encoder", None, "convert: the DINOv2-with-registers encoder (HF model.safetensors or "
+    "pytorch_model.bin) to store in the RAE folder too (optional).")
+_RAE_ENCODER_INPUT = flags.DEFINE_integer(
+    "rae_encoder_input", 224, "convert: the encoder's input side (224 for 256 px images, 448 "
+    "for 512 px).")
+_RAE_DECODER_HEADS = flags.DEFINE_integer(
+    "rae_decoder_heads", None, "convert: the RAE decoder's head count (not in the weights); "
+    "by default the named ViT-XL decoder's 16 for its sizes, else required.")
+_RAE_ENCODER_HEADS = flags.DEFINE_integer(
+    "rae_encoder_heads", None, "convert: the RAE encoder's head count; by default width / 64.")
 _INCEPTION = flags.DEFINE_string(
     "inception", None, "convert: pytorch-fid's FID Inception weights "
     "(pt_inception-2015-12-05-6726825d.pth), converted once to an orbax folder that "
     "`mixflow evaluate` reads without PyTorch (config.eval.inception=DIR).")
-_COMPARE = flags.DEFINE_list("compare", [], "slowflow: more run folders to measure and "
-                             "plot next to --workdir's.")
-_CALIBRATE = flags.DEFINE_bool("calibrate", False, "slowflow: also propose MixFlow's gamma "
-                               "from --workdir's Slow Flow (written to DIR/gamma.json).")
-_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "study: rebuild report.md and its "
-                                 "figures from the finished cells, running nothing.")
-_QUICK = flags.DEFINE_bool("quick", False, "study: apply the config's study.quick overrides "
-                           "(the pipeline in seconds, not the outcome).")
-_DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Join a multi-process job with jax.distributed before any work: "
-    "run the same command on every host. TPU pods, SLURM and Open MPI are detected; "
-    "elsewhere give --coordinator_address, --num_processes and --process_id.")
-_COORDINATOR_ADDRESS = flags.DEFINE_string("coordinator_address", None,
-                                           "--distributed: host:port of process 0.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
-                                      "--distributed: the number of processes.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None,
-                                   "--distributed: this process's index, 0 to n - 1.")
-_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
-    "distributed_timeout", 300, "--distributed: seconds to wait for every process to join "
-    "the coordinator before giving up with an error.")
+
+# encode.
+_IMAGES = flags.DEFINE_string("images", None, "encode: the ImageFolder to encode (one "
+                             "subfolder per class, e.g. ImageNet's train/).")
+_TFDS = flags.DEFINE_string("tfds", None, "encode: a TFDS dataset to encode instead of "
+                           "--images, e.g. imagenet2012 (prepared from --manual_dir).")
+_TFDS_DATA_DIR = flags.DEFINE_string("tfds_data_dir", None, "encode: TFDS's data_dir "
+                                     "(default: TFDS's own, ~/tensorflow_datasets).")
+_MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "encode: the manual download TFDS "
+                                  "prepares --tfds from (imagenet2012: ILSVRC2012_img_train"
+                                  ".tar and ILSVRC2012_img_val.tar).")
+_SPLIT = flags.DEFINE_string("split", "train", "encode: the --tfds split.")
+_RAE = flags.DEFINE_string("rae", None, "encode: the RAE folder (with its encoder) written by "
+                          "`mixflow convert --rae_decoder ... --rae_encoder`, instead of --vae.")
+_PIXELS = flags.DEFINE_bool("pixels", False, "encode: store the uint8 crops themselves "
+                            "instead of latents, for an encoder in the train step "
+                            "(config.data.encoder: RAE's default).")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 256, "encode: the side of the ADM center "
+                                   "crop (latents are image_size / 8 for SD's VAE).")
+_FLIP = flags.DEFINE_bool("flip", False, "encode: also store the latents of each image's "
+                          "horizontal mirror (2 rows per image), for data.flip=True.")
+
+# plan.
+_NUM_DEVICES = flags.DEFINE_integer(
+    "num_devices", None, "plan: fake this many CPU devices (a mesh of any size on one "
+    "host); by default the devices this host has.")
 
 
 @functools.cache
@@ -140,57 +157,253 @@ def _config_flag() -> flags.FlagHolder:
       "overridden with --config.<field>=<value>.", lock_config=True)
 
 
+# The commands, a function each: run(), run(config) or run(config, workdir) as its entry in
+# COMMANDS says. Heavy imports inside them, after the flags are parsed (`--help` stays fast).
+
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: what a shell reports for a job ended by SIGTERM
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> None:
+  from mixflow_jax import train
+  try:
+    train.train(config, workdir)
+  except train.Preempted as e:
+    logging.warning("%s", e)
+    print(e, flush=True)
+    sys.exit(PREEMPTED_EXIT_CODE)
+
+
+def _sample(config: ml_collections.ConfigDict, workdir: str) -> None:
+  from mixflow_jax import generate
+  print(f"Wrote {generate.sample_job(config, workdir)}")
+
+
+def _evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
+  from mixflow_jax import evaluate
+  for name, value in evaluate.evaluate_job(config, workdir).items():
+    print(f"{name}: {value:.4f}")
+
+
+def _slowflow(config: ml_collections.ConfigDict, workdir: str) -> None:
+  from mixflow_jax import slowflow
+  result = slowflow.slowflow_job(config, workdir, tuple(_COMPARE.value), _CALIBRATE.value)
+  print(f"Wrote {workdir}/slowflow.png and slowflow.json")
+  if "gamma" in result:
+    print(f"Proposed gamma: {result['gamma']:.3f} (written to {workdir}/gamma.json)")
+
+
+def _demo(config: ml_collections.ConfigDict, workdir: str) -> None:
+  from mixflow_jax import demo
+  if "demo" not in config:
+    raise errors.UserError("`mixflow demo` needs a config with a `demo` section, such as "
+                           "configs/digits.py.")
+  demo.run_demo(config, workdir)
+
+
+def _study(config: ml_collections.ConfigDict, workdir: str) -> None:
+  from mixflow_jax import study, study_report
+  if "study" not in config:
+    raise errors.UserError("`mixflow study` needs a config with a `study` section, such as "
+                           "configs/study_digits.py.")
+  if _QUICK.value:
+    config = study.quick(config)
+  if not _REPORT_ONLY.value:
+    import jax  # Runs of one size share compiled steps across cells and relaunches.
+    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    study.run_study(config, workdir)
+  print(f"Wrote {study_report.write_report(config, workdir)}")
+
+
+def _encode() -> None:
+  if ((_IMAGES.value is None) == (_TFDS.value is None) or _OUT.value is None
+      or (_VAE.value is not None) + (_RAE.value is not None) + _PIXELS.value != 1):
+    raise errors.UserError("give --images=DIR (an ImageFolder) or --tfds=NAME, one of "
+                           "--vae=DIR (an SD-VAE), --rae=DIR (an RAE with its encoder) or "
+                           "--pixels (the crops themselves), and --out=DIR.")
+  if _DISTRIBUTED.value:
+    _join_job()
+  from mixflow_jax import encode
+  from mixflow_jax.data import image_sources
+  source = (image_sources.folder_source(_IMAGES.value) if _IMAGES.value else
+            image_sources.tfds_source(_TFDS.value, _SPLIT.value, _TFDS_DATA_DIR.value,
+                                      _MANUAL_DIR.value))
+  rae = _RAE.value is not None
+  rows = encode.encode(source, _RAE.value if rae else _VAE.value, _OUT.value,
+                       _IMAGE_SIZE.value, flip=_FLIP.value, rae=rae)
+  what = ("normalised RAE latents (images.npy" if rae else "uint8 crops (images.npy"
+          if _PIXELS.value else "latent moments (images.npy, std.npy")
+  print(f"Wrote {_OUT.value}: {rows} rows of {what}, labels.npy, manifest.json).")
+
+
+def _plan(config: ml_collections.ConfigDict) -> None:
+  import jax
+  if _NUM_DEVICES.value is not None:
+    if _NUM_DEVICES.value <= 0:
+      raise errors.UserError(f"--num_devices={_NUM_DEVICES.value}: expected a positive count.")
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", _NUM_DEVICES.value)
+  from mixflow_jax import plan
+  result = plan.plan(config)
+  print(plan.format_table(result))
+  if _OUT.value:
+    plan.write(result, _OUT.value)
+    print(f"Wrote {_OUT.value}")
+
+
+# convert: a function per input, convert(the input flag's value, --out).
+
+def _convert_checkpoint(path: str, out: str) -> None:
+  from mixflow_jax.convert.export import convert_checkpoint
+  config = convert_checkpoint(path, out, _MODEL.value, _WEIGHTS.value, _TIME_CONVENTION.value,
+                              _NUM_HEADS.value, _CLASS_DROPOUT_PROB.value, _PATH.value)
+  print(f"Wrote {out}: {config}")
+
+
+def _convert_vae(path: str, out: str) -> None:
+  from mixflow_jax.convert.vae import convert_vae_checkpoint
+  print(f"Wrote {out}: {convert_vae_checkpoint(path, out)}")
+
+
+def _convert_rae(path: str, out: str) -> None:
+  if _RAE_STATS.value is None:
+    raise errors.MissingInput("--rae_decoder needs --rae_stats=stat.pt (RAE's latent "
+                              "statistics).")
+  from mixflow_jax.convert.rae import convert_rae
+  record = convert_rae(path, _RAE_STATS.value, out, _RAE_ENCODER.value,
+                       _RAE_ENCODER_INPUT.value, _RAE_DECODER_HEADS.value,
+                       _RAE_ENCODER_HEADS.value)
+  print(f"Wrote {out}: an RAE decoding {record.latent_shape} latents to {record.image_size} "
+        f"px images{'' if record.encoder is None else ' (with encoder)'}; sample with "
+        f"--config.sample.vae={out}")
+
+
+def _convert_inception(path: str, out: str) -> None:
+  from mixflow_jax.convert.inception import convert_inception_checkpoint
+  count = convert_inception_checkpoint(path, out)
+  print(f"Wrote {out}: the FID Inception ({count} values); evaluate with "
+        f"--config.eval.inception={out}")
+
+
 @dataclasses.dataclass(frozen=True)
-class _Command:
-  summary: str                  # one line for `mixflow --help`
-  usage: str                    # the command's arguments
-  flags: tuple[str, ...]        # the flags it reads
-  sections: tuple[str, ...]     # the config sections it reads
+class Converter:
+  """An input of ``mixflow convert``, named by its flag (its key in ``CONVERTERS``)."""
+  what: str                             # the input in a few words, for the error listing them
+  usage: str                            # its arguments, for `mixflow convert --help`
+  convert: Callable[[str, str], None]   # convert(the flag's value, --out): writes and prints
+  flags: tuple[str, ...] = ()           # the other flags it reads, for `mixflow convert --help`
+  only_with: tuple[str, ...] = ()       # of those, the ones refused without this input
+
+
+# One entry per input; `mixflow convert` takes exactly one of them, and --out.
+CONVERTERS = {
+    "checkpoint": Converter(
+        "a SiT or REPA checkpoint",
+        "--checkpoint=PATH --out=DIR [--model=SiT-XL/2] [--weights=ema|model] "
+        "[--time_convention=...] [--num_heads=N] [--class_dropout_prob=P] [--path=...]",
+        _convert_checkpoint,
+        ("model", "weights", "time_convention", "num_heads", "class_dropout_prob", "path")),
+    "vae": Converter("an SD-VAE", "--vae=PATH --out=DIR", _convert_vae),
+    "rae_decoder": Converter(
+        "RAE's decoder, with --rae_stats",
+        "--rae_decoder=model.pt --rae_stats=stat.pt --out=DIR "
+        "[--rae_encoder=model.safetensors --rae_encoder_input=224] [--rae_decoder_heads=N] "
+        "[--rae_encoder_heads=N]",
+        _convert_rae,
+        ("rae_stats", "rae_encoder", "rae_encoder_input", "rae_decoder_heads",
+         "rae_encoder_heads"),
+        only_with=("rae_stats", "rae_encoder")),
+    "inception": Converter("the FID Inception", "--inception=PATH --out=DIR",
+                           _convert_inception),
+}
+
+
+def _listed(items: list[str], last: str = "and") -> str:
+  """'a', 'a and b', 'a, b and c'."""
+  return f"{', '.join(items[:-1])} {last} {items[-1]}" if len(items) > 1 else items[0]
+
+
+def _convert() -> None:
+  """Runs the converter of the one input flag given (``CONVERTERS``)."""
+  given = [name for name in CONVERTERS if flags.FLAGS[name].value is not None]
+  if len(given) != 1 or _OUT.value is None:
+    inputs = [f"--{name}=PATH ({converter.what})" for name, converter in CONVERTERS.items()]
+    raise errors.UserError(f"give one of {_listed(inputs, 'or')}, and --out=DIR.")
+  for name, converter in CONVERTERS.items():
+    if name not in given and any(flags.FLAGS[f].value is not None for f in converter.only_with):
+      extra = [f"--{f}" for f in converter.only_with]
+      raise errors.UserError(f"{_listed(extra)} go{'es' if len(extra) == 1 else ''} with "
+                             f"--{name}=PATH.")
+  CONVERTERS[given[0]].convert(flags.FLAGS[given[0]].value, _OUT.value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+  """A command of ``mixflow``, declared once in ``COMMANDS``."""
+  summary: str                    # one line for `mixflow --help`
+  usage: str                      # its arguments, for `mixflow NAME --help`
+  flags: tuple[str, ...]          # the flags it reads, described by `mixflow NAME --help`
+  run: Callable[..., None]        # run(), run(config) with `config`, run(config, workdir)
+  config: bool = False            # reads --config (and its --config.<field> overrides)
+  workdir: bool = False           # a job on --workdir: required and checked, --distributed
+                                  # joined and the config validated before run(config, workdir)
+  sections: tuple[str, ...] = ()  # the config sections `mixflow NAME --help` shows
+  # A job on --workdir: whether it reads config.data (validated only then).
+  reads_data: Callable[[ml_collections.ConfigDict], bool] = lambda config: True
+
+  def __post_init__(self):
+    needs = [flag for flag, needed in (("config", self.config), ("workdir", self.workdir))
+             if needed]
+    if (self.workdir and not self.config) or not set(needs) <= set(self.flags):
+      raise ValueError(f"{self.summary!r}: workdir=True needs config=True, and its flags "
+                       f"must list {needs}.")
 
 
 _RUN = "--workdir=DIR [--config=configs/<file>.py[:variant]] [--config.<field>=<value> ...]"
 _JOB = ("workdir", "config", "distributed", "coordinator_address", "num_processes",
         "process_id", "distributed_timeout")
 COMMANDS = {
-    "train": _Command(
+    "train": Command(
         "Train or post-train the config's model on its data into --workdir (rerun to resume).",
-        _RUN, _JOB, ("seed", "data", "model", "objective", "optim", "train")),
-    "sample": _Command(
+        _RUN, _JOB, _train, config=True, workdir=True,
+        sections=("seed", "data", "model", "objective", "optim", "train")),
+    "sample": Command(
         "Sample --workdir's latest checkpoint to an ADM-layout .npz (resumable).",
-        _RUN, _JOB, ("seed", "data", "model", "objective", "sample")),
-    "evaluate": _Command(
+        _RUN, _JOB, _sample, config=True, workdir=True,
+        sections=("seed", "data", "model", "objective", "sample"),
+        reads_data=lambda config: False),  # the run and its checkpoint, not the data
+    "evaluate": Command(
         "Score --workdir's samples: the embedded classifier metric, or ADM's IS / FID / sFID "
         "/ precision / recall against eval.reference.",
-        _RUN, _JOB, ("seed", "data", "sample", "eval")),
-    "slowflow": _Command(
+        _RUN, _JOB, _evaluate, config=True, workdir=True,
+        sections=("seed", "data", "sample", "eval"),
+        reads_data=lambda config: not config.eval.reference),  # an ADM reference, not data
+    "slowflow": Command(
         "Measure and plot Slow Flow of --workdir's model (and of --compare runs); "
         "--calibrate proposes MixFlow's gamma from it.",
         _RUN + " [--compare=DIR2,...] [--calibrate]", (*_JOB, "compare", "calibrate"),
-        ("seed", "data", "model", "objective", "sample", "slowflow")),
-    "demo": _Command(
+        _slowflow, config=True, workdir=True,
+        sections=("seed", "data", "model", "objective", "sample", "slowflow")),
+    "demo": Command(
         "The embedded default end to end on one CPU: pretrain, post-train (standard and "
         "MixFlow), sample, evaluate, Slow Flow, report.png.",
-        _RUN, ("workdir", "config"),
-        ("seed", "data", "model", "objective", "optim", "train", "sample", "eval", "slowflow",
-         "demo")),
-    "study": _Command(
+        _RUN, ("workdir", "config"), _demo, config=True, workdir=True,
+        sections=("seed", "data", "model", "objective", "optim", "train", "sample", "eval",
+                  "slowflow", "demo")),
+    "study": Command(
         "When does MixFlow help? Pretrain bases, post-train every variant over seeds, sample, "
         "score and measure Slow Flow (resumable cells), then write report.md.",
         _RUN + " [--report_only] [--quick]", ("workdir", "config", "report_only", "quick"),
-        ("seed", "data", "model", "optim", "train", "sample", "eval", "slowflow", "study")),
-    "convert": _Command(
+        _study, config=True, workdir=True,
+        sections=("seed", "data", "model", "optim", "train", "sample", "eval", "slowflow",
+                  "study")),
+    "convert": Command(
         "Convert an official PyTorch SiT / REPA / DiT^DH checkpoint (or an SD-VAE: --vae; "
         "RAE's decoder, statistics and encoder: --rae_decoder; the FID Inception: "
         "--inception) to a Flax folder with orbax weights.",
-        "--checkpoint=PATH --out=DIR [--model=SiT-XL/2] [--weights=ema|model] "
-        "[--time_convention=...] [--num_heads=N] [--class_dropout_prob=P] [--path=...] | "
-        "--vae=PATH --out=DIR | --rae_decoder=model.pt --rae_stats=stat.pt --out=DIR "
-        "[--rae_encoder=model.safetensors --rae_encoder_input=224] [--rae_decoder_heads=N] "
-        "[--rae_encoder_heads=N] | --inception=PATH --out=DIR",
-        ("checkpoint", "vae", "rae_decoder", "rae_stats", "rae_encoder", "rae_encoder_input",
-         "rae_decoder_heads", "rae_encoder_heads", "inception", "out", "model", "weights",
-         "time_convention", "num_heads", "class_dropout_prob", "path"), ()),
-    "encode": _Command(
+        " | ".join(converter.usage for converter in CONVERTERS.values()),
+        (*(f for name, c in CONVERTERS.items() for f in (name, *c.flags)), "out"), _convert),
+    "encode": Command(
         "Encode an ImageFolder or a TFDS dataset to SD-VAE latent moments (or normalised "
         "RAE latents: --rae; or keep the uint8 crops: --pixels) for data.name='arrays' "
         "(resumable).",
@@ -198,13 +411,16 @@ COMMANDS = {
         "--vae=DIR|--rae=DIR|--pixels --out=DIR [--image_size=256] [--flip] "
         "[--distributed ...]",
         ("images", "tfds", "tfds_data_dir", "manual_dir", "split", "vae", "rae", "pixels",
-         "out", "image_size", "flip", *_JOB[2:]), ()),
-    "plan": _Command(
+         "out", "image_size", "flip", *_JOB[2:]), _encode),
+    "plan": Command(
         "Compile the config's train step for a mesh (--num_devices fakes one) and report "
         "memory per device, FLOPs and the sharding; needs no data.",
         "[--config=...] [--config.<field>=<value> ...] [--num_devices=N] [--out=plan.json]",
-        ("config", "num_devices", "out"), ("data", "model", "objective", "optim", "train")),
+        ("config", "num_devices", "out"), _plan, config=True,
+        sections=("data", "model", "objective", "optim", "train")),
 }
+
+
 _HELP_FLAGS = ("--help", "-h", "--helpshort", "-?")
 _WIDTH = 100
 
@@ -360,82 +576,28 @@ def _last_line(text: str) -> str:
   return [line.strip() for line in text.splitlines() if line.strip()][-1]
 
 
+
 def main(argv: list[str]) -> None:
-  command = argv[1] if len(argv) == 2 else None
-  if command not in COMMANDS:
+  name = argv[1] if len(argv) == 2 else None
+  if name not in COMMANDS:
     _fail(f"expected one command of {', '.join(COMMANDS)}; got {argv[1:]}.", None)
   logging.get_absl_handler().addFilter(_QuietOrbax())
   try:
-    _dispatch(command)
+    _start(COMMANDS[name])
   except errors.UserError as e:
     if _verbose(sys.argv):
       raise
-    _fail(str(e), command)
+    _fail(str(e), name)
 
 
-def _dispatch(command: str) -> None:
-  if command == "convert":
-    given = [v for v in (_CHECKPOINT.value, _VAE.value, _RAE_DECODER.value, _INCEPTION.value)
-             if v is not None]
-    if len(given) != 1 or _OUT.value is None:
-      raise errors.UserError("give one of --checkpoint=PATH (a SiT or REPA checkpoint), "
-                             "--vae=PATH (an SD-VAE), --rae_decoder=PATH (RAE's decoder, with "
-                             "--rae_stats) or --inception=PATH (the FID Inception), and "
-                             "--out=DIR.")
-    if (_RAE_STATS.value is not None or _RAE_ENCODER.value is not None) and (
-        _RAE_DECODER.value is None):
-      raise errors.UserError("--rae_stats and --rae_encoder go with --rae_decoder=PATH.")
-    if _RAE_DECODER.value is not None:
-      if _RAE_STATS.value is None:
-        raise errors.MissingInput("--rae_decoder needs --rae_stats=stat.pt (RAE's latent "
-                                  "statistics).")
-      from mixflow_jax.convert.rae import convert_rae
-      record = convert_rae(_RAE_DECODER.value, _RAE_STATS.value, _OUT.value,
-                           _RAE_ENCODER.value, _RAE_ENCODER_INPUT.value,
-                           _RAE_DECODER_HEADS.value, _RAE_ENCODER_HEADS.value)
-      print(f"Wrote {_OUT.value}: an RAE decoding {record.latent_shape} latents to "
-            f"{record.image_size} px images{'' if record.encoder is None else ' (with encoder)'};"
-            f" sample with --config.sample.vae={_OUT.value}")
-      return
-    if _VAE.value is not None:
-      from mixflow_jax.convert.vae import convert_vae_checkpoint
-      print(f"Wrote {_OUT.value}: {convert_vae_checkpoint(_VAE.value, _OUT.value)}")
-      return
-    if _INCEPTION.value is not None:
-      from mixflow_jax.convert.inception import convert_inception_checkpoint
-      count = convert_inception_checkpoint(_INCEPTION.value, _OUT.value)
-      print(f"Wrote {_OUT.value}: the FID Inception ({count} values); evaluate with "
-            f"--config.eval.inception={_OUT.value}")
-      return
-    from mixflow_jax.convert.export import convert_checkpoint
-    config = convert_checkpoint(_CHECKPOINT.value, _OUT.value, _MODEL.value, _WEIGHTS.value,
-                                _TIME_CONVENTION.value, _NUM_HEADS.value,
-                                _CLASS_DROPOUT_PROB.value, _PATH.value)
-    print(f"Wrote {_OUT.value}: {config}")
-    return
-  if command == "encode":
-    if ((_IMAGES.value is None) == (_TFDS.value is None) or _OUT.value is None
-        or (_VAE.value is not None) + (_RAE.value is not None) + _PIXELS.value != 1):
-      raise errors.UserError("give --images=DIR (an ImageFolder) or --tfds=NAME, one of "
-                             "--vae=DIR (an SD-VAE), --rae=DIR (an RAE with its encoder) or "
-                             "--pixels (the crops themselves), and --out=DIR.")
-    if _DISTRIBUTED.value:
-      _join_job()
-    from mixflow_jax import encode
-    from mixflow_jax.data import image_sources
-    source = (image_sources.folder_source(_IMAGES.value) if _IMAGES.value else
-              image_sources.tfds_source(_TFDS.value, _SPLIT.value, _TFDS_DATA_DIR.value,
-                                        _MANUAL_DIR.value))
-    rae = _RAE.value is not None
-    rows = encode.encode(source, _RAE.value if rae else _VAE.value, _OUT.value,
-                         _IMAGE_SIZE.value, flip=_FLIP.value, rae=rae)
-    what = ("normalised RAE latents (images.npy" if rae else "uint8 crops (images.npy"
-            if _PIXELS.value else "latent moments (images.npy, std.npy")
-    print(f"Wrote {_OUT.value}: {rows} rows of {what}, labels.npy, manifest.json).")
+def _start(command: Command) -> None:
+  """Runs ``command`` with what its entry asks for."""
+  if not command.config:
+    command.run()
     return
   config = _config()
-  if command == "plan":
-    _plan(config)
+  if not command.workdir:
+    command.run(config)
     return
   if _WORKDIR.value is None:
     raise errors.UserError("--workdir is required.")
@@ -444,10 +606,8 @@ def _dispatch(command: str) -> None:
     _join_job()
   from mixflow_jax import configuration, storage  # Heavy imports after flag parsing.
   storage.path(workdir, "--workdir")
-  # Sampling, and scoring against an ADM reference, read the run and its samples, not data.
-  reads_data = not (command == "sample" or (command == "evaluate" and config.eval.reference))
-  configuration.validate(config, needs_data=reads_data)
-  _run(command, config, workdir)
+  configuration.validate(config, needs_data=command.reads_data(config))
+  command.run(config, workdir)
 
 
 def _wait_for_coordinator(address: str, timeout: float) -> None:
@@ -484,67 +644,6 @@ def _join_job() -> None:
                              initialization_timeout=_DISTRIBUTED_TIMEOUT.value)
   logging.info("Process %d of a job of %d processes, %d devices.", jax.process_index(),
                jax.process_count(), jax.device_count())
-
-
-def _plan(config) -> None:
-  import jax
-  if _NUM_DEVICES.value is not None:
-    if _NUM_DEVICES.value <= 0:
-      raise errors.UserError(f"--num_devices={_NUM_DEVICES.value}: expected a positive count.")
-    jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", _NUM_DEVICES.value)
-  from mixflow_jax import plan
-  result = plan.plan(config)
-  print(plan.format_table(result))
-  if _OUT.value:
-    plan.write(result, _OUT.value)
-    print(f"Wrote {_OUT.value}")
-
-
-PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: what a shell reports for a job ended by SIGTERM
-
-
-def _run(command: str, config, workdir: str) -> None:
-  if command == "train":
-    from mixflow_jax import train
-    try:
-      train.train(config, workdir)
-    except train.Preempted as e:
-      logging.warning("%s", e)
-      print(e, flush=True)
-      sys.exit(PREEMPTED_EXIT_CODE)
-  elif command == "sample":
-    from mixflow_jax import generate
-    print(f"Wrote {generate.sample_job(config, workdir)}")
-  elif command == "evaluate":
-    from mixflow_jax import evaluate
-    for name, value in evaluate.evaluate_job(config, workdir).items():
-      print(f"{name}: {value:.4f}")
-  elif command == "slowflow":
-    from mixflow_jax import slowflow
-    result = slowflow.slowflow_job(config, workdir, tuple(_COMPARE.value), _CALIBRATE.value)
-    print(f"Wrote {workdir}/slowflow.png and slowflow.json")
-    if "gamma" in result:
-      print(f"Proposed gamma: {result['gamma']:.3f} (written to {workdir}/gamma.json)")
-  elif command == "study":
-    from mixflow_jax import study, study_report
-    if "study" not in config:
-      raise errors.UserError("`mixflow study` needs a config with a `study` section, such as "
-                             "configs/study_digits.py.")
-    if _QUICK.value:
-      config = study.quick(config)
-    if not _REPORT_ONLY.value:
-      import jax  # Runs of one size share compiled steps across cells and relaunches.
-      jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
-      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-      study.run_study(config, workdir)
-    print(f"Wrote {study_report.write_report(config, workdir)}")
-  elif command == "demo":
-    from mixflow_jax import demo
-    if "demo" not in config:
-      raise errors.UserError("`mixflow demo` needs a config with a `demo` section, such as "
-                           "configs/digits.py.")
-    demo.run_demo(config, workdir)
 
 
 def run() -> None:

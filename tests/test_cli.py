@@ -1,4 +1,5 @@
-"""The command line end to end on the embedded default, with few steps."""
+"""The command line end to end on the embedded default, with few steps; its table of
+commands and of convert's inputs."""
 
 import json
 import os
@@ -6,7 +7,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
+from absl import flags
+from absl.testing import flagsaver
 
+from mixflow_jax import errors, main
 from tests import conftest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,3 +61,50 @@ def test_train_sample_evaluate_commands(tmp_path):
   evaluate = _cli("evaluate", *common, "--config.sample.num_steps=3")
   assert "classifier_fd" in evaluate.stdout
   assert json.loads(path.with_suffix(".metrics.json").read_text())["classifier_fd"] > 0
+
+
+@pytest.fixture
+def parsed_flags():
+  """absl's flags readable in this process (restored after the test)."""
+  was_parsed = flags.FLAGS.is_parsed()
+  flags.FLAGS.mark_as_parsed()
+  with flagsaver.flagsaver():
+    yield
+  if not was_parsed:
+    flags.FLAGS.unparse_flags()
+
+
+def test_every_command_is_one_entry_of_the_table():
+  for name, command in main.COMMANDS.items():
+    assert callable(command.run), name
+    assert command.config == ("config" in command.flags), name
+    assert command.workdir == ("workdir" in command.flags), name
+    assert all(f == "config" or f in flags.FLAGS for f in command.flags), name
+    assert command.summary and command.usage, name
+  assert set(main.CONVERTERS) <= set(main.COMMANDS["convert"].flags)
+  for name, converter in main.CONVERTERS.items():
+    assert name in flags.FLAGS and set(converter.only_with) <= set(converter.flags), name
+    assert f"--{name}=" in converter.usage and converter.usage in main.COMMANDS["convert"].usage
+
+
+def test_convert_runs_the_entry_of_the_input_given(parsed_flags, monkeypatch):
+  calls = []
+  monkeypatch.setattr(main, "CONVERTERS", {
+      "vae": main.Converter("a thing", "--vae=PATH --out=DIR",
+                            lambda path, out: calls.append(("vae", path, out))),
+      "inception": main.Converter("another", "--inception=PATH --out=DIR",
+                                  lambda path, out: calls.append(("inception", path, out)),
+                                  ("rae_stats",), only_with=("rae_stats",))})
+  with flagsaver.flagsaver(inception="in.pth", out="OUT"):
+    main._convert()
+  assert calls == [("inception", "in.pth", "OUT")]
+  listing = r"give one of --vae=PATH \(a thing\) or --inception=PATH \(another\), and --out=DIR"
+  with flagsaver.flagsaver(out="OUT"), pytest.raises(errors.UserError, match=listing):
+    main._convert()
+  with (flagsaver.flagsaver(vae="v", inception="i", out="OUT"),
+        pytest.raises(errors.UserError, match=listing)):
+    main._convert()
+  with (flagsaver.flagsaver(vae="v", rae_stats="s", out="OUT"),
+        pytest.raises(errors.UserError, match=r"^--rae_stats goes with --inception=PATH\.$")):
+    main._convert()
+  assert len(calls) == 1
