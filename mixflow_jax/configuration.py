@@ -17,7 +17,7 @@ from mixflow_jax import objectives, sampling, time_shift, timesteps
 from mixflow_jax.data import SOURCES
 from mixflow_jax.errors import ConfigError
 from mixflow_jax.interpolants import PATHS, get_path
-from mixflow_jax.models import attention, ditdh, families, sit
+from mixflow_jax.models import attention, families, sit
 from mixflow_jax.time_conventions import TIME_CONVENTIONS, ours_interval
 
 DTYPES = ("float32", "bfloat16")
@@ -56,8 +56,12 @@ def default_config() -> ml_collections.ConfigDict:
       num_heads=config_dict.placeholder(int),
       patch_size=config_dict.placeholder(int),
       mlp_ratio=4.0,
+      # The probability of the null condition in CFG training (the null class; for MMDiT
+      # the empty caption's embeddings).
       class_dropout_prob=0.1,
       learn_sigma=False,
+      # MMDiT: the text tokens of a condition (SD3: 77 CLIP + 256 T5).
+      text_tokens=333,
       # The convention the weights were trained in: noise_to_data (SiT, ours: t = 0 noise)
       # or data_to_noise (REPA, RAE); the latter is used through a flipped t and -v.
       time_convention="noise_to_data",
@@ -186,19 +190,11 @@ def default_config() -> ml_collections.ConfigDict:
 
 def model_config(config: ml_collections.ConfigDict, image_shape: tuple[int, int, int],
                  num_classes: int) -> families.ModelConfig:
-  """The architecture (a SiTConfig, or a DiTDHConfig for 'DiTDH-*' names) of
-  ``config.model`` for images (or latents) of ``image_shape`` (H, W, C)."""
+  """The architecture of ``config.model`` (its family's, models/families.py) for images (or
+  latents) of ``image_shape`` (H, W, C) and ``num_classes`` classes."""
   m = config.model
-  common = dict(input_size=image_shape[0], in_channels=image_shape[2],
-                num_classes=num_classes, mlp_ratio=m.mlp_ratio,
-                class_dropout_prob=m.class_dropout_prob, time_convention=m.time_convention)
-  if families.family_of_name(m.name) == "DiTDH":
-    return ditdh.DiTDHConfig.named(m.name.removeprefix(families.DITDH_PREFIX), **common)
-  common["learn_sigma"] = m.learn_sigma
-  if m.name == "custom":
-    return sit.SiTConfig(depth=m.depth, hidden_size=m.hidden_size, num_heads=m.num_heads,
-                         patch_size=m.patch_size, **common)
-  return sit.SiTConfig.named(m.name, **common)
+  return families.of_name(m.name).from_settings(m.name, m.to_dict(), tuple(image_shape),
+                                                num_classes)
 
 
 def make_sampler(sample: ml_collections.ConfigDict, path: str, num_steps: int | None = None,
@@ -294,9 +290,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
 
   _check(m.name == "custom" or m.name in families.NAMED_MODELS, "model.name", m.name,
          f"'custom' or one of {families.NAMED_MODELS}")
-  if families.family_of_name(m.name) == "DiTDH":
+  if families.family_of_name(m.name) != "SiT":
     _check(not m.learn_sigma, "model.learn_sigma", m.learn_sigma,
            f"False: {m.name} predicts the velocity only")
+  _check(m.text_tokens > 0, "model.text_tokens", m.text_tokens, "a positive number of tokens")
   for field in ("depth", "hidden_size", "num_heads", "patch_size"):
     value = m[field]
     if m.name == "custom":

@@ -138,7 +138,7 @@ def slowflow_run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
                                 f"{dataset.image_shape}; the model in {run_dir!r} samples "
                                 f"{shape}.{hint}")
     rows = np.arange(sf.num_samples) % len(dataset.heldout_images)
-    real, labels = dataset.heldout_images[rows], dataset.heldout_labels[rows]
+    real, labels = dataset.heldout_images[rows], dataset.heldout_condition["label"][rows]
   # Each batch is split over every device of every process (padded to a multiple of the
   # device count by repeating its first rows; their results are dropped).
   mesh = sharding.make_mesh()

@@ -517,6 +517,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     pretraining_t_law = config.objective.t_law
   dataset = dataset or load_dataset(config.data)
   s = setup_step(config, model_input_shape(config, dataset), dataset.num_classes, mesh)
+  try:
+    conditioning.check(dataset.train_condition, families.condition_of(s.model.config),
+                       f"The data {dataset.name!r} (config.data)")
+  except ValueError as e:
+    raise configuration.ConfigError(f"{e} (config.model.name={config.model.name!r})") from e
   init_key, rng = jax.random.split(jax.random.key(config.seed))
 
   # A resumed run keeps what defines its model; a warm start keeps the architecture (its

@@ -59,6 +59,22 @@ def tiny_config() -> ml_collections.ConfigDict:
   return config
 
 
+def tiny_mmdit_config() -> ml_collections.ConfigDict:
+  """The tiny MMDiT (3 blocks, the first dual; the scanned layout) on synthetic captioned
+  latents (8 text tokens of width 32, pooled 16), in SD3's time convention, CFG dropout 0.1."""
+  config = tiny_config()
+  config.data.name = "synthetic_captions"
+  config.model.name = "MMDiT-T"
+  config.model.depth = config.model.hidden_size = None
+  config.model.num_heads = config.model.patch_size = None
+  config.model.text_tokens = 8
+  config.model.time_convention = "data_to_noise"
+  config.model.scan_blocks = True
+  config.train.steps = 6
+  config.train.checkpoint_every = config.train.log_every = 3
+  return config
+
+
 @pytest.fixture
 def config() -> ml_collections.ConfigDict:
   return tiny_config()

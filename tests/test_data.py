@@ -58,8 +58,9 @@ def test_arrays_source_errors_name_the_file(tmp_path):
 def _indexed(n=40, mirrors=True, std=False):
   """A dataset whose example k is the constant image k (its mirror: -k - 1; std: k / 10)."""
   images = np.broadcast_to(np.arange(n, dtype=np.float32)[:, None, None, None], (n, 2, 2, 1))
-  return ImageDataset("indexed", images, np.arange(n, dtype=np.int32) % 7, images[:1],
-                      np.zeros(1, np.int32), 7, train_mirrors=-images - 1 if mirrors else None,
+  return ImageDataset("indexed", images, {"label": np.arange(n, dtype=np.int32) % 7},
+                      images[:1], {"label": np.zeros(1, np.int32)}, 7,
+                      train_mirrors=-images - 1 if mirrors else None,
                       train_std=images / 10 if std else None,
                       train_mirror_std=images / 10 if std else None)
 

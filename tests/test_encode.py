@@ -172,7 +172,7 @@ def test_encode_folder_writes_shuffled_posterior_moments(folder, vae_dir, tmp_pa
   dataset = load_dataset(data)
   assert dataset.image_shape == (8, 8, 4) and dataset.num_classes == 3
   np.testing.assert_array_equal(dataset.heldout_images, images[-3:])
-  np.testing.assert_array_equal(dataset.train_labels, labels[:-3])
+  np.testing.assert_array_equal(dataset.train_condition["label"], labels[:-3])
   np.testing.assert_array_equal(dataset.train_std, std[:-3])
   assert dataset.train_mirrors is None
 

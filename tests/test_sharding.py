@@ -1,6 +1,6 @@
-"""One device equals eight (fake CPU) devices under every mesh (data parallel, FSDP, 2 x 4),
-checkpoints move between meshes, and two processes of four devices each (jax.distributed
-on localhost) train as one device."""
+"""One device equals eight (fake CPU) devices under every mesh (data parallel, FSDP, 2 x 4;
+the tiny MMDiT under FSDP too), checkpoints move between meshes, and two processes of four
+devices each (jax.distributed on localhost) train as one device."""
 
 import json
 import os
@@ -12,15 +12,18 @@ import jax
 import numpy as np
 
 from mixflow_jax import checkpoints, runs, slowflow, train
+from mixflow_jax.data import sources
+from mixflow_jax.models import families
 from mixflow_jax.models.sit import abstract_params
 from mixflow_jax.report import read_scalar
 from tests import distributed
+from tests.conftest import tiny_mmdit_config
 
 _SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
     sys.path.insert(0, {tests!r})
-    from conftest import tiny_config
+    from conftest import tiny_config, tiny_mmdit_config
     from mixflow_jax import sharding, slowflow, train
     from mixflow_jax.data import sources
 
@@ -55,6 +58,12 @@ _SCRIPT = textwrap.dedent("""
     check_sharded(run("moved", 8, 2), 8)
     run("moved", 1, 4)
     check_sharded(run("back", -1, 5), 8)
+    # The tiny MMDiT (two scans, captions as the condition) under FSDP over all 8 devices.
+    mmdit = tiny_mmdit_config()
+    mmdit.train.steps, mmdit.train.num_fsdp, mmdit.train.fsdp_min_size = 3, 8, 0
+    state = train.train(mmdit, f"{{root}}/mmdit8", dataset=sources.synthetic_captions())
+    kernel = state.params["blocks"]["dual"]["ff"]["net_0"]["proj"]["kernel"]  # (1, 64, 256)
+    assert kernel.addressable_shards[0].data.shape == (1, 64, 32), kernel.sharding
     print("OK")
 """)
 
@@ -91,6 +100,17 @@ def test_meshes_equal_one_device_and_checkpoints_move_between_them(config, synth
   # Nearest times are argmins of float32 distances with cancellation: other reduction
   # orders move a flat minimum by a few grid points (0.0005 each).
   np.testing.assert_allclose(eight["median"], one_device["median"], atol=0.01)
+  mmdit = tiny_mmdit_config()
+  mmdit.train.steps = 3
+  one_mmdit = train.train(mmdit, str(tmp_path / "mmdit1"), dataset=sources.synthetic_captions())
+  record = runs.read_record(str(tmp_path / "mmdit8"))
+  for which in ("params", "ema_params"):
+    params, step = checkpoints.load_params(
+        str(tmp_path / "mmdit8"), families.abstract_params(record.model, scanned=True), which)
+    assert step == 3
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(getattr(one_mmdit, which)),
+                    strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=f"mmdit8 {which}")
   config.train.steps = 5
   one = train.train(config, str(tmp_path / "one"), dataset=synthetic_dataset)
   assert int(train.train(config, str(tmp_path / "moved"), dataset=synthetic_dataset).step) == 5

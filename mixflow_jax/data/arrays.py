@@ -1,4 +1,4 @@
-"""A dataset: train and held-out arrays (in memory or memory-mapped) and their labels."""
+"""A dataset: train and held-out arrays (in memory or memory-mapped) and their conditions."""
 
 from __future__ import annotations
 
@@ -6,13 +6,18 @@ import dataclasses
 
 import numpy as np
 
-Batch = dict[str, np.ndarray]  # {'image': (B, H, W, C) float32 or uint8, 'label': (B,) int32}
+# {'image': (B, H, W, C) float32 or uint8, **the condition's fields (B, ...)}, e.g. 'label'
+# (B,) int32 (conditioning.py: the fields of the model family's condition).
+Batch = dict[str, np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
 class ImageDataset:
   """Train and held-out images (N, H, W, C) float32 in [-1, 1] (or latents; or uint8
-  pixels, which an encoder in the train step turns into latents) with labels (N,) int32.
+  pixels, which an encoder in the train step turns into latents) with the condition of each
+  image, by field (conditioning.py): ``{'label': (N,) int32}`` for a class-labelled source
+  (``num_classes`` classes), ``{'context': (N, L, D), 'pooled': (N, P)}`` float32 for a
+  captioned one, whose ``null_condition`` ((1, ...) per field) is the empty caption's.
 
   Latent datasets may hold, row for row with ``train_images``, the latents of each image's
   horizontal mirror (``train_mirrors``: a flipped latent is not the latent of the flipped
@@ -22,13 +27,14 @@ class ImageDataset:
 
   name: str
   train_images: np.ndarray
-  train_labels: np.ndarray
+  train_condition: dict[str, np.ndarray]
   heldout_images: np.ndarray
-  heldout_labels: np.ndarray
-  num_classes: int
+  heldout_condition: dict[str, np.ndarray]
+  num_classes: int = 0  # 0: not class-labelled
   train_mirrors: np.ndarray | None = None
   train_std: np.ndarray | None = None
   train_mirror_std: np.ndarray | None = None
+  null_condition: dict[str, np.ndarray] | None = None
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
@@ -45,5 +51,6 @@ def split(name: str, images: np.ndarray, labels: np.ndarray, num_classes: int,
   images = images.astype(np.float32)
   labels = labels.astype(np.int32)
   train_images = images[train]
-  return ImageDataset(name, train_images, labels[train], images[heldout], labels[heldout],
-                      num_classes, train_mirrors=train_images[:, :, ::-1])
+  return ImageDataset(name, train_images, {"label": labels[train]}, images[heldout],
+                      {"label": labels[heldout]}, num_classes,
+                      train_mirrors=train_images[:, :, ::-1])

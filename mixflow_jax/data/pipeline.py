@@ -62,8 +62,8 @@ def _take(images: np.ndarray, mirrors: np.ndarray | None, rows: np.ndarray,
 
 
 class _ReadRows:
-  """(positions (b,), examples (b,)) -> the local batch: labels, images (or mirrors), and
-  the posterior std of the latents where the dataset stores it."""
+  """(positions (b,), examples (b,)) -> the local batch: images (or mirrors), the condition's
+  fields, and the posterior std of the latents where the dataset stores it."""
 
   def __init__(self, dataset: ImageDataset, seed: int, flip: bool):
     self.dataset, self.seed, self.flip = dataset, seed, flip
@@ -73,7 +73,7 @@ class _ReadRows:
     d = self.dataset
     flip = mirrored(self.seed, positions) if self.flip else np.zeros(len(rows), bool)
     batch = {"image": _take(d.train_images, d.train_mirrors, rows, flip),
-             "label": np.asarray(d.train_labels[rows], np.int32)}
+             **{k: np.asarray(v[rows]) for k, v in d.train_condition.items()}}
     if d.train_std is not None:
       batch["image_std"] = _take(d.train_std, d.train_mirror_std, rows, flip)
     return batch

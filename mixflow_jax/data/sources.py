@@ -38,6 +38,34 @@ def synthetic(heldout_fraction: float = 0.2, num_examples: int = 512, image_size
   return split("synthetic", np.clip(images, -1, 1), labels, num_classes, heldout_fraction)
 
 
+def synthetic_captions(heldout_fraction: float = 0.2, num_examples: int = 128,
+                       image_size: int = 8, channels: int = 4, tokens: int = 8,
+                       width: int = 32, pooled_width: int = 16, num_captions: int = 4
+                       ) -> ImageDataset:
+  """Captioned latents for tests and CPU runs of a text-conditioned model ('MMDiT-T'): the
+  ``synthetic`` patterns (N, S, S, C), each with the embeddings of one of ``num_captions``
+  random captions plus noise, ``context`` (N, tokens, width) and ``pooled`` (N, pooled_width)
+  float32, and the embeddings of the empty caption as the null condition (1, ...)."""
+  rng = np.random.default_rng(4321)
+  base = synthetic(0.0, num_examples, image_size, channels, num_captions)
+  images = np.concatenate([base.train_images, base.heldout_images])
+  captions = np.concatenate([base.train_condition["label"], base.heldout_condition["label"]])
+  context = rng.standard_normal((num_captions + 1, tokens, width)).astype(np.float32)
+  pooled = rng.standard_normal((num_captions + 1, pooled_width)).astype(np.float32)
+  condition = {
+      "context": context[captions] + 0.1 * rng.standard_normal(
+          (len(images), tokens, width)).astype(np.float32),
+      "pooled": pooled[captions] + 0.1 * rng.standard_normal(
+          (len(images), pooled_width)).astype(np.float32)}
+  n_heldout = round(heldout_fraction * len(images))
+  train, heldout = slice(n_heldout, None), slice(0, n_heldout)
+  return ImageDataset(
+      "synthetic_captions", images[train], {k: v[train] for k, v in condition.items()},
+      images[heldout], {k: v[heldout] for k, v in condition.items()},
+      train_mirrors=images[train][:, :, ::-1],
+      null_condition={"context": context[-1:], "pooled": pooled[-1:]})
+
+
 def arrays(path: str, heldout_fraction: float = 0.2, num_classes: int | None = None
            ) -> ImageDataset:
   """``path/images.npy`` (N, H, W, C) float (images in [-1, 1], or VAE latents already
@@ -88,7 +116,8 @@ def arrays(path: str, heldout_fraction: float = 0.2, num_classes: int | None = N
   mirror = slice(1, pairs * n_train, 2) if pairs == 2 else None
   mirrors = images[train][:, :, ::-1] if pixels else None if mirror is None else images[mirror]
   return ImageDataset(
-      "arrays", images[train], labels[train], images[heldout], labels[heldout], num_classes,
+      "arrays", images[train], {"label": labels[train]}, images[heldout],
+      {"label": labels[heldout]}, num_classes,
       train_mirrors=mirrors,
       train_std=None if std is None else std[train],
       train_mirror_std=None if std is None or mirror is None else std[mirror])
@@ -118,7 +147,8 @@ def _check_manifest(manifest: dict, files: dict, manifest_file) -> None:
 
 
 SOURCES: dict[str, Callable[..., ImageDataset]] = {
-    "digits": digits, "synthetic": synthetic, "arrays": arrays}
+    "digits": digits, "synthetic": synthetic, "synthetic_captions": synthetic_captions,
+    "arrays": arrays}
 
 
 def load_dataset(data: ml_collections.ConfigDict) -> ImageDataset:

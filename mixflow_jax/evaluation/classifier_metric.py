@@ -59,7 +59,7 @@ class Evaluator:
     self.heldout_stats, predicted = self.statistics(dataset.heldout_images)
     self._heldout_features = None  # for precision / recall, computed when first asked
     logging.info("Evaluation classifier: held-out accuracy %.4f.",
-                 np.mean(predicted == dataset.heldout_labels))
+                 np.mean(predicted == dataset.heldout_condition["label"]))
 
   def _load_or_train(self, eval_config, cache_dir: str) -> dict:
     settings = {"dataset": self.dataset.name, "steps": eval_config.classifier_steps,
@@ -123,4 +123,4 @@ class Evaluator:
   def reference(self) -> dict[str, float]:
     """The same metrics for real train images (as many as held out): the floor."""
     n = len(self.dataset.heldout_images)
-    return self(self.dataset.train_images[:n], self.dataset.train_labels[:n])
+    return self(self.dataset.train_images[:n], self.dataset.train_condition["label"][:n])

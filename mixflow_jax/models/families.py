@@ -40,8 +40,11 @@ DITDH_PREFIX = "DiTDH-"
 class Family:
   """What the house asks of a model family.
 
-  ``names``: the ``config.model.name`` values that select it; ``named(name, **common)``
-  their architecture. ``conditioning(config)`` is the condition the network is told;
+  ``names``: the ``config.model.name`` values that select it; ``from_settings(name,
+  settings, image_shape, num_classes)`` the architecture of one of them for data of
+  ``image_shape`` (H, W, C) and ``num_classes`` classes, ``settings`` being the model
+  section of a config as a plain dict. ``conditioning(config)`` is the condition the network
+  is told;
   ``head_dims(config)`` its attention head sizes; ``frozen_params`` the '/'-joined ends of
   parameter paths the optimizer must leave unchanged.
   """
@@ -50,12 +53,43 @@ class Family:
   config_type: type
   module: type[nn.Module]
   names: tuple[str, ...]
-  named: Callable[..., Any]
+  from_settings: Callable[[str, dict, tuple[int, int, int], int], Any]
   abstract_params: Callable[[Any, bool], dict]
   to_layout: Callable[[dict, str, Any], dict]
   head_dims: Callable[[Any], tuple[int, ...]]
   conditioning: Callable[[Any], conditioning.Conditioning]
   frozen_params: tuple[str, ...] = ()
+
+
+def _sit(name: str, settings: dict, image_shape: tuple[int, int, int], num_classes: int
+         ) -> sit.SiTConfig:
+  common = dict(input_size=image_shape[0], in_channels=image_shape[2], num_classes=num_classes,
+                mlp_ratio=settings["mlp_ratio"], learn_sigma=settings["learn_sigma"],
+                class_dropout_prob=settings["class_dropout_prob"],
+                time_convention=settings["time_convention"])
+  if name == "custom":
+    return sit.SiTConfig(depth=settings["depth"], hidden_size=settings["hidden_size"],
+                         num_heads=settings["num_heads"], patch_size=settings["patch_size"],
+                         **common)
+  return sit.SiTConfig.named(name, **common)
+
+
+def _ditdh(name: str, settings: dict, image_shape: tuple[int, int, int], num_classes: int
+           ) -> ditdh.DiTDHConfig:
+  return ditdh.DiTDHConfig.named(
+      name.removeprefix(DITDH_PREFIX), input_size=image_shape[0], in_channels=image_shape[2],
+      num_classes=num_classes, mlp_ratio=settings["mlp_ratio"],
+      class_dropout_prob=settings["class_dropout_prob"],
+      time_convention=settings["time_convention"])
+
+
+def _mmdit(name: str, settings: dict, image_shape: tuple[int, int, int], num_classes: int
+           ) -> mmdit.MMDiTConfig:
+  del num_classes  # conditioned on text
+  return mmdit.MMDiTConfig.named(
+      name, sample_size=image_shape[0], in_channels=image_shape[2],
+      out_channels=image_shape[2], text_tokens=settings["text_tokens"],
+      text_dropout=settings["class_dropout_prob"], time_convention=settings["time_convention"])
 
 
 def _class_label(config: sit.SiTConfig | ditdh.DiTDHConfig) -> conditioning.ClassLabel:
@@ -69,21 +103,21 @@ def _text(config: mmdit.MMDiTConfig) -> conditioning.TextEmbedding:
 
 SIT = Family(
     name="SiT", config_type=sit.SiTConfig, module=sit.SiT, names=sit.NAMED_MODELS,
-    named=sit.SiTConfig.named,
+    from_settings=_sit,
     abstract_params=sit.abstract_params,
     to_layout=lambda params, layout, config: sit.to_layout(params, layout),
     head_dims=lambda c: (c.hidden_size // c.num_heads,),
     conditioning=_class_label)
 DITDH = Family(
     name="DiTDH", config_type=ditdh.DiTDHConfig, module=ditdh.DiTDH,
-    names=tuple(DITDH_PREFIX + size for size in ditdh.SIZES),
-    named=lambda name, **kw: ditdh.DiTDHConfig.named(name.removeprefix(DITDH_PREFIX), **kw),
+    names=tuple(DITDH_PREFIX + size for size in ditdh.SIZES), from_settings=_ditdh,
     abstract_params=ditdh.abstract_params, to_layout=ditdh.to_layout,
     head_dims=lambda c: tuple(d // h for d, h in zip(c.hidden_size, c.num_heads)),
     conditioning=_class_label, frozen_params=ditdh.FROZEN_PARAMS)
 MMDIT = Family(
-    name="MMDiT", config_type=mmdit.MMDiTConfig, module=mmdit.MMDiT, names=tuple(mmdit.SIZES),
-    named=mmdit.MMDiTConfig.named, abstract_params=mmdit.abstract_params,
+    name="MMDiT", config_type=mmdit.MMDiTConfig, module=mmdit.MMDiT,
+    names=(*mmdit.SIZES, mmdit.TINY_NAME), from_settings=_mmdit,
+    abstract_params=mmdit.abstract_params,
     to_layout=mmdit.to_layout, head_dims=lambda c: (c.attention_head_dim,),
     conditioning=_text)
 FAMILIES = {f.name: f for f in (SIT, DITDH, MMDIT)}

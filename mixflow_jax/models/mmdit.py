@@ -74,6 +74,12 @@ SIZES = {
     "SD3.5-Medium": (24, 24, 384, tuple(range(13)), "rms_norm"),
     "SD3.5-Large": (38, 38, 192, (), "rms_norm"),
 }
+# A tiny MMDiT for CPU runs and tests (not a released model): SD3.5 Medium's flags (a dual
+# block first, qk RMSNorm) on small widths, text tokens of width 32 and a pooled 16.
+TINY = dict(num_layers=3, num_attention_heads=2, attention_head_dim=32, caption_projection_dim=64,
+            joint_attention_dim=32, pooled_projection_dim=16, pos_embed_max_size=16,
+            dual_attention_layers=(0,), qk_norm="rms_norm")
+TINY_NAME = "MMDiT-T"
 QK_NORMS = (None, "rms_norm")
 TIMESTEP_SCALE = 1000.0  # SD3's network is told 1000 sigma
 SCANNED_BLOCKS = "blocks"
@@ -123,9 +129,12 @@ class MMDiTConfig:
 
   @classmethod
   def named(cls, name: str, **kwargs) -> MMDiTConfig:
-    """A released model's config, e.g. ``MMDiTConfig.named('SD3.5-Medium')``."""
+    """A released model's config, e.g. ``MMDiTConfig.named('SD3.5-Medium')``, or the tiny
+    'MMDiT-T'."""
+    if name == TINY_NAME:
+      return cls(**TINY | kwargs)
     if name not in SIZES:
-      raise ValueError(f"Unknown MMDiT {name!r}; expected one of {tuple(SIZES)}.")
+      raise ValueError(f"Unknown MMDiT {name!r}; expected one of {(*SIZES, TINY_NAME)}.")
     layers, heads, max_size, dual, qk_norm = SIZES[name]
     return cls(num_layers=layers, num_attention_heads=heads, caption_projection_dim=heads * 64,
                pos_embed_max_size=max_size, dual_attention_layers=dual, qk_norm=qk_norm,
