@@ -29,7 +29,7 @@ the untraced rest, ~50-90 MiB whatever the model's size, is JAX's CPU backend (s
 the abstract parameter tree the converter checks shapes against) and the allocator's slack.
 So: peak ~= float32 params + the largest tensor or two + ~0.1 GiB. SD3.5 Large (8.06e9
 parameters): ~30.1 GiB, against ~45 GiB for reading the bf16 file whole and converting it, and
-+3.2x the params more for orbax's default write (``diffusers_folder.save_params``).
++3.2x the params more for orbax's default write (``checkpoints.save_converted``).
 """
 
 import json

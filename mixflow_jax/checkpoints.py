@@ -127,13 +127,27 @@ def read_data_state(manager: ocp.CheckpointManager, step: int) -> dict | None:
 
 
 def save_converted(out: str, tree: Any) -> None:
-  """Saves ``tree`` (a converter's weights) as checkpoint 0 of ``out``; OutputExists if
-  ``out`` already holds a checkpoint."""
-  with make_manager(out) as manager:
+  """Saves ``tree`` (a converter's weights: host NumPy arrays) as checkpoint 0 of ``out``,
+  written from the arrays' own buffers; OutputExists if ``out`` already holds a checkpoint.
+
+  Orbax's defaults hold more: the NumPy handler deep-copies each host array before its
+  asynchronous write and OCDBT buffers the data once more (measured on 400 MiB of float32
+  arrays: +1.9x the parameters for one field, +3.2x for params + ema_params; for SD3.5
+  Large ~97 GiB). Here the handler copies nothing and each array is a plain zarr array
+  (``load_params`` reads both formats): +0.3x, the write's own buffers. The arrays must not
+  change until this returns (it waits for the write)."""
+  registry = ocp.type_handlers.create_type_handler_registry(
+      (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+  handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_ocdbt=False)
+  with ocp.CheckpointManager(checkpoint_dir(out),
+                             options=ocp.CheckpointManagerOptions(max_to_keep=1),
+                             item_handlers={STATE_ITEM: handler}) as manager:
     if manager.latest_step() is not None:
       raise errors.OutputExists(f"{checkpoint_dir(out)} already holds a checkpoint: "
                                 "convert into another --out.")
-    save_state(manager, 0, tree)
+    tree = jax.tree.map(np.asarray, tree)  # host arrays (a no-op for NumPy leaves)
+    manager.save(0, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.PyTreeSave(tree)}),
+                 force=True)
 
 
 def _restore_args(abstract: Any) -> Any:

@@ -31,16 +31,19 @@ import numpy as np
 
 from mixflow_jax import configuration, sharding, storage, train, tree_paths
 from mixflow_jax.data import load_dataset
+from mixflow_jax.models import families
 
 GiB = 2**30
 
 
 def _data_shape(config: ml_collections.ConfigDict) -> tuple[tuple[int, int, int], int]:
   """(the model's input shape (H, W, C), number of classes): the config's, else the
-  data's (with ``data.encoder``, the latents of its pixels)."""
+  data's (with ``data.encoder``, the latents of its pixels); no classes (0) for a family
+  that is not class-conditioned (MMDiT: text)."""
   d = config.data
-  if d.image_shape is not None and d.num_classes is not None:
-    return tuple(d.image_shape), d.num_classes
+  class_labels = families.of_name(config.model.name).class_labels
+  if d.image_shape is not None and (d.num_classes is not None or not class_labels):
+    return tuple(d.image_shape), d.num_classes if class_labels else 0
   dataset = load_dataset(d)
   return train.model_input_shape(config, dataset), dataset.num_classes
 

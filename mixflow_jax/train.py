@@ -337,7 +337,7 @@ def model_flops_per_step(config: ml_collections.ConfigDict, setup: StepSetup) ->
   with plain.unlocked():
     plain.model.remat, plain.model.attention, plain.model.scan_blocks = "none", "xla", False
   cpu = sharding.make_mesh(1, jax.devices("cpu")[:1])
-  s = setup_step(plain, setup.image_shape, setup.model.config.num_classes, cpu)
+  s = setup_step(plain, setup.image_shape, getattr(setup.model.config, "num_classes", 0), cpu)
   lowered = s.step_fn.lower(s.abstract_state, abstract_batch(s, config.data.batch_size),
                             jax.random.key(0), s.abstract_frozen)
   return float(lowered.cost_analysis()["flops"])

@@ -20,7 +20,7 @@ fixed position table when it is checked). ``benchmarks/convert_memory.py`` measu
 
 The run folder (``write_run``): ``OUT/checkpoints/0`` with ``params`` and ``ema_params``
 (both the converted weights, unrolled layout, as every converted run here; written without
-copies, ``save_params``) and
+copies, ``checkpoints.save_converted``) and
 ``OUT/model.json`` (``runs.write_record``): the MMDiTConfig fields, ``family`` 'MMDiT', the
 linear path, velocity prediction, ``param_layout`` 'unrolled', and the notes ``source``,
 ``scheduler_shift``, and from a folder ``released_config`` (transformer/config.json as
@@ -35,8 +35,6 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 
 from mixflow_jax import checkpoints, errors, runs
@@ -166,35 +164,11 @@ class Converted:
   notes: dict[str, Any]
 
 
-def save_params(out: str, params: dict) -> None:
-  """Checkpoint 0 of ``out`` with ``params`` as both 'params' and 'ema_params' (what
-  ``checkpoints.load_params`` reads), written from the arrays' own buffers.
-
-  ``checkpoints.save_converted``'s orbax defaults hold more: the NumPy handler deep-copies
-  each host array before its asynchronous write, and OCDBT buffers the data once more
-  (measured on 400 MiB of float32 arrays: +1.9x the parameters for one field, +3.2x for
-  the two). Here the handler copies nothing and the arrays are written as plain zarr
-  arrays, one folder each (orbax reads both formats): +0.3x, the write's own buffers.
-  The arrays must not change until this returns (it waits for the write). OutputExists if
-  ``out`` holds a checkpoint."""
-  registry = ocp.type_handlers.create_type_handler_registry(
-      (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
-  handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_ocdbt=False)
-  with ocp.CheckpointManager(checkpoints.checkpoint_dir(out),
-                             options=ocp.CheckpointManagerOptions(max_to_keep=1),
-                             item_handlers={checkpoints.STATE_ITEM: handler}) as manager:
-    if manager.latest_step() is not None:
-      raise errors.OutputExists(f"{checkpoints.checkpoint_dir(out)} already holds a checkpoint: "
-                                "convert into another --out.")
-    tree = {"params": params, "ema_params": params}
-    manager.save(0, args=ocp.args.Composite(**{checkpoints.STATE_ITEM: ocp.args.PyTreeSave(tree)}),
-                 force=True)
-
-
 def write_run(out: str, converted: Converted) -> None:
-  """Writes the run folder ``out`` (module docstring): checkpoint 0 (``save_params``) and
-  model.json (``runs.write_record``)."""
-  save_params(out, converted.params)
+  """Writes the run folder ``out`` (module docstring): checkpoint 0 (params and EMA params,
+  ``checkpoints.save_converted``) and model.json (``runs.write_record``)."""
+  checkpoints.save_converted(out, {"params": converted.params,
+                                   "ema_params": converted.params})
   runs.write_record(out, converted.config, PATH, param_layout="unrolled",
                     scheduler_shift=converted.scheduler_shift, **converted.notes)
 

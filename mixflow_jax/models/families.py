@@ -59,6 +59,7 @@ class Family:
   head_dims: Callable[[Any], tuple[int, ...]]
   conditioning: Callable[[Any], conditioning.Conditioning]
   frozen_params: tuple[str, ...] = ()
+  class_labels: bool = True  # conditioned on a class label: the data's classes matter
 
 
 def _sit(name: str, settings: dict, image_shape: tuple[int, int, int], num_classes: int
@@ -119,7 +120,7 @@ MMDIT = Family(
     names=(*mmdit.SIZES, mmdit.TINY_NAME), from_settings=_mmdit,
     abstract_params=mmdit.abstract_params,
     to_layout=mmdit.to_layout, head_dims=lambda c: (c.attention_head_dim,),
-    conditioning=_text)
+    conditioning=_text, class_labels=False)
 FAMILIES = {f.name: f for f in (SIT, DITDH, MMDIT)}
 NAMED_MODELS = tuple(name for f in FAMILIES.values() for name in f.names)
 DITDH_NAMES = DITDH.names
