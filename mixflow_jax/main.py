@@ -1,40 +1,37 @@
 """The command line: ``mixflow COMMAND --flag=value ...`` for the commands in ``COMMANDS``.
 
-``COMMANDS`` is the one table of commands: each entry (a ``Command``) holds the command's
-summary, usage, the flags it reads, whether it needs --config and --workdir, the config
-sections its help shows and the function that runs it; ``mixflow --help``, ``mixflow
-COMMAND --help`` and the dispatch are built from it. ``mixflow convert`` picks its
-converter from ``CONVERTERS`` by the input flag given (--checkpoint, --vae, ...). A new
-command is a function and an entry in ``COMMANDS`` (and its flags below); a new input of
-convert is a flag, a function and an entry in ``CONVERTERS``.
+This module holds the flags, the table of commands and ``run``. ``COMMANDS`` declares each
+command once (a ``Command``): its summary, usage, the flags it reads, whether it needs
+--config and --workdir, the config sections its help shows and the function that runs it;
+the dispatch looks the command up there, and ``cli_help`` renders ``mixflow --help`` and
+``mixflow COMMAND --help`` from it. ``mixflow convert`` picks its converter from
+``CONVERTERS`` by the input flag given (--checkpoint, --vae, ...). A new command is a
+function and an entry in ``COMMANDS`` (and its flags below); a new input of convert is a
+flag, a function and an entry in ``CONVERTERS``.
 
 A user's mistake (``errors.UserError``, an unknown flag or config field) is printed without
-a traceback and exits 2; ``--verbosity=1`` shows the traceback. Flags only: the work is
-done by importable functions (``train.train``, ``generate.sample_job``,
+a traceback and exits 2 (``cli_errors``); ``--verbosity=1`` shows the traceback. Flags
+only: the work is done by importable functions (``train.train``, ``generate.sample_job``,
 ``evaluate.evaluate_job``, ``slowflow.slowflow_job``, ``demo.run_demo``,
 ``study.run_study``, ``convert.export.convert_checkpoint``,
 ``convert.vae.convert_vae_checkpoint``, ``convert.rae.convert_rae``,
 ``convert.inception.convert_inception_checkpoint``, ``encode.encode``, ``plan.plan``).
 """
-
 import dataclasses
-import difflib
 import functools
-import importlib.util
 import logging as py_logging
 import os
 import socket
 import sys
-import textwrap
 import time
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any
 
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mixflow_jax import errors
+from mixflow_jax import cli_errors, cli_help, errors
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "configs", "digits.py")
@@ -421,10 +418,6 @@ COMMANDS = {
 }
 
 
-_HELP_FLAGS = ("--help", "-h", "--helpshort", "-?")
-_WIDTH = 100
-
-
 class _QuietOrbax(py_logging.Filter):
   """Drops orbax's per-save INFO chatter from the log; its warnings still pass."""
 
@@ -432,132 +425,14 @@ class _QuietOrbax(py_logging.Filter):
     return record.levelno > py_logging.INFO or f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
-def _wrap(text: str, indent: int = 0) -> list[str]:
-  return textwrap.wrap(text, _WIDTH, subsequent_indent=" " * indent)
-
-
-def _command_help(name: str, config: ml_collections.ConfigDict | None) -> str:
-  """``mixflow NAME --help``: the command's usage, its flags, and the config fields it reads
-  with their values in ``config``."""
-  command = COMMANDS[name]
-  lines = [*_wrap(f"mixflow {name}: {command.summary}"), "",
-           *_wrap(f"Usage: mixflow {name} {command.usage}", 4), "", "Flags:"]
-  for flag in command.flags:
-    f = flags.FLAGS[flag]
-    default = "" if f.default is None or flag == "config" else f" (default: {f.default})"
-    lines.append(f"  --{flag}{default}")
-    lines += textwrap.wrap(f.help, _WIDTH, initial_indent=" " * 6, subsequent_indent=" " * 6)
-  if command.sections and config is not None:
-    lines += ["", *_wrap("Config fields it reads, as the config sets them (override any with "
-                         "--config.<section>.<field>=<value>; documented in "
-                         "mixflow_jax/configuration.py):")]
-    for section in (s for s in command.sections if s in config):  # demo: digits.py only
-      value = config[section]
-      if isinstance(value, ml_collections.ConfigDict):
-        text = "  ".join(f"{k}={v!r}" for k, v in value.items())
-        lines += textwrap.wrap(text, _WIDTH, initial_indent=f"  {section}: ",
-                               subsequent_indent=" " * (4 + len(section)))
-      else:
-        lines.append(f"  {section}={value!r}")
-  lines += ["", *_wrap("Every command also takes absl's flags (--helpfull); --verbosity=1 "
-                       "shows the traceback of an error.")]
-  return "\n".join(lines)
-
-
-def _overview() -> str:
-  """``mixflow --help``: the commands, a line each."""
-  lines = ["mixflow: MixFlow post-training of flow-matching transformers, in JAX.", "",
-           *_wrap("Usage: mixflow COMMAND [--flag=value ...]; `mixflow COMMAND --help` lists "
-                  "the command's flags and the config fields it reads."), "", "Commands:"]
-  for name, command in COMMANDS.items():
-    lines += textwrap.wrap(command.summary, _WIDTH, initial_indent=f"  {name:<10}",
-                           subsequent_indent=" " * 12)
-  lines += ["", *_wrap("Start with `mixflow demo --workdir=/tmp/demo`: it trains, samples, "
-                       "evaluates and plots the embedded default in minutes on one CPU "
-                       "(README.md).")]
-  return "\n".join(lines)
-
-
-def _verbose(argv: list[str]) -> bool:
-  """Whether --verbosity (-v) >= 1 is asked for, read from ``argv`` so that it also holds
-  when the flags themselves failed to parse."""
-  for i, arg in enumerate(argv):
-    name, eq, value = arg.partition("=")
-    if name in ("-v", "--v", "--verbosity", "-verbosity"):
-      value = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
-      try:
-        return int(value) >= 1
-      except ValueError:
-        return False
-  return False
-
-
-def _fail(message: str, command: str | None) -> NoReturn:
-  """Prints a user's mistake (no traceback) and exits with USER_ERROR_EXIT_CODE."""
-  see = f"mixflow {command} --help" if command in COMMANDS else "mixflow --help"
-  print(f"mixflow{' ' + command if command in COMMANDS else ''}: error: {message}\n"
-        f"(`{see}` shows the flags; --verbosity=1 shows the traceback.)", file=sys.stderr)
-  sys.exit(errors.USER_ERROR_EXIT_CODE)
-
-
-def _unknown_field(argv: list[str], error: Exception) -> str:
-  """The message for a --config.<field>=<value> that names no config field: which flag,
-  which part of it, and the closest fields (ml_collections' own error is a KeyError's repr
-  inside an AttributeError)."""
-  try:
-    config = _load_config_file(argv)
-  except Exception:  # the config file's own error is reported where it is read
-    return str(error)
-  for arg in argv:
-    if not arg.startswith("--config."):
-      continue
-    path = arg[len("--config."):].split("=", 1)[0].split(".")
-    node = config
-    for depth, key in enumerate(path):
-      if isinstance(node, ml_collections.ConfigDict) and key in node:
-        node = node[key]
-        continue
-      where = "config" + "".join("." + k for k in path[:depth])
-      fields = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-      close = difflib.get_close_matches(key, fields, n=3)
-      hint = (f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else
-              f" It has: {', '.join(fields)}." if fields else "")
-      return f"{arg.split('=', 1)[0]}: {where} has no field {key!r}.{hint}"
-  return str(error)
-
-
-def _load_config_file(argv: list[str]) -> ml_collections.ConfigDict:
-  """The config that --config in ``argv`` (or the default) names, without overrides."""
-  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), _DEFAULT_CONFIG)
-  file, _, variant = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("_mixflow_config", file)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(variant) if variant else module.get_config()
-
-
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with a user's mistake reported by ``_fail``."""
+  """absl's flag parsing, with a user's mistake reported by ``cli_errors.fail``."""
   return _guard_flag_errors(argv, lambda: flags.FLAGS(argv))
 
 
 def _guard_flag_errors(argv: list[str], parse: Callable[[], Any]) -> Any:
-  """``parse()``, with a user's mistake in ``argv`` (an unknown flag or config field, a bad
-  value, an unreadable config file) reported by ``_fail``."""
-  command = next((a for a in argv[1:] if not a.startswith("-")), None)
-  try:
-    return parse()
-  except Exception as e:
-    if _verbose(argv):
-      raise
-    if isinstance(e, flags.Error):  # a config file's error arrives with its traceback's text
-      message = str(e)
-      if "Traceback (most recent call last)" in message:
-        message = f"{message.splitlines()[0]} {_last_line(message)}"
-      _fail(message, command)
-    if isinstance(e, (AttributeError, KeyError)):  # --config.<field> names no field
-      _fail(_unknown_field(argv, e), command)
-    raise
+  """``parse()``, with a user's mistake in ``argv`` reported by ``cli_errors.fail``."""
+  return cli_errors.guard_flag_errors(argv, parse, COMMANDS, _DEFAULT_CONFIG)
 
 
 def _config() -> ml_collections.ConfigDict:
@@ -568,26 +443,21 @@ def _config() -> ml_collections.ConfigDict:
     config.keys()
   except OSError as e:
     raise errors.UserError(f"{flags.FLAGS['config'].serialize()}: cannot load it "
-                           f"({_last_line(str(e))}).") from e
+                           f"({cli_errors.last_line(str(e))}).") from e
   return config
-
-
-def _last_line(text: str) -> str:
-  return [line.strip() for line in text.splitlines() if line.strip()][-1]
-
 
 
 def main(argv: list[str]) -> None:
   name = argv[1] if len(argv) == 2 else None
   if name not in COMMANDS:
-    _fail(f"expected one command of {', '.join(COMMANDS)}; got {argv[1:]}.", None)
+    cli_errors.fail(f"expected one command of {', '.join(COMMANDS)}; got {argv[1:]}.", None)
   logging.get_absl_handler().addFilter(_QuietOrbax())
   try:
     _start(COMMANDS[name])
   except errors.UserError as e:
-    if _verbose(sys.argv):
+    if cli_errors.verbose(sys.argv):
       raise
-    _fail(str(e), name)
+    cli_errors.fail(str(e), name)
 
 
 def _start(command: Command) -> None:
@@ -651,18 +521,18 @@ def run() -> None:
   0); everything else goes through absl's app.run."""
   args = sys.argv[1:]
   _guard_flag_errors(sys.argv, _config_flag)
-  if any(a in _HELP_FLAGS for a in args):
-    rest = [a for a in args if a not in _HELP_FLAGS]
+  if any(a in cli_help.HELP_FLAGS for a in args):
+    rest = [a for a in args if a not in cli_help.HELP_FLAGS]
     command = next((a for a in rest if not a.startswith("-")), None)
     if command not in COMMANDS:
-      print(_overview())
+      print(cli_help.overview(COMMANDS))
       sys.exit(0)
     _parse_flags([sys.argv[0], *rest])
     try:
       config = _config()
     except errors.UserError:  # --help still answers for a config that does not load
       config = None
-    print(_command_help(command, config))
+    print(cli_help.command_help(command, COMMANDS[command], config))
     sys.exit(0)
   app.run(main, flags_parser=_parse_flags)
 

@@ -36,7 +36,7 @@ LAYERS = (
     ("jobs", True, (  # one command each, independent of each other
         "train", "generate", "evaluate", "encode", "slowflow", "convert.*")),
     ("workflows", False, ("plan", "demo", "study", "study_report")),  # built from jobs
-    ("cli", False, ("main", "__main__")),
+    ("cli", False, ("main", "__main__", "cli_help", "cli_errors")),
 )
 
 
