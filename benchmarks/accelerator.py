@@ -12,7 +12,7 @@ the real shapes), run in a process of its own: the device's peak-memory counter
 reports its compile seconds, the compiled program's own memory analysis (what
 ``mixflow plan`` reads, here from the accelerator's compiler), the real peak, seconds per
 step (the mean of ``--steps`` steps after two warm-up steps), images/s, and MFU: the model
-FLOPs of a step (``train.model_flops_per_step``: without remat's recompute) over the step
+FLOPs of a step (``train_step.model_flops_per_step``: without remat's recompute) over the step
 time and either the chip's published bf16 peak (``mixflow_jax/hardware.py``) or the bf16
 FLOP/s of a large matmul measured in the same run. Results are written after every variant;
 a variant that would not finish before ``--deadline`` seconds is skipped (said in the file).
@@ -119,7 +119,7 @@ def run_variant(name: str, spec: str, model: str | None, batch_size: int, steps:
   import jax
   import numpy as np
 
-  from mixflow_jax import hardware, sharding, train
+  from mixflow_jax import hardware, sharding, train_step
 
   overrides, batch = VARIANTS[name]
   config = _config(spec)
@@ -129,18 +129,18 @@ def run_variant(name: str, spec: str, model: str | None, batch_size: int, steps:
   for field, value in overrides.items():
     section, key = field.split(".")
     config[section][key] = value
-  config = train.resolve_t_law(config)
+  config = train_step.resolve_t_law(config)
   mesh = sharding.make_mesh(config.train.num_fsdp)
   image_shape, num_classes = tuple(config.data.image_shape), config.data.num_classes
   if config.data.encoder == "random":
     config.data.encoder = _random_rae(tempfile.mkdtemp(), image_shape[0])
-  setup = train.setup_step(config, image_shape, num_classes, mesh)
-  frozen = train.frozen(
+  setup = train_step.setup_step(config, image_shape, num_classes, mesh)
+  frozen = train_step.frozen(
       encoder=_random_like(setup.abstract_frozen["encoder"]) if setup.encoder else ())
 
-  params = jax.jit(lambda k: train.init_params(setup.model, image_shape, k),
+  params = jax.jit(lambda k: train_step.init_params(setup.model, image_shape, k),
                    out_shardings=setup.state_shardings.params)(jax.random.key(0))
-  state = jax.jit(train.create_train_state, static_argnums=1,
+  state = jax.jit(train_step.create_train_state, static_argnums=1,
                   out_shardings=setup.state_shardings)(params, setup.tx)
   del params
   rng = np.random.default_rng(0)
@@ -174,7 +174,7 @@ def run_variant(name: str, spec: str, model: str | None, batch_size: int, steps:
 
   device = jax.devices()[0]
   stats = device.memory_stats() or {}
-  flops = flops or train.model_flops_per_step(config, setup)
+  flops = flops or train_step.model_flops_per_step(config, setup)
   peak = hardware.peak_flops(device)
   result = {
       "variant": name, "config": spec, "model": config.model.name, "overrides": overrides,

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from mixflow_jax import configuration, train
+from mixflow_jax import configuration, train_step
 from mixflow_jax.data import ImageDataset, pipeline
 from mixflow_jax.data.arrays import split
 from mixflow_jax.models import families
@@ -42,26 +42,26 @@ def _dataset(size: int, channels: int, classes: int, batch: int) -> ImageDataset
 
 def time_step(config, dataset: ImageDataset, steps: int):
   """Returns a function that times ``steps`` jitted train steps (seconds per step)."""
-  model = train.make_model(config, dataset.image_shape, dataset.num_classes)
-  tx = train.make_optimizer(config.optim)
+  model = train_step.make_model(config, dataset.image_shape, dataset.num_classes)
+  tx = train_step.make_optimizer(config.optim)
   step_fn = jax.jit(functools.partial(
-      train.train_step, apply_fn=make_apply_fn(model),
-      objective=train.make_objective(config, model),
+      train_step.train_step, apply_fn=make_apply_fn(model),
+      objective=train_step.make_objective(config, model),
       condition=families.condition_of(model.config), tx=tx,
       ema_decay=config.optim.ema_decay), donate_argnums=0)
-  state = train.create_train_state(
-      train.init_params(model, dataset.image_shape, jax.random.key(0)), tx)
+  state = train_step.create_train_state(
+      train_step.init_params(model, dataset.image_shape, jax.random.key(0)), tx)
   batch = {k: jnp.asarray(v) for k, v in
            next(pipeline.train_batches(dataset, config.data.batch_size, 0)).items()}
   rng = jax.random.key(1)
-  state, _ = step_fn(state, batch, rng, train.frozen())  # compile
+  state, _ = step_fn(state, batch, rng, train_step.frozen())  # compile
   jax.block_until_ready(state)
 
   def measure():
     nonlocal state
     start = time.perf_counter()
     for _ in range(steps):
-      state, metrics = step_fn(state, batch, rng, train.frozen())
+      state, metrics = step_fn(state, batch, rng, train_step.frozen())
     jax.block_until_ready((state, metrics))
     return (time.perf_counter() - start) / steps
 

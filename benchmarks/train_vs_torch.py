@@ -27,7 +27,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.timing import best_time, machine
-from mixflow_jax import configuration, sharding, train
+from mixflow_jax import configuration, sharding, train_step
 from mixflow_jax.models import sit
 from tests import torch_sit
 
@@ -67,9 +67,9 @@ def _config(name: str, batch: int, scan: bool):
 def jax_step(name: str, batch: int, scan: bool, shape: tuple[int, ...], classes: int):
   """(step function running ``n`` steps, FLOPs per step)."""
   config = _config(name, batch, scan)
-  s = train.setup_step(config, shape, classes, sharding.make_mesh(1, jax.devices()[:1]))
-  params = train.init_params(s.model, shape, jax.random.key(0))
-  state = train.create_train_state(params, s.tx)
+  s = train_step.setup_step(config, shape, classes, sharding.make_mesh(1, jax.devices()[:1]))
+  params = train_step.init_params(s.model, shape, jax.random.key(0))
+  state = train_step.create_train_state(params, s.tx)
   rng = np.random.default_rng(0)
   data = {"image": jnp.asarray(rng.standard_normal((batch, *shape)), jnp.float32),
           "label": jnp.asarray(rng.integers(0, classes, batch), jnp.int32)}
@@ -77,7 +77,7 @@ def jax_step(name: str, batch: int, scan: bool, shape: tuple[int, ...], classes:
   compiled = s.step_fn.lower(state, data, key, ()).compile()
   state, _ = compiled(state, data, key, ())
   jax.block_until_ready(state)
-  flops = float(train.model_flops_per_step(config, s))
+  flops = float(train_step.model_flops_per_step(config, s))
 
   def run(n: int):
     nonlocal state

@@ -29,7 +29,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mixflow_jax import configuration, sharding, storage, train, tree_paths
+from mixflow_jax import configuration, sharding, storage, train, train_step, tree_paths
 from mixflow_jax.data import load_dataset
 from mixflow_jax.models import families
 
@@ -59,8 +59,8 @@ def plan(config: ml_collections.ConfigDict) -> dict[str, Any]:
   mesh = sharding.make_mesh(config.train.num_fsdp)
   configuration.validate(config, mesh.size, needs_data=False)
   image_shape, num_classes = _data_shape(config)
-  setup = train.setup_step(config, image_shape, num_classes, mesh)
-  batch = train.abstract_batch(setup, config.data.batch_size)
+  setup = train_step.setup_step(config, image_shape, num_classes, mesh)
+  batch = train_step.abstract_batch(setup, config.data.batch_size)
 
   start = time.perf_counter()
   lowered = setup.step_fn.lower(setup.abstract_state, batch, jax.random.key(0),
@@ -108,7 +108,7 @@ def plan(config: ml_collections.ConfigDict) -> dict[str, Any]:
       "state_bytes": int(sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
                              for _, x in state)),
       "state_bytes_per_device": int(sum(_shard_bytes(x) for _, x in state)),
-      "flops_per_step": train.model_flops_per_step(config, setup),
+      "flops_per_step": train_step.model_flops_per_step(config, setup),
       "compiled_flops_per_device": float(cost.get("flops", 0.0)),
       "lower_seconds": lower_seconds,
       "compile_seconds": compile_seconds,

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixflow_jax import checkpoints, configuration, runs, sharding, train
+from mixflow_jax import checkpoints, configuration, runs, sharding, train, train_step
 from mixflow_jax.data import pipeline
 from mixflow_jax.models.sit import SiT, SiTConfig, abstract_params, to_layout
 
@@ -54,13 +54,13 @@ def test_layouts_convert_both_ways():
 
 
 def _setup(config, dataset):
-  return train.setup_step(config, dataset.image_shape, dataset.num_classes,
+  return train_step.setup_step(config, dataset.image_shape, dataset.num_classes,
                           sharding.make_mesh(1))
 
 
 def _lowered(config, dataset):
   s = _setup(config, dataset)
-  return s.step_fn.lower(s.abstract_state, train.abstract_batch(s, config.data.batch_size),
+  return s.step_fn.lower(s.abstract_state, train_step.abstract_batch(s, config.data.batch_size),
                          jax.random.key(0), s.abstract_frozen)
 
 
@@ -80,10 +80,10 @@ def test_bf16_step_has_bf16_dots_and_float32_state_and_loss(config, synthetic_da
   for dtype in ("float32", "bfloat16"):
     config.model.dtype = dtype
     s = _setup(config, synthetic_dataset)
-    state = train.create_train_state(_random(s.abstract_state.params), s.tx)
+    state = train_step.create_train_state(_random(s.abstract_state.params), s.tx)
     batch = next(pipeline.train_batches(synthetic_dataset, 16, 0))
     step = lowered.compile() if dtype == "bfloat16" else s.step_fn
-    state, metrics = step(state, batch, jax.random.key(0), train.frozen())
+    state, metrics = step(state, batch, jax.random.key(0), train_step.frozen())
     assert {x.dtype for x in jax.tree.leaves((state.params, state.opt_state[0].mu))} == {
         jnp.dtype("float32")}
     losses[dtype] = metrics.compute()["loss"]
@@ -141,15 +141,15 @@ def test_scanned_run_warm_starts_converted_and_refuses_resume_in_other_layout(
 def test_learning_rate_warmup_and_decay(config):
   o = config.optim
   o.lr, o.warmup_steps, o.end_lr = 1e-3, 10, 1e-4
-  assert float(train.learning_rate(o, 110)(5)) == pytest.approx(5e-4)
-  assert float(train.learning_rate(o, 110)(10)) == pytest.approx(1e-3)
+  assert float(train_step.learning_rate(o, 110)(5)) == pytest.approx(5e-4)
+  assert float(train_step.learning_rate(o, 110)(10)) == pytest.approx(1e-3)
   o.schedule = "constant"
-  assert float(train.learning_rate(o, 110)(100)) == pytest.approx(1e-3)
+  assert float(train_step.learning_rate(o, 110)(100)) == pytest.approx(1e-3)
   o.schedule = "cosine"
-  assert float(train.learning_rate(o, 110)(60)) == pytest.approx(5.5e-4)  # halfway
-  assert float(train.learning_rate(o, 110)(110)) == pytest.approx(1e-4)
+  assert float(train_step.learning_rate(o, 110)(60)) == pytest.approx(5.5e-4)  # halfway
+  assert float(train_step.learning_rate(o, 110)(110)) == pytest.approx(1e-4)
   o.schedule = "linear"
-  assert float(train.learning_rate(o, 110)(60)) == pytest.approx(5.5e-4)
+  assert float(train_step.learning_rate(o, 110)(60)) == pytest.approx(5.5e-4)
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -178,7 +178,7 @@ def test_mesh_and_platform_errors_name_the_field(config, synthetic_dataset):
   config.model.attention = "cudnn"
   with pytest.raises(configuration.ConfigError,
                      match=r"config\.model\.attention='cudnn' is not available on cpu"):
-    train.make_model(config, synthetic_dataset.image_shape, synthetic_dataset.num_classes)
+    train_step.make_model(config, synthetic_dataset.image_shape, synthetic_dataset.num_classes)
   with pytest.raises(configuration.ConfigError, match=r"partition_rules: rule .* names the "
                      r"axis 'model'"):
     sharding.state_sharding(abstract_params(_CONFIG), sharding.make_mesh(1),
@@ -194,8 +194,8 @@ def test_posterior_moments_are_sampled_in_the_step(config, synthetic_dataset):
   rng = jax.random.key(3)
 
   def loss(batch):
-    state = train.create_train_state(jax.tree.map(jnp.copy, params), s.tx)
-    return float(s.step_fn(state, batch, rng, train.frozen())[1].compute()["loss"])
+    state = train_step.create_train_state(jax.tree.map(jnp.copy, params), s.tx)
+    return float(s.step_fn(state, batch, rng, train_step.frozen())[1].compute()["loss"])
 
   std = np.full_like(batch["image"], 0.3)
   eps = jax.random.normal(jax.random.split(jax.random.fold_in(rng, 0))[1], std.shape)

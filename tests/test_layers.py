@@ -33,6 +33,7 @@ LAYERS = (
         "sharding", "checkpoints", "data", "data.*", "pretrained", "latent_encoder",
         "evaluation", "evaluation.*", "convert.inception")),
     ("config", False, ("configuration", "runs")),  # the config schema, the run record
+    ("step", False, ("train_step",)),  # the train step and its factories, of a config
     ("jobs", True, (  # one command each, independent of each other
         "train", "generate", "evaluate", "encode", "slowflow", "convert.*")),
     ("workflows", False, ("plan", "demo", "study", "study_report")),  # built from jobs

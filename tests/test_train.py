@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from mixflow_jax import checkpoints, configuration, runs, sharding, train
+from mixflow_jax import checkpoints, configuration, runs, sharding, train, train_step
 from mixflow_jax.data import pipeline
 from mixflow_jax.report import read_scalar
 
@@ -129,10 +129,11 @@ def test_interrupt_saves_the_last_finished_step(config, synthetic_dataset, tmp_p
 
 def test_optimizer_state_and_ema_really_restored(config, synthetic_dataset, tmp_path):
   state = train.train(config, str(tmp_path), dataset=synthetic_dataset)
-  model = train.make_model(config, synthetic_dataset.image_shape, synthetic_dataset.num_classes)
-  tx = train.make_optimizer(config.optim)
-  abstract = jax.eval_shape(lambda: train.create_train_state(
-      train.init_params(model, synthetic_dataset.image_shape, jax.random.key(0)), tx))
+  model = train_step.make_model(config, synthetic_dataset.image_shape,
+                                synthetic_dataset.num_classes)
+  tx = train_step.make_optimizer(config.optim)
+  abstract = jax.eval_shape(lambda: train_step.create_train_state(
+      train_step.init_params(model, synthetic_dataset.image_shape, jax.random.key(0)), tx))
   with checkpoints.make_manager(str(tmp_path), read_only=True) as manager:
     restored = checkpoints.restore_state(manager, abstract)
   _assert_trees_equal(restored, state)
@@ -153,9 +154,10 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(
   with pytest.raises(FloatingPointError, match="at step 6") as info:
     train.train(config, str(tmp_path), dataset=synthetic_dataset, batches=batches)
   assert "last good checkpoint is step 4" in str(info.value)
-  model = train.make_model(config, synthetic_dataset.image_shape, synthetic_dataset.num_classes)
+  model = train_step.make_model(config, synthetic_dataset.image_shape,
+                                synthetic_dataset.num_classes)
   abstract = jax.eval_shape(
-      lambda: train.init_params(model, synthetic_dataset.image_shape, jax.random.key(0)))
+      lambda: train_step.init_params(model, synthetic_dataset.image_shape, jax.random.key(0)))
   params, step = checkpoints.load_params(str(tmp_path), abstract, "params")
   assert step == 4
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
@@ -205,11 +207,11 @@ def test_warm_start_loads_ema_params_and_fresh_optimizer(config, synthetic_datas
     assert record.pretraining_t_law == "logit_normal", run
     # The record holds the path and the resolved config (post's t_law: the recorded one).
     assert record.path == "linear" and record.config["objective"]["t_law"] == "logit_normal"
-  assert train.resolve_t_law(config, "logit_normal").objective.t_law == "logit_normal"
+  assert train_step.resolve_t_law(config, "logit_normal").objective.t_law == "logit_normal"
   config.objective.name = "mixflow"
-  assert train.resolve_t_law(config, "logit_normal").objective.t_law == "beta21"
+  assert train_step.resolve_t_law(config, "logit_normal").objective.t_law == "beta21"
   config.objective.name, config.train.init_from = "standard", ""
-  assert train.resolve_t_law(config).objective.t_law == "uniform"  # none recorded
+  assert train_step.resolve_t_law(config).objective.t_law == "uniform"  # none recorded
   for x, y in zip(jax.tree.leaves(post.params), jax.tree.leaves(base.ema_params)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-20)
   assert not all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(
@@ -235,8 +237,8 @@ def test_metrics_throughput_and_profile_reach_the_workdir(config, synthetic_data
   _, mfu = read_scalar(str(tmp_path), "mfu")
   assert len(images_per_sec) == len(mfu) == 3 and (images_per_sec > 0).all()
   # MFU = model FLOPs per image x images/s / peak (one device here).
-  s = train.setup_step(config, synthetic_dataset.image_shape, synthetic_dataset.num_classes,
+  s = train_step.setup_step(config, synthetic_dataset.image_shape, synthetic_dataset.num_classes,
                        sharding.make_mesh(1))
-  flops_per_image = train.model_flops_per_step(config, s) / config.data.batch_size
+  flops_per_image = train_step.model_flops_per_step(config, s) / config.data.batch_size
   np.testing.assert_allclose(mfu, flops_per_image * images_per_sec / 1e12, rtol=1e-5)
   assert glob.glob(str(tmp_path / "profile" / "**" / "*.xplane.pb"), recursive=True)
