@@ -72,7 +72,14 @@ _QUICK = flags.DEFINE_bool("quick", False, "study: apply the config's study.quic
 
 # convert: an input flag per entry of CONVERTERS (--vae above), then its options.
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "convert: the PyTorch checkpoint "
-                                  "(.pt state_dict or train.py dict, or .safetensors).")
+                                  "(.pt state_dict or train.py dict, or .safetensors), or "
+                                  "Stability's SD3 / SD3.5 single file (sd3.5_large."
+                                  "safetensors, with or without model.diffusion_model.).")
+_DIFFUSERS = flags.DEFINE_string(
+    "diffusers", None, "convert: a diffusers SD3 / SD3.5 download (transformer/ with its "
+    "config.json and safetensors, scheduler/, vae/) into a run folder (and its VAE folder).")
+_VAE_OUT = flags.DEFINE_string("vae_out", None, "convert: where --diffusers writes the VAE "
+                               "folder (default OUT/vae when the download has vae/).")
 _MODEL = flags.DEFINE_string("model", None, "convert: the named size to check against "
                              "(e.g. SiT-XL/2); by default inferred from the weights.")
 _NUM_HEADS = flags.DEFINE_integer(
@@ -251,10 +258,39 @@ def _plan(config: ml_collections.ConfigDict) -> None:
 # convert: a function per input, convert(the input flag's value, --out).
 
 def _convert_checkpoint(path: str, out: str) -> None:
+  from mixflow_jax.convert import sd3_single_file
+  if sd3_single_file.is_sd3_checkpoint(path):  # Stability's single file (SD3 / SD3.5)
+    given = [f"--{f}" for f in CONVERTERS["checkpoint"].flags
+             if flags.FLAGS[f].value != flags.FLAGS[f].default]
+    if given:
+      raise errors.UserError(f"{_listed(given)} do{'es' if len(given) == 1 else ''} not apply "
+                             f"to {path!r}, an SD3 / SD3.5 single file (its weights say all).")
+    from mixflow_jax.convert import diffusers_folder
+    _print_mmdit(out, diffusers_folder.convert_single_file(path, out))
+    return
   from mixflow_jax.convert.export import convert_checkpoint
   config = convert_checkpoint(path, out, _MODEL.value, _WEIGHTS.value, _TIME_CONVENTION.value,
                               _NUM_HEADS.value, _CLASS_DROPOUT_PROB.value, _PATH.value)
   print(f"Wrote {out}: {config}")
+
+
+def _convert_diffusers(folder: str, out: str) -> None:
+  import os
+
+  from mixflow_jax.convert import diffusers_folder
+  vae_out = _VAE_OUT.value
+  if vae_out is None and os.path.isdir(os.path.join(folder, diffusers_folder.VAE)):
+    vae_out = os.path.join(out, diffusers_folder.VAE)
+  _print_mmdit(out, diffusers_folder.convert_diffusers_folder(folder, out, vae_out))
+  if vae_out is not None:
+    print(f"Wrote {vae_out}: its VAE; sample with --config.sample.vae={vae_out}")
+
+
+def _print_mmdit(out: str, converted) -> None:
+  c = converted.config
+  print(f"Wrote {out}: an MMDiT of {c.num_layers} blocks, width {c.hidden_size} (dual "
+        f"attention in {len(c.dual_attention_layers)}, qk norm {c.qk_norm}), scheduler shift "
+        f"{converted.scheduler_shift:g}")
 
 
 def _convert_vae(path: str, out: str) -> None:
@@ -300,6 +336,9 @@ CONVERTERS = {
         "[--time_convention=...] [--num_heads=N] [--class_dropout_prob=P] [--path=...]",
         _convert_checkpoint,
         ("model", "weights", "time_convention", "num_heads", "class_dropout_prob", "path")),
+    "diffusers": Converter(
+        "a diffusers SD3 / SD3.5 folder", "--diffusers=DIR --out=DIR [--vae_out=DIR]",
+        _convert_diffusers, ("vae_out",), only_with=("vae_out",)),
     "vae": Converter("an SD-VAE", "--vae=PATH --out=DIR", _convert_vae),
     "rae_decoder": Converter(
         "RAE's decoder, with --rae_stats",
@@ -395,8 +434,9 @@ COMMANDS = {
         sections=("seed", "data", "model", "optim", "train", "sample", "eval", "slowflow",
                   "study")),
     "convert": Command(
-        "Convert an official PyTorch SiT / REPA / DiT^DH checkpoint (or an SD-VAE: --vae; "
-        "RAE's decoder, statistics and encoder: --rae_decoder; the FID Inception: "
+        "Convert an official PyTorch SiT / REPA / DiT^DH checkpoint or Stability's SD3 / "
+        "SD3.5 single file (or a diffusers SD3 / SD3.5 download: --diffusers; an SD-VAE: "
+        "--vae; RAE's decoder, statistics and encoder: --rae_decoder; the FID Inception: "
         "--inception) to a Flax folder with orbax weights.",
         " | ".join(converter.usage for converter in CONVERTERS.values()),
         (*(f for name, c in CONVERTERS.items() for f in (name, *c.flags)), "out"), _convert),

@@ -92,6 +92,9 @@ def infer_config(state_dict: Mapping[str, Any], attention_head_dim: int = 64,
                               "expected transformer_blocks.0 .. N-1.")
   dual = tuple(i for i in blocks if f"transformer_blocks.{i}.attn2.to_q.weight" in state_dict)
   qk_norm = ("rms_norm" if "transformer_blocks.0.attn.norm_q.weight" in state_dict else None)
+  if width % attention_head_dim:
+    raise errors.InvalidInput(f"The transformer's width {width} ('{_CONV_KEY}') is not a "
+                              f"multiple of the head dim {attention_head_dim}.")
   table = state_dicts.to_numpy(_required(state_dict, TABLE_KEY))[0]
   max_size = math.isqrt(table.shape[0])
   try:

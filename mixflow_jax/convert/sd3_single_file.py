@@ -244,13 +244,14 @@ def convert_single_file(path: str, attention_head_dim: int = 64,
 
 def is_sd3_checkpoint(path: str) -> bool:
   """Whether ``path`` is a safetensors file holding an SD3 / SD3.5 transformer in either
-  layout (only its header is read): how ``mixflow convert --checkpoint`` can tell it from a
-  SiT / REPA / RAE checkpoint."""
+  layout, or another Stability single file (keys under ``model.diffusion_model.``, which
+  ``read_checkpoint`` refuses naming what it holds); only its header is read. How ``mixflow
+  convert --checkpoint`` tells it from a SiT / REPA / RAE checkpoint."""
   if not (path.endswith(".safetensors") and os.path.isfile(path)):
     return False
   try:
     keys = safetensors_files.SafetensorsFile(path).keys()
   except errors.UserError:
     return False
-  return (any(_BLOCK.fullmatch(k.removeprefix(PREFIX)) for k in keys) or
+  return (any(k.startswith(PREFIX) or _BLOCK.fullmatch(k) for k in keys) or
           all(mark in keys for mark in _DIFFUSERS_MARKS))
