@@ -64,6 +64,9 @@ GUIDED_CHANNELS = ("all", "first3")
 GUIDANCE = ("cfg", "autoguidance")
 # A guide network for autoguidance: (apply_fn (params, x, t, condition) -> u, its params).
 Guide = tuple[Callable, object]
+# Skip-layer guidance: (the same network's apply_fn with blocks skipped, the scale, the
+# interval in our time), u + s (u_c - u_skip) where lo <= t <= hi (SD3.5 Medium's SLG).
+SkipLayerGuide = tuple[Callable, float, tuple[float, float]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +144,8 @@ def _expand(t: Array, x: Array) -> Array:
 def guided_velocity(apply_fn: Callable, params, condition: Condition, *, cfg_scale: float,
                     null_condition: Condition | None = None, guided_channels: str = "all",
                     cfg_interval: tuple[float, float] = (0.0, 1.0),
-                    guide: Guide | None = None) -> VelocityFn:
+                    guide: Guide | None = None,
+                    skip_layer_guide: SkipLayerGuide | None = None) -> VelocityFn:
   """u(x, t) with classifier-free guidance ``u_null + s (u_c - u_null)`` (``null_condition``:
   the null condition of the batch, conditioning.py), or with ``guide`` = (guide_apply_fn,
   guide_params) autoguidance ``u_guide + s (u_c - u_guide)``, the guide told the condition
@@ -152,7 +156,24 @@ def guided_velocity(apply_fn: Callable, params, condition: Condition, *, cfg_sca
   conditional output, as in the official SiT ``forward_with_cfg``. Guidance applies where
   ``cfg_interval[0] <= guide_t <= cfg_interval[1]`` (guide_t = t unless given), elsewhere
   the conditional output is used. ``cfg_scale = 1`` is a plain conditional pass.
+
+  ``skip_layer_guide`` = (skip_apply_fn, s, (lo, hi)) adds skip-layer guidance on top
+  (SD3.5's pipeline: ``+ s (u_c - u_skip)``, u_skip the same network and parameters with
+  blocks skipped, told the condition) where lo <= t <= hi.
   """
+  if skip_layer_guide is not None:
+    skip_fn, slg_scale, (lo, hi) = skip_layer_guide
+    inner = guided_velocity(apply_fn, params, condition, cfg_scale=cfg_scale,
+                            null_condition=null_condition, guided_channels=guided_channels,
+                            cfg_interval=cfg_interval, guide=guide)
+
+    def with_skip_layers(x, t, guide_t=None):
+      u = inner(x, t) if guide_t is None else inner(x, t, guide_t)
+      delta = apply_fn(params, x, t, condition) - skip_fn(params, x, t, condition)
+      inside = _expand((t >= lo) & (t <= hi), u)
+      return u + jnp.where(inside, slg_scale * delta, 0.0)
+
+    return with_skip_layers
   if cfg_scale == 1.0:
     return lambda x, t, guide_t=None: apply_fn(params, x, t, condition)
   if guide is None and null_condition is None:

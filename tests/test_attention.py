@@ -103,6 +103,11 @@ def test_auto_on_this_backend_matches_xla():
     ("cuda", 256, 72, jnp.bfloat16, "cudnn"),
     ("gpu", 256, 12, jnp.bfloat16, "xla"),  # not a multiple of 8
     ("gpu", 256, 256, jnp.bfloat16, "xla"),  # Hopper only: not picked automatically
+    ("cpu", 4429, 64, jnp.float32, "chunked"),  # SD3 at 1024 px: 4096 + 333 tokens
+    ("tpu", 4429, 64, jnp.bfloat16, "chunked"),  # no multiple of 128: no flash
+    ("tpu", 4096, 64, jnp.bfloat16, "flash"),
+    ("gpu", 4429, 64, jnp.float32, "chunked"),
+    ("gpu", 4429, 64, jnp.bfloat16, "cudnn"),
   ],
 )
 def test_resolve_auto(platform, num_tokens, head_dim, dtype, expected):
@@ -121,12 +126,12 @@ def test_resolve_keeps_a_concrete_implementation_that_fits():
   [
     ("cudnn", "cpu", 256, 72, jnp.bfloat16,
      r"config\.model\.attention='cudnn' is not available on cpu: expected one of "
-     r"\('auto', 'xla'\)"),
+     r"\('auto', 'xla', 'chunked'\)"),
     ("flash", "gpu", 256, 72, jnp.float32,
      r"config\.model\.attention='flash' is not available on gpu: expected one of "
-     r"\('auto', 'xla', 'cudnn'\)"),
+     r"\('auto', 'xla', 'chunked', 'cudnn'\)"),
     ("cudnn", "tpu", 256, 72, jnp.bfloat16,
-     r"'cudnn' is not available on tpu: expected one of \('auto', 'xla', 'flash'\)"),
+     r"'cudnn' is not available on tpu: expected one of \('auto', 'xla', 'chunked', 'flash'\)"),
     ("flash", "tpu", 16, 16, jnp.float32,
      r"config\.model\.attention='flash' cannot be used: .*multiple of 128.*got 16 tokens"),
     ("flash", "tpu", 256, 192, jnp.float32, r"'flash' cannot be used: .*head dim.*got 192"),
@@ -139,6 +144,22 @@ def test_resolve_keeps_a_concrete_implementation_that_fits():
 def test_resolve_errors(implementation, platform, num_tokens, head_dim, dtype, match):
   with pytest.raises(ValueError, match=match):
     attention.resolve(implementation, platform, num_tokens, head_dim, dtype)
+
+
+def test_chunked_matches_xla_in_output_and_gradients():
+  """37 tokens in blocks of 16 (the last one padded): the same function and gradients as
+  XLA's attention; each block's logits are recomputed in the backward pass."""
+  q, k, v = (jax.random.normal(key, (2, 37, 3, 8)) * 2
+             for key in jax.random.split(jax.random.key(5), 3))
+  loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+  xla = lambda q, k, v: attention.dot_product_attention(q, k, v, "xla")
+  chunked = lambda q, k, v: attention.chunked_attention(q, k, v, chunk=16)
+  np.testing.assert_allclose(chunked(q, k, v), xla(q, k, v), rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.grad(loss(chunked), (0, 1, 2))(q, k, v),
+                  jax.grad(loss(xla), (0, 1, 2))(q, k, v), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  program = jax.jit(jax.grad(loss(chunked))).lower(q, k, v).as_text()
+  assert "37x37" not in program and "16x37" in program  # no (T, T) logits, (c, T) blocks
 
 
 @pytest.mark.parametrize("num_tokens, block", [(128, 128), (256, 256), (384, 128), (1024, 512)])

@@ -306,6 +306,21 @@ def test_cfg_interval_guides_only_inside():
   np.testing.assert_allclose(out[1], uncond[1] + 3.0 * (cond[1] - uncond[1]), rtol=1e-6)
 
 
+def test_skip_layer_guidance_adds_its_term_inside_its_interval():
+  """u_cfg + s (u_c - u_skip) for t in [lo, hi], u_cfg elsewhere; u_skip told the condition
+  (SD3.5's SLG)."""
+  x = jax.random.normal(jax.random.key(1), (3, 2, 2, 4))
+  t = jnp.array([0.05, 0.5, 0.95])
+  y, null = {"label": jnp.array([1, 2, 3])}, {"label": jnp.full((3,), 7)}
+  skipped = lambda p, x, t, c: 0.5 * _fake_apply(p, x, t, c) - 1.0
+  u = sampling.guided_velocity(_fake_apply, None, y, cfg_scale=2.0, null_condition=null,
+                               skip_layer_guide=(skipped, 3.0, (0.0, 0.6)))
+  cond, uncond = _fake_apply(None, x, t, y), _fake_apply(None, x, t, null)
+  cfg = uncond + 2.0 * (cond - uncond)
+  want = cfg + 3.0 * (cond - skipped(None, x, t, y)) * jnp.array([1, 1, 0])[:, None, None, None]
+  np.testing.assert_allclose(u(x, t), want, rtol=1e-6)
+
+
 @pytest.mark.parametrize("method", ["heun", "sde"])
 def test_samples_do_not_depend_on_the_batch(tiny_model, method):
   """Sample j's noise comes from its global index: batch size and where a job starts do

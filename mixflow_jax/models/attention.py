@@ -28,8 +28,15 @@ Implementations (``IMPLEMENTATIONS``):
   kernel slices its 128-lane row statistics down to the head dim. The block size here is the
   largest of 512, 256, 128 that divides T, for all forward and backward blocks.
 
+- ``'chunked'``: XLA attention over blocks of ``CHUNK`` queries at a time (``lax.map``), each
+  block rematerialised in the backward pass (``jax.checkpoint``): the same function, with
+  (B, H, CHUNK, T) logits alive instead of (B, H, T, T). Any platform, any T: the fallback
+  for long sequences that no fused kernel takes, e.g. SD3 at 1024 px (4096 image + 333 text
+  tokens: 4429 is not a multiple of the TPU kernel's 128).
+
 ``'auto'`` picks, through ``resolve``, the fastest implementation that the platform has and
-whose constraints hold, and ``'xla'`` otherwise:
+whose constraints hold; else ``'chunked'`` from ``CHUNKED_MIN_TOKENS`` tokens (where the
+(T, T) logits dominate the memory) and ``'xla'`` below:
 
 - TPU: ``'flash'`` when T is a multiple of 128 and the head dim is below 128 or a multiple of
   128 and the dtype is float32 or bfloat16 (e.g. SiT-XL/2 at 256 px: 256 tokens, head dim 72);
@@ -38,7 +45,7 @@ whose constraints hold, and ``'xla'`` otherwise:
 - GPU: ``'cudnn'`` when the dtype is bfloat16 / float16 and the head dim is a multiple of 8 and
   at most 128 (the bound that holds on every GPU generation; an explicit ``'cudnn'`` accepts up
   to 256 and leaves the Hopper check to JAX); else ``'xla'`` (float32 training in particular).
-- CPU (and any other platform): ``'xla'``, the only one there.
+- CPU (and any other platform): ``'xla'`` (``'chunked'`` from ``CHUNKED_MIN_TOKENS``).
 
 A concrete implementation that the platform lacks, or whose constraints fail, is an error of
 ``resolve`` (a ``ValueError`` naming ``config.model.attention``), not a silent fallback.
@@ -53,13 +60,15 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-IMPLEMENTATIONS = ("auto", "xla", "cudnn", "flash")
+IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "flash")
 # The concrete implementations that each platform has ('auto' resolves to one of them).
 _AVAILABLE = {
-  "cpu": ("auto", "xla"),
-  "gpu": ("auto", "xla", "cudnn"),
-  "tpu": ("auto", "xla", "flash"),
+  "cpu": ("auto", "xla", "chunked"),
+  "gpu": ("auto", "xla", "chunked", "cudnn"),
+  "tpu": ("auto", "xla", "chunked", "flash"),
 }
+CHUNK = 512  # queries per block of 'chunked'
+CHUNKED_MIN_TOKENS = 2048  # 'auto' chunks XLA's attention from this many tokens
 _PLATFORM_ALIASES = {"cuda": "gpu"}
 
 # The TPU kernel's minimum block (MIN_BLOCK_SIZE in the Pallas flash-attention module): T
@@ -115,7 +124,7 @@ def resolve(implementation: str, platform: str, num_tokens: int, head_dim: int, 
     dtype: the dtype of q, k, v.
 
   Returns:
-    'xla', 'cudnn' or 'flash' (see the module docstring for what 'auto' picks).
+    'xla', 'chunked', 'cudnn' or 'flash' (see the module docstring for what 'auto' picks).
 
   Raises:
     ValueError: for an unknown implementation, one that the platform lacks, or one whose
@@ -124,7 +133,7 @@ def resolve(implementation: str, platform: str, num_tokens: int, head_dim: int, 
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"{_field(implementation)} is unknown: expected one of {IMPLEMENTATIONS}")
   platform = _PLATFORM_ALIASES.get(platform.lower(), platform.lower())
-  available = _AVAILABLE.get(platform, ("auto", "xla"))
+  available = _AVAILABLE.get(platform, ("auto", "xla", "chunked"))
   if implementation not in available:
     raise ValueError(
       f"{_field(implementation)} is not available on {platform}: expected one of {available}"
@@ -138,7 +147,7 @@ def resolve(implementation: str, platform: str, num_tokens: int, head_dim: int, 
     elif platform == "gpu":
       if _cudnn_constraint_error(head_dim, dtype, _CUDNN_AUTO_MAX_HEAD_DIM) is None:
         return "cudnn"
-    return "xla"
+    return "chunked" if num_tokens >= CHUNKED_MIN_TOKENS else "xla"
   if implementation == "flash":
     error = _flash_constraint_error(num_tokens, head_dim)
     if error is None and dtype not in [jnp.dtype(d) for d in _FLASH_DTYPES]:
@@ -186,13 +195,28 @@ def _flash_attention(q: Array, k: Array, v: Array) -> Array:
   return to_bhtd(out)
 
 
+def chunked_attention(q: Array, k: Array, v: Array, chunk: int = CHUNK) -> Array:
+  """XLA's attention of ``chunk`` queries at a time against all keys: (B, T, H, Dh) ->
+  (B, T, H, Dh), each block rematerialised in the backward pass. T is padded to a multiple
+  of ``chunk`` with zero queries, whose rows are dropped."""
+  b, t, h, d = q.shape
+  chunk = min(chunk, t)
+  pad = -t % chunk
+  blocks = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, -1, chunk, h, d)
+  block = jax.checkpoint(
+      lambda q_block: jax.nn.dot_product_attention(q_block, k, v, implementation="xla"))
+  out = jax.lax.map(block, blocks.swapaxes(0, 1))                        # (n, B, c, H, Dh)
+  return out.swapaxes(0, 1).reshape(b, t + pad, h, d)[:, :t]
+
+
 def dot_product_attention(q: Array, k: Array, v: Array, implementation: str) -> Array:
   """Non-causal softmax(q k^T / sqrt(Dh)) v with the chosen kernel.
 
   Args:
     q, k, v: (B, T, H, Dh), one dtype.
-    implementation: 'xla', 'cudnn' or 'flash', run as asked without looking at the platform
-      (the flash kernel runs on CPU under ``force_tpu_interpret_mode``); or 'auto', resolved
+    implementation: 'xla', 'chunked', 'cudnn' or 'flash', run as asked without looking at
+      the platform (the flash kernel runs on CPU under ``force_tpu_interpret_mode``); or
+      'auto', resolved
       by ``resolve`` for ``jax.default_backend()`` and the shape and dtype of q.
 
   Returns:
@@ -204,6 +228,8 @@ def dot_product_attention(q: Array, k: Array, v: Array, implementation: str) -> 
     )
   if implementation in ("xla", "cudnn"):
     return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+  if implementation == "chunked":
+    return chunked_attention(q, k, v)
   if implementation == "flash":
     return _flash_attention(q, k, v)
   raise ValueError(f"{_field(implementation)} is unknown: expected one of {IMPLEMENTATIONS}")

@@ -146,8 +146,8 @@ class MMDiTConfig:
 
   @property
   def num_tokens(self) -> int:
-    """Image tokens at ``sample_size``."""
-    return (self.sample_size // self.patch_size) ** 2
+    """The joint attention's sequence at ``sample_size``: image tokens, then text tokens."""
+    return (self.sample_size // self.patch_size) ** 2 + self.text_tokens
 
   def block_kind(self, i: int) -> str:
     """'dual', 'joint' or 'last' (context_pre_only): the parameter tree of block i."""
