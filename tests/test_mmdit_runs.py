@@ -1,6 +1,7 @@
 """A tiny MMDiT trains on captioned latents (the condition as data: context + pooled, the
-empty caption's embeddings as the null of CFG dropout), with standard flow matching and with
-MixFlow, and a run interrupted by a crash resumes to the uninterrupted one's parameters."""
+empty caption's embeddings as the null of CFG dropout) with MixFlow, and a run interrupted by
+a crash resumes to the uninterrupted one's parameters (standard flow matching: the MMDiT
+run of tests/test_sharding.py, one device against FSDP over eight)."""
 
 import jax
 import numpy as np
@@ -21,13 +22,6 @@ def _crash_after(batches, n):
     if i == n:
       raise RuntimeError("simulated crash")
     yield batch
-
-
-def test_trains_with_standard_flow_matching(captions, tmp_path):
-  config = tiny_mmdit_config()
-  config.objective.name, config.train.steps = "standard", 3
-  state = train.train(config, str(tmp_path / "run"), dataset=captions)
-  assert int(state.step) == 3 and runs.read_record(str(tmp_path / "run")).family == "MMDiT"
 
 
 def test_trains_with_mixflow_and_resumes_exactly(captions, tmp_path):

@@ -68,17 +68,6 @@ def fixed_tables(config: ditdh.DiTDHConfig) -> dict[str, np.ndarray]:
   return tables
 
 
-def _check_table(key: str, value: np.ndarray, want: np.ndarray) -> None:
-  if value.shape != want.shape:
-    hint = " (are the head counts right?)" if "rope" in key else ""
-    raise errors.InvalidInput(f"State_dict key {key!r} has shape {value.shape}; the model "
-                              f"computes {want.shape}{hint}.")
-  diff = float(np.max(np.abs(value - want)))
-  if diff > TABLE_TOLERANCE:
-    raise errors.InvalidInput(f"State_dict key {key!r} differs from the fixed table the model "
-                              f"computes by up to {diff:.3g} (> {TABLE_TOLERANCE:g}).")
-
-
 def _required(state_dict: Mapping[str, Any], key: str) -> Any:
   if key not in state_dict:
     raise errors.InvalidInput(f"The state_dict lacks {key!r}: is it a RAE DiT^DH "
@@ -163,7 +152,8 @@ def convert_state_dict(state_dict: Mapping[str, Any], config: ditdh.DiTDHConfig)
   params = {}
   for key, value in arrays.items():
     if key in tables:
-      _check_table(key, value, tables[key])
+      state_dicts.check_table(key, value, tables[key], TABLE_TOLERANCE,
+                              " (are the head counts right?)" if "rope" in key else "")
       continue
     where = flax_path(key)
     flax_value = _to_flax(key, value)

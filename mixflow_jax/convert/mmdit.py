@@ -148,7 +148,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], config: mmdit.MMDiTConfig,
   for key in state_dict:
     value = state_dicts.to_numpy(state_dict[key])
     if key == TABLE_KEY:
-      _check_table(value, mmdit.pos_table(config)[None], table_tolerance)
+      state_dicts.check_table(TABLE_KEY, value, mmdit.pos_table(config)[None], table_tolerance)
       continue
     where = flax_path(key)
     flax_value = np.ascontiguousarray(_to_flax(key, value))
@@ -158,13 +158,3 @@ def convert_state_dict(state_dict: Mapping[str, Any], config: mmdit.MMDiTConfig,
   state_dicts.check_complete(("/".join(path) for path in expected if path not in params),
                              "parameter")
   return flax.traverse_util.unflatten_dict(params)
-
-
-def _check_table(value: np.ndarray, want: np.ndarray, tolerance: float) -> None:
-  if value.shape != want.shape:
-    raise errors.InvalidInput(f"State_dict key {TABLE_KEY!r} has shape {value.shape}; the "
-                              f"model computes {want.shape}.")
-  diff = float(np.max(np.abs(value - want)))
-  if diff > tolerance:
-    raise errors.InvalidInput(f"State_dict key {TABLE_KEY!r} differs from the fixed table the "
-                              f"model computes by up to {diff:.3g} (> {tolerance:g}).")

@@ -62,3 +62,17 @@ def check_complete(missing: Iterable[str], what: str) -> None:
   if missing:
     raise errors.InvalidInput(f"The state_dict lacks {len(missing)} {what}(s) the model needs: "
                               f"{names(missing)}.")
+
+
+def check_table(key: str, value: np.ndarray, want: np.ndarray, tolerance: float,
+                hint: str = "") -> None:
+  """Raises InvalidInput naming ``key`` when a stored fixed table (a buffer the model
+  computes: position or RoPE tables) has another shape than ``want`` (``hint`` appended)
+  or differs from it by more than ``tolerance``."""
+  if value.shape != want.shape:
+    raise errors.InvalidInput(f"State_dict key {key!r} has shape {value.shape}; the model "
+                              f"computes {want.shape}{hint}.")
+  diff = float(np.max(np.abs(value - want)))
+  if diff > tolerance:
+    raise errors.InvalidInput(f"State_dict key {key!r} differs from the fixed table the model "
+                              f"computes by up to {diff:.3g} (> {tolerance:g}).")
