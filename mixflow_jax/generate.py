@@ -82,6 +82,7 @@ def make_batch_sampler(config: ml_collections.ConfigDict, run: runs.Run,
   """Loads the latest checkpoint of ``run`` (EMA params unless ``sample.use_ema`` is off),
   replicated over the mesh, and compiles its sampler (+ VAE decoder) on the run's path."""
   s = config.sample
+  runs.check_class_labelled(run, "sample")
   model_config = run.model_config
   mesh = sharding.make_mesh()
   if s.batch_size % mesh.size:
@@ -236,6 +237,7 @@ def sample_job(config: ml_collections.ConfigDict, workdir: str) -> str:
   nor 3 channels) need ``config.sample.vae`` to decode them."""
   s = config.sample
   run = runs.load_run(workdir, config)
+  runs.check_class_labelled(run, "sample")
   model_config = run.model_config
   labels = sample_labels(s.labels, s.num_samples, model_config.num_classes, config.seed)
   channels = model_config.in_channels

@@ -105,9 +105,9 @@ def _config_model(config: ml_collections.ConfigDict, recorded: ModelConfig) -> M
   names (``data.image_shape``, ``data.num_classes``), else the recorded ones: sampling reads
   no data."""
   d = config.data
-  shape = (tuple(d.image_shape) if d.image_shape is not None else
-           (recorded.input_size, recorded.input_size, recorded.in_channels))
-  num_classes = d.num_classes if d.num_classes is not None else recorded.num_classes
+  recorded_shape, recorded_classes = families.of(recorded).data_shape(recorded)
+  shape = tuple(d.image_shape) if d.image_shape is not None else recorded_shape
+  num_classes = d.num_classes if d.num_classes is not None else recorded_classes
   return configuration.model_config(config, shape, num_classes)
 
 
@@ -162,6 +162,17 @@ def load_run(run_dir: str, config: ml_collections.ConfigDict,
                config.objective.path, None)
   check_config(record, config, f"{run_dir!r} (its {MODEL_JSON})")
   return Run(run_dir, record.model, record.path or config.objective.path, record)
+
+
+def check_class_labelled(run: Run, command: str) -> None:
+  """InvalidInput naming the run when its network is not told class labels (MMDiT: text),
+  which ``command`` (sample, evaluate, slowflow) draws: sampling from prompts is not built
+  yet."""
+  family = families.of(run.model_config)
+  if not family.class_labels:
+    raise errors.InvalidInput(
+        f"{run.directory!r} holds a {family.name} run, conditioned on text: `mixflow "
+        f"{command}` samples class labels; sampling from prompts is not built yet.")
 
 
 def load_model(run: Run, config: ml_collections.ConfigDict) -> tuple[Model, Any, int]:

@@ -121,6 +121,7 @@ def slowflow_run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
   labels)."""
   sf, s = config.slowflow, config.sample
   run = runs.load_run(run_dir, config)
+  runs.check_class_labelled(run, "slowflow")
   model_config = run.model_config
   model, params, step = runs.load_model(run, config)
   sampler = configuration.make_sampler(s, run.path,

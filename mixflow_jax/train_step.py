@@ -43,20 +43,15 @@ class TrainState:
   opt_state: optax.OptState
 
 
-class Frozen(dict):
-  """The step's inputs that it reads and never trains, a pytree: ``encoder``, the
-  parameters of ``config.data.encoder`` (which encodes batches of pixels in the step) or
-  ``()``; ``null_condition``, the data of the null condition (text: the empty prompt's
-  embeddings, (1, ...) per field) or ``()`` where the family computes it (a null class)."""
-
-
-jax.tree_util.register_pytree_node(
-    Frozen, lambda f: ((f["encoder"], f["null_condition"]), None),
-    lambda _, children: Frozen(encoder=children[0], null_condition=children[1]))
+# The step's inputs that it reads and never trains, a dict: 'encoder', the parameters of
+# ``config.data.encoder`` (which encodes batches of pixels in the step) or (); and
+# 'null_condition', the data of the null condition (text: the empty caption's embeddings,
+# (1, ...) per field) or () where the family computes it (a null class).
+Frozen = dict[str, Any]
 
 
 def frozen(encoder: Any = (), null_condition: Any = ()) -> Frozen:
-  return Frozen(encoder=encoder, null_condition=null_condition)
+  return {"encoder": encoder, "null_condition": null_condition}
 
 
 @flax.struct.dataclass

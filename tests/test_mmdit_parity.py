@@ -104,7 +104,8 @@ def test_forward_and_skip_layers_match_diffusers_in_both_layouts(flavour):
   skip = (1, config.num_layers - 1)
   skipped = _reference(model, *inputs, skip_layers=list(skip))
   assert np.abs(skipped - expected).max() > 100 * ATOL  # skipping changes the output
-  for scan in (False, True):
+  # Scanned: SD3.5 Medium's two scans (the other flavours' one scan is a special case).
+  for scan in (False, True) if config.dual_attention_layers else (False,):
     np.testing.assert_allclose(_flax(config, params, *inputs, skip_layers=skip,
                                      scan_blocks=scan), skipped, rtol=0, atol=ATOL)
 

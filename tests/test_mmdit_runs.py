@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from mixflow_jax import checkpoints, configuration, runs, train
+from mixflow_jax import checkpoints, configuration, errors, generate, runs, slowflow, train
 from mixflow_jax.data import pipeline, sources
 from tests.conftest import tiny_mmdit_config
 
@@ -47,6 +47,10 @@ def test_trains_with_mixflow_and_resumes_exactly(captions, tmp_path):
   resumed = train.train(config, crashed, dataset=captions)
   for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(full), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # The jobs that draw class labels refuse a text-conditioned run, naming it.
+  for job in (generate.sample_job, slowflow.slowflow_run):
+    with pytest.raises(errors.InvalidInput, match=r"MMDiT run, conditioned on text"):
+      job(config, crashed)
 
 
 def test_captions_of_another_width_are_refused_naming_the_field(captions, tmp_path):

@@ -58,6 +58,8 @@ class Family:
   to_layout: Callable[[dict, str, Any], dict]
   head_dims: Callable[[Any], tuple[int, ...]]
   conditioning: Callable[[Any], conditioning.Conditioning]
+  # The data an architecture was built for (from_settings' inverse): (H, W, C), classes.
+  data_shape: Callable[[Any], tuple[tuple[int, int, int], int]]
   frozen_params: tuple[str, ...] = ()
   class_labels: bool = True  # conditioned on a class label: the data's classes matter
 
@@ -93,6 +95,11 @@ def _mmdit(name: str, settings: dict, image_shape: tuple[int, int, int], num_cla
       text_dropout=settings["class_dropout_prob"], time_convention=settings["time_convention"])
 
 
+def _labelled_data(config: sit.SiTConfig | ditdh.DiTDHConfig
+                   ) -> tuple[tuple[int, int, int], int]:
+  return (config.input_size, config.input_size, config.in_channels), config.num_classes
+
+
 def _class_label(config: sit.SiTConfig | ditdh.DiTDHConfig) -> conditioning.ClassLabel:
   return conditioning.ClassLabel(config.num_classes, config.class_dropout_prob)
 
@@ -108,19 +115,20 @@ SIT = Family(
     abstract_params=sit.abstract_params,
     to_layout=lambda params, layout, config: sit.to_layout(params, layout),
     head_dims=lambda c: (c.hidden_size // c.num_heads,),
-    conditioning=_class_label)
+    conditioning=_class_label, data_shape=_labelled_data)
 DITDH = Family(
     name="DiTDH", config_type=ditdh.DiTDHConfig, module=ditdh.DiTDH,
     names=tuple(DITDH_PREFIX + size for size in ditdh.SIZES), from_settings=_ditdh,
     abstract_params=ditdh.abstract_params, to_layout=ditdh.to_layout,
     head_dims=lambda c: tuple(d // h for d, h in zip(c.hidden_size, c.num_heads)),
-    conditioning=_class_label, frozen_params=ditdh.FROZEN_PARAMS)
+    conditioning=_class_label, data_shape=_labelled_data, frozen_params=ditdh.FROZEN_PARAMS)
 MMDIT = Family(
     name="MMDiT", config_type=mmdit.MMDiTConfig, module=mmdit.MMDiT,
     names=(*mmdit.SIZES, mmdit.TINY_NAME), from_settings=_mmdit,
     abstract_params=mmdit.abstract_params,
     to_layout=mmdit.to_layout, head_dims=lambda c: (c.attention_head_dim,),
-    conditioning=_text, class_labels=False)
+    conditioning=_text, class_labels=False,
+    data_shape=lambda c: ((c.sample_size, c.sample_size, c.in_channels), 0))
 FAMILIES = {f.name: f for f in (SIT, DITDH, MMDIT)}
 NAMED_MODELS = tuple(name for f in FAMILIES.values() for name in f.names)
 DITDH_NAMES = DITDH.names
