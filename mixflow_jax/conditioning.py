@@ -30,6 +30,10 @@ class Conditioning(Protocol):
   fields: tuple[str, ...]
   dropout: float  # per-example probability of the null condition in CFG training
 
+  @property
+  def dropout_groups(self) -> tuple[tuple[tuple[str, ...], float], ...]:
+    """(fields, probability) pairs, each group dropped to its null independently."""
+
   def spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
     """The condition of a batch of ``batch_size`` as ShapeDtypeStructs."""
 
@@ -48,6 +52,10 @@ class ClassLabel:
   dropout: float = 0.0
   fields: tuple[str, ...] = ("label",)
 
+  @property
+  def dropout_groups(self) -> tuple[tuple[tuple[str, ...], float], ...]:
+    return ((self.fields, self.dropout),)
+
   def spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
     return {"label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
 
@@ -62,13 +70,21 @@ class ClassLabel:
 class TextEmbedding:
   """Text-encoder embeddings: ``context`` (B, tokens, width), ``pooled`` (B, pooled_width);
   the null condition is ``null_value`` (the empty prompt's embeddings, (1, ...) each)
-  broadcast to the batch."""
+  broadcast to the batch. ``dropout`` drops both fields together; ``field_dropout``, where
+  given, drops each field on its own with its probability instead."""
 
   tokens: int
   width: int
   pooled_width: int
   dropout: float = 0.0
   fields: tuple[str, ...] = ("context", "pooled")
+  field_dropout: tuple[tuple[str, float], ...] = ()
+
+  @property
+  def dropout_groups(self) -> tuple[tuple[tuple[str, ...], float], ...]:
+    if self.field_dropout:
+      return tuple(((field,), p) for field, p in self.field_dropout)
+    return ((self.fields, self.dropout),)
 
   def spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
     return {"context": jax.ShapeDtypeStruct((batch_size, self.tokens, self.width), jnp.float32),
@@ -101,15 +117,23 @@ def check(condition: Condition, conditioning: Conditioning, source: str) -> None
                        f"{tuple(have.shape)}; the model needs {want.dtype.name} {want.shape}.")
 
 
-def drop(key: Array, condition: Condition, null: Condition, prob: float) -> Condition:
-  """Each example's condition replaced, as a whole, by the null one with probability
-  ``prob`` (CFG training): one Bernoulli draw (B,) from ``key`` for all fields."""
-  if prob == 0:
-    return condition
+def drop(key: Array, condition: Condition, null: Condition,
+         groups: tuple[tuple[tuple[str, ...], float], ...]) -> Condition:
+  """CFG training's dropout: per example and per group of ``groups`` ((fields, probability)
+  pairs, ``Conditioning.dropout_groups``), the group's fields replaced by the null
+  condition's with its probability. One Bernoulli draw (B,) per group, from ``key`` itself
+  when there is one group (as the null class always was), else from its split."""
   batch = len(next(iter(condition.values())))
-  mask = jax.random.bernoulli(key, prob, (batch,))
-  return {k: jnp.where(mask.reshape((batch,) + (1,) * (v.ndim - 1)), null[k], v)
-          for k, v in condition.items()}
+  keys = [key] if len(groups) == 1 else list(jax.random.split(key, len(groups)))
+  dropped = dict(condition)
+  for k, (fields, prob) in zip(keys, groups, strict=True):
+    if prob == 0:
+      continue
+    mask = jax.random.bernoulli(k, prob, (batch,))
+    for field in fields:
+      v = condition[field]
+      dropped[field] = jnp.where(mask.reshape((batch,) + (1,) * (v.ndim - 1)), null[field], v)
+  return dropped
 
 
 def concat(a: Condition, b: Condition) -> Condition:

@@ -190,7 +190,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
   into the objective's key and the posterior's.
 
   The batch holds ``image`` and the fields of ``condition`` (conditioning.py), each
-  example's condition replaced by the null one with probability ``condition.dropout``
+  example's condition replaced by the null one (per group, ``condition.dropout_groups``)
   (CFG training; the objective's ``Draws.condition`` key). With ``encoder``, ``image`` is
   uint8 pixels and the step trains on their latents ``encoder(frozen['encoder'], image)``
   (no gradient). A batch with ``image_std`` holds VAE posterior moments: the step trains on
@@ -204,7 +204,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
     x1 = x1 + batch["image_std"] * jax.random.normal(posterior_key, x1.shape, x1.dtype)
   c = {k: batch[k] for k in condition.fields}
   null = condition.null(x1.shape[0], frozen["null_condition"] or None)
-  c = conditioning.drop(split_key(key).condition, c, null, condition.dropout)
+  c = conditioning.drop(split_key(key).condition, c, null, condition.dropout_groups)
 
   def loss_fn(params):
     return jnp.mean(objective.loss(apply_fn, params, x1, c, key))

@@ -1,0 +1,61 @@
+"""CFG training's dropout over the condition pytree: the null class at its rate (the draws
+of the former drop_labels), text fields dropped together or each on its own, the null
+condition's checks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mixflow_jax import conditioning
+
+
+def test_label_dropout_rate_and_null_class():
+  labels = conditioning.ClassLabel(num_classes=10, dropout=0.1)
+  y = {"label": jnp.zeros((20_000,), jnp.int32)}
+  dropped = conditioning.drop(jax.random.key(0), y, labels.null(20_000), labels.dropout_groups)
+  assert set(np.unique(dropped["label"])) == {0, 10}
+  assert abs(np.mean(dropped["label"] == 10) - 0.1) < 4 * np.sqrt(0.09 / 20_000)
+  # One group: the Bernoulli draw of the key itself (the bits of every earlier run).
+  want = jnp.where(jax.random.bernoulli(jax.random.key(0), 0.1, (20_000,)), 10, 0)
+  np.testing.assert_array_equal(dropped["label"], want)
+  none = conditioning.ClassLabel(10, 0.0)
+  np.testing.assert_array_equal(
+      conditioning.drop(jax.random.key(0), y, none.null(20_000), none.dropout_groups)["label"],
+      y["label"])
+
+
+@pytest.mark.parametrize("field_dropout", [(), (("context", 0.3), ("pooled", 0.6))])
+def test_text_dropout_together_or_per_field(field_dropout):
+  n = 8_000
+  text = conditioning.TextEmbedding(tokens=3, width=4, pooled_width=2, dropout=0.3,
+                                    field_dropout=field_dropout)
+  condition = {"context": jnp.ones((n, 3, 4)), "pooled": jnp.ones((n, 2))}
+  null = text.null(n, {"context": -np.ones((1, 3, 4)), "pooled": -np.ones((1, 2))})
+  dropped = conditioning.drop(jax.random.key(1), condition, null, text.dropout_groups)
+  context_null = np.all(np.asarray(dropped["context"]) == -1, axis=(1, 2))
+  pooled_null = np.all(np.asarray(dropped["pooled"]) == -1, axis=1)
+  # Every row is the condition's or the null's, whole.
+  assert np.all(context_null | np.all(np.asarray(dropped["context"]) == 1, axis=(1, 2)))
+  tolerance = 4 * np.sqrt(0.25 / n)
+  if not field_dropout:
+    np.testing.assert_array_equal(context_null, pooled_null)  # dropped together
+    assert abs(context_null.mean() - 0.3) < tolerance
+  else:
+    assert abs(context_null.mean() - 0.3) < tolerance
+    assert abs(pooled_null.mean() - 0.6) < tolerance
+    both = np.mean(context_null & pooled_null)
+    assert abs(both - 0.18) < tolerance  # independent draws
+
+
+def test_a_text_null_needs_its_data_and_a_condition_of_another_shape_is_named():
+  text = conditioning.TextEmbedding(tokens=3, width=4, pooled_width=2)
+  with pytest.raises(ValueError, match="empty prompt's embeddings"):
+    text.null(2)
+  with pytest.raises(ValueError, match=r"data x: condition field 'context' is float32 \(2, 5, 4\)"
+                     r"; the model needs float32 \(2, 3, 4\)"):
+    conditioning.check({"context": np.zeros((2, 5, 4), np.float32),
+                        "pooled": np.zeros((2, 2), np.float32)}, text, "data x")
+  with pytest.raises(ValueError, match=r"fields \['label'\]; the model is conditioned on "
+                     r"\['context', 'pooled'\]"):
+    conditioning.check({"label": np.zeros(2, np.int32)}, text, "data x")
