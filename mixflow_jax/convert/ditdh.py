@@ -35,6 +35,10 @@ _EMBEDDING_KEYS = ("y_embedder.embedding_table.weight",)
 _NORM_WEIGHT = re.compile(r".*\.(norm1|norm2|norm_final)\.weight")
 
 
+def _required(state_dict: Mapping[str, Any], key: str) -> Any:
+  return state_dicts.required(state_dict, key, "a RAE DiT^DH (DiTwDDTHead) checkpoint")
+
+
 def flax_path(key: str) -> tuple[str, ...]:
   """The Flax parameter path of a state_dict key, inside 'params' (without the leaf
   transform): ``blocks.3.norm1.weight`` -> ('blocks_3', 'norm1', 'scale'),
@@ -66,13 +70,6 @@ def fixed_tables(config: ditdh.DiTDHConfig) -> dict[str, np.ndarray]:
     cos, sin = ditdh.rope_tables(width // heads, grid)
     tables[f"{part}_feat_rope.freqs_cos"], tables[f"{part}_feat_rope.freqs_sin"] = cos, sin
   return tables
-
-
-def _required(state_dict: Mapping[str, Any], key: str) -> Any:
-  if key not in state_dict:
-    raise errors.InvalidInput(f"The state_dict lacks {key!r}: is it a RAE DiT^DH "
-                              "(DiTwDDTHead) checkpoint?")
-  return state_dict[key]
 
 
 def _split_depths(state_dict: Mapping[str, Any], body: int, head: int) -> tuple[int, int]:

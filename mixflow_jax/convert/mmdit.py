@@ -44,6 +44,10 @@ CONFIG_FIELDS = ("sample_size", "patch_size", "in_channels", "out_channels", "nu
                  "dual_attention_layers", "qk_norm")
 
 
+def _required(state_dict: Mapping[str, Any], key: str) -> Any:
+  return state_dicts.required(state_dict, key, "an SD3 / SD3.5 transformer (SD3Transformer2DModel)")
+
+
 def flax_path(key: str) -> tuple[str, ...]:
   """The Flax parameter path of a diffusers key, inside 'params':
   ``transformer_blocks.0.ff.net.0.proj.weight`` -> ('transformer_blocks_0', 'ff', 'net_0',
@@ -60,13 +64,6 @@ def _to_flax(key: str, value: np.ndarray) -> np.ndarray:
   if key.endswith(".weight") and value.ndim == 2:
     return value.T                         # Linear (out, in) -> (in, out)
   return value
-
-
-def _required(state_dict: Mapping[str, Any], key: str) -> Any:
-  if key not in state_dict:
-    raise errors.InvalidInput(f"The state_dict lacks {key!r}: is it an SD3 / SD3.5 "
-                              "transformer (SD3Transformer2DModel)?")
-  return state_dict[key]
 
 
 def _base_of_table(table: np.ndarray, max_size: int) -> int:

@@ -39,6 +39,14 @@ def names(keys: list[str], limit: int = 8) -> str:
   return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
+def required(state_dict: Any, key: str, what: str) -> Any:
+  """``state_dict[key]``, else InvalidInput naming the key and asking whether the file is
+  ``what`` (e.g. 'a RAE DiT^DH (DiTwDDTHead) checkpoint')."""
+  if key not in state_dict:
+    raise errors.InvalidInput(f"The state_dict lacks {key!r}: is it {what}?")
+  return state_dict[key]
+
+
 def check_known(unknown: list[str], model: str) -> None:
   """Raises InvalidInput naming the state_dict keys ``model`` has no variable for."""
   if unknown:
