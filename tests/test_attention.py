@@ -35,8 +35,10 @@ def _output_and_grads(implementation: str, q, k, v, cotangent):
     # One 128 block: the single-step forward kernel; Dh = 64.
     ((1, 128, 2, 64), attention._FLASH_BLOCKS),
     # Two 128 blocks of SiT-XL's head dim 72: the online-softmax forward (which slices its
-    # 128-lane statistics to the head dim) and a backward that accumulates over blocks.
-    ((1, 256, 1, 72), (128,)),
+    # 128-lane statistics to the head dim) and a backward that accumulates over blocks; 200
+    # tokens, so the second block is part padding (kept out by the segment ids), as SD3's
+    # 4429 joint tokens are padded to 4608.
+    ((2, 200, 1, 72), (128,)),
   ],
 )
 def test_flash_matches_xla_in_interpret_mode(shape, blocks, monkeypatch):
@@ -55,10 +57,19 @@ def test_flash_matches_xla_in_interpret_mode(shape, blocks, monkeypatch):
     np.testing.assert_allclose(grad, ref_grad, atol=FLASH_TOL, rtol=FLASH_TOL, err_msg=f"d{name}")
 
 
-def test_flash_refuses_a_token_count_it_cannot_tile():
-  q = jnp.zeros((1, 16, 4, 16))
-  with pytest.raises(ValueError, match=r"multiple of 128.*got 16 tokens"):
-    attention.dot_product_attention(q, q, q, "flash")
+def test_flash_padding_is_kept_out_of_the_softmax(monkeypatch):
+  """Without the segment ids the padded keys (zeros: logit 0) would take a share of every
+  row's softmax and move the output far above FLASH_TOL."""
+  from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
+
+  q, k, v, _ = _qkv_and_cotangent((1, 200, 1, 64))
+  real = tpu_flash.flash_attention
+  monkeypatch.setattr(tpu_flash, "flash_attention",
+                      lambda *args, segment_ids, **kw: real(*args, **kw))
+  with jax.default_matmul_precision("highest"), pltpu.force_tpu_interpret_mode():
+    out = attention.dot_product_attention(q, k, v, "flash")
+  ref = attention.dot_product_attention(q, k, v, "xla")
+  assert float(jnp.max(jnp.abs(out - ref))) > 100 * FLASH_TOL
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
@@ -93,8 +104,8 @@ def test_auto_on_this_backend_matches_xla():
     ("tpu", 256, 72, jnp.float32, "flash"),  # SiT-XL/2 at 256 px: 1152 / 16 = 72
     ("tpu", 256, 72, jnp.bfloat16, "flash"),
     ("tpu", 1024, 128, jnp.bfloat16, "flash"),
-    ("tpu", 16, 16, jnp.float32, "xla"),  # the tiny model: too few tokens for a block
-    ("tpu", 192, 64, jnp.float32, "xla"),  # not a multiple of 128
+    ("tpu", 16, 16, jnp.float32, "xla"),  # the tiny model: a block would pad it eightfold
+    ("tpu", 192, 64, jnp.float32, "xla"),  # padding to 256 would add a third
     ("tpu", 256, 192, jnp.float32, "xla"),  # a head dim above 128 must be a multiple of it
     ("tpu", 256, 72, jnp.float16, "xla"),
     ("gpu", 256, 72, jnp.float32, "xla"),  # cuDNN needs half precision
@@ -104,7 +115,8 @@ def test_auto_on_this_backend_matches_xla():
     ("gpu", 256, 12, jnp.bfloat16, "xla"),  # not a multiple of 8
     ("gpu", 256, 256, jnp.bfloat16, "xla"),  # Hopper only: not picked automatically
     ("cpu", 4429, 64, jnp.float32, "chunked"),  # SD3 at 1024 px: 4096 + 333 tokens
-    ("tpu", 4429, 64, jnp.bfloat16, "chunked"),  # no multiple of 128: no flash
+    ("tpu", 4429, 64, jnp.bfloat16, "flash"),  # padded to 4608
+    ("tpu", 4429, 64, jnp.float16, "chunked"),
     ("tpu", 4096, 64, jnp.bfloat16, "flash"),
     ("gpu", 4429, 64, jnp.float32, "chunked"),
     ("gpu", 4429, 64, jnp.bfloat16, "cudnn"),
@@ -117,6 +129,7 @@ def test_resolve_auto(platform, num_tokens, head_dim, dtype, expected):
 def test_resolve_keeps_a_concrete_implementation_that_fits():
   assert attention.resolve("xla", "tpu", 16, 16, jnp.float32) == "xla"
   assert attention.resolve("flash", "tpu", 256, 72, jnp.float32) == "flash"
+  assert attention.resolve("flash", "tpu", 16, 16, jnp.float32) == "flash"  # padded to 128
   assert attention.resolve("cudnn", "gpu", 256, 72, jnp.bfloat16) == "cudnn"
   assert attention.resolve("cudnn", "gpu", 256, 256, jnp.bfloat16) == "cudnn"
 
@@ -132,8 +145,6 @@ def test_resolve_keeps_a_concrete_implementation_that_fits():
      r"\('auto', 'xla', 'chunked', 'cudnn'\)"),
     ("cudnn", "tpu", 256, 72, jnp.bfloat16,
      r"'cudnn' is not available on tpu: expected one of \('auto', 'xla', 'chunked', 'flash'\)"),
-    ("flash", "tpu", 16, 16, jnp.float32,
-     r"config\.model\.attention='flash' cannot be used: .*multiple of 128.*got 16 tokens"),
     ("flash", "tpu", 256, 192, jnp.float32, r"'flash' cannot be used: .*head dim.*got 192"),
     ("cudnn", "gpu", 256, 72, jnp.float32,
      r"'cudnn' cannot be used: .*bfloat16 or float16 inputs, got float32"),
@@ -162,6 +173,11 @@ def test_chunked_matches_xla_in_output_and_gradients():
   assert "37x37" not in program and "16x37" in program  # no (T, T) logits, (c, T) blocks
 
 
-@pytest.mark.parametrize("num_tokens, block", [(128, 128), (256, 256), (384, 128), (1024, 512)])
-def test_flash_block_size(num_tokens, block):
-  assert attention.flash_block_size(num_tokens) == block
+@pytest.mark.parametrize("num_tokens, tiling", [
+  (128, (128, 128)), (256, (256, 256)), (384, (128, 384)), (1024, (512, 1024)),
+  (4429, (512, 4608)),  # SD3 at 1024 px: 4096 + 333 tokens, 179 of padding
+  (4250, (256, 4352)),  # 512 would pad 358 > 4250 / 16 tokens
+  (300, None), (192, None), (16, None),  # each block would pad more than T / 16
+])
+def test_flash_tiling(num_tokens, tiling):
+  assert attention.flash_tiling(num_tokens) == tiling

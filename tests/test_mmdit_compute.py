@@ -96,3 +96,17 @@ def test_scanning_needs_the_dual_blocks_first():
   x, t, cond = _inputs()
   with pytest.raises(ValueError, match=r"dual_attention_layers to be 0 \.\. k-1"):
     mmdit.MMDiT(config, scan_blocks=True).init(jax.random.key(0), x, t, **cond)
+
+
+def test_flash_attention_takes_the_joint_sequence(params, plain):
+  """16 image + 5 text tokens (SD3's odd joint length in miniature), padded to one block of
+  128 for the TPU kernel (interpreted here), in the joint and the dual (image-only)
+  attention: the plain output within the kernel's fp32 rounding."""
+  from jax.experimental.pallas import tpu as pltpu
+
+  out0, _ = plain
+  x, t, cond = _inputs()
+  with jax.default_matmul_precision("highest"), pltpu.force_tpu_interpret_mode():
+    out = jax.jit(mmdit.MMDiT(_CONFIG, attention="flash").apply)({"params": params}, x, t,
+                                                                 **cond)
+  np.testing.assert_allclose(out, out0, rtol=1e-4, atol=1e-5)

@@ -20,28 +20,32 @@ Implementations (``IMPLEMENTATIONS``):
   and the output out. Its constraints (``jax/experimental/pallas/ops/tpu/flash_attention.py``):
   the kv block ``block_k`` (and the backward kernels' ``block_k_dkv`` / ``block_k_dq``, used as
   ``jnp.tile(m, (1, block_k // MIN_BLOCK_SIZE))``) must be a multiple of ``MIN_BLOCK_SIZE`` = 128,
-  every block must divide T (``_verify_block``), so T must be a multiple of 128; the head dim
-  must be below 128 or a multiple of 128 (the ``head_dim`` check of
-  ``_flash_attention_kernel_single_batch``). A head dim below 128 such as SiT-XL's 72 is
-  accepted: the blocks span the whole head dim, which the Pallas TPU lowering allows for any
-  size (block dims equal to the array dims, ``jax/_src/pallas/mosaic/lowering.py``), and the
-  kernel slices its 128-lane row statistics down to the head dim. The block size here is the
-  largest of 512, 256, 128 that divides T, for all forward and backward blocks.
+  every block must divide T (``_verify_block``); the head dim must be below 128 or a multiple
+  of 128 (the ``head_dim`` check of ``_flash_attention_kernel_single_batch``). A head dim below
+  128 such as SiT-XL's 72 is accepted: the blocks span the whole head dim, which the Pallas TPU
+  lowering allows for any size (block dims equal to the array dims,
+  ``jax/_src/pallas/mosaic/lowering.py``), and the kernel slices its 128-lane row statistics
+  down to the head dim.
 
-- ``'chunked'``: XLA attention over blocks of ``CHUNK`` queries at a time (``lax.map``), each
-  block rematerialised in the backward pass (``jax.checkpoint``): the same function, with
-  (B, H, CHUNK, T) logits alive instead of (B, H, T, T). Any platform, any T: the fallback
-  for long sequences that no fused kernel takes, e.g. SD3 at 1024 px (4096 image + 333 text
-  tokens: 4429 is not a multiple of the TPU kernel's 128).
+  Any T is taken by padding (``flash_tiling``): the block is the largest of 512, 256, 128
+  whose padding of T to a multiple of it adds at most ``1 / FLASH_MAX_PAD_FRACTION`` of T
+  (none when T is a multiple of the block; blocks of 128 where none pads that little), and
+  the padded tokens are kept out of the softmax with the kernel's ``segment_ids`` (real
+  tokens are segment 1, padding segment 0, and a token attends only to its own segment);
+  the padded rows are dropped from the output. SD3 at 1024 px has 4096 image + 333 text =
+  4429 tokens: blocks of 512 over 4608 (4% more tokens, ~8% more attention FLOPs) rather
+  than blocks of 128 over 4480, as the kernel's larger blocks keep the MXU busier (a choice
+  not measured here: no TPU lent).
 
 ``'auto'`` picks, through ``resolve``, the fastest implementation that the platform has and
 whose constraints hold; else ``'chunked'`` from ``CHUNKED_MIN_TOKENS`` tokens (where the
 (T, T) logits dominate the memory) and ``'xla'`` below:
 
-- TPU: ``'flash'`` when T is a multiple of 128 and the head dim is below 128 or a multiple of
-  128 and the dtype is float32 or bfloat16 (e.g. SiT-XL/2 at 256 px: 256 tokens, head dim 72);
-  else ``'xla'`` (e.g. the tiny model's 16 tokens). Flash attention never materialises the
-  (T, T) logits in HBM.
+- TPU: ``'flash'`` when T tiles with little padding (``flash_tiling`` finds a block) and the
+  head dim is below 128 or a multiple of 128 and the dtype is float32 or bfloat16 (e.g.
+  SiT-XL/2 at 256 px: 256 tokens, head dim 72; SD3 at 1024 px: 4429 tokens padded to 4608);
+  else ``'chunked'`` / ``'xla'`` (e.g. the tiny model's 16 tokens, which one block of 128
+  would pad eightfold). Flash attention never materialises the (T, T) logits in HBM.
 - GPU: ``'cudnn'`` when the dtype is bfloat16 / float16 and the head dim is a multiple of 8 and
   at most 128 (the bound that holds on every GPU generation; an explicit ``'cudnn'`` accepts up
   to 256 and leaves the Hopper check to JAX); else ``'xla'`` (float32 training in particular).
@@ -71,10 +75,12 @@ CHUNK = 512  # queries per block of 'chunked'
 CHUNKED_MIN_TOKENS = 2048  # 'auto' chunks XLA's attention from this many tokens
 _PLATFORM_ALIASES = {"cuda": "gpu"}
 
-# The TPU kernel's minimum block (MIN_BLOCK_SIZE in the Pallas flash-attention module): T
-# and the kv blocks must be multiples of it; a head dim above it must be a multiple of it.
+# The TPU kernel's minimum block (MIN_BLOCK_SIZE in the Pallas flash-attention module): the
+# kv blocks must be multiples of it; a head dim above it must be a multiple of it.
 _FLASH_MIN_BLOCK = 128
-_FLASH_BLOCKS = (512, 256, 128)  # tried largest first; the first that divides T is used
+_FLASH_BLOCKS = (512, 256, 128)  # tried largest first (see flash_tiling)
+# 'auto' and flash_tiling pad T by at most T / FLASH_MAX_PAD_FRACTION tokens.
+FLASH_MAX_PAD_FRACTION = 16
 _FLASH_DTYPES = (jnp.float32, jnp.bfloat16)
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 _CUDNN_HEAD_DIM_MULTIPLE = 8
@@ -86,13 +92,8 @@ def _field(implementation: str) -> str:
   return f"config.model.attention={implementation!r}"
 
 
-def _flash_constraint_error(num_tokens: int, head_dim: int) -> str | None:
-  """Why the TPU flash kernel cannot take (num_tokens, head_dim), or None when it can."""
-  if num_tokens % _FLASH_MIN_BLOCK != 0:
-    return (
-      f"the TPU flash-attention kernel needs the number of tokens to be a multiple of "
-      f"{_FLASH_MIN_BLOCK} (its minimum block), got {num_tokens} tokens"
-    )
+def _flash_constraint_error(head_dim: int) -> str | None:
+  """Why the TPU flash kernel cannot take heads of ``head_dim``, or None when it can."""
   if head_dim > _FLASH_MIN_BLOCK and head_dim % _FLASH_MIN_BLOCK != 0:
     return (
       f"the TPU flash-attention kernel needs the head dim to be below {_FLASH_MIN_BLOCK} or a "
@@ -142,14 +143,14 @@ def resolve(implementation: str, platform: str, num_tokens: int, head_dim: int, 
   if implementation == "auto":
     if platform == "tpu":
       fits = dtype in [jnp.dtype(d) for d in _FLASH_DTYPES]
-      if fits and _flash_constraint_error(num_tokens, head_dim) is None:
+      if fits and _flash_constraint_error(head_dim) is None and flash_tiling(num_tokens):
         return "flash"
     elif platform == "gpu":
       if _cudnn_constraint_error(head_dim, dtype, _CUDNN_AUTO_MAX_HEAD_DIM) is None:
         return "cudnn"
     return "chunked" if num_tokens >= CHUNKED_MIN_TOKENS else "xla"
   if implementation == "flash":
-    error = _flash_constraint_error(num_tokens, head_dim)
+    error = _flash_constraint_error(head_dim)
     if error is None and dtype not in [jnp.dtype(d) for d in _FLASH_DTYPES]:
       error = f"the TPU flash-attention kernel is used in float32 or bfloat16, got {dtype.name}"
   elif implementation == "cudnn":
@@ -161,38 +162,50 @@ def resolve(implementation: str, platform: str, num_tokens: int, head_dim: int, 
   return implementation
 
 
-def flash_block_size(num_tokens: int) -> int:
-  """The block (forward and backward, q and kv) of the TPU flash kernel for T tokens.
+def flash_tiling(num_tokens: int) -> tuple[int, int] | None:
+  """(block, padded T) of the TPU flash kernel for T tokens, or None when no block fits.
 
-  The largest of 512, 256, 128 that divides T; T must be a multiple of 128.
+  The block (forward and backward, q and kv) is the largest of 512, 256, 128 for which
+  padding T up to a multiple of the block adds at most T / ``FLASH_MAX_PAD_FRACTION`` tokens.
   """
   for block in _FLASH_BLOCKS:
-    if num_tokens % block == 0:
-      return block
-  raise ValueError(_flash_constraint_error(num_tokens, _FLASH_MIN_BLOCK))
+    padded = -(-num_tokens // block) * block
+    if (padded - num_tokens) * FLASH_MAX_PAD_FRACTION <= num_tokens:
+      return block, padded
+  return None
 
 
 def _flash_attention(q: Array, k: Array, v: Array) -> Array:
-  """The Pallas TPU flash kernel on (B, T, H, Dh) inputs -> (B, T, H, Dh)."""
+  """The Pallas TPU flash kernel on (B, T, H, Dh) inputs -> (B, T, H, Dh), T padded to the
+  block (``flash_tiling``) with the padding kept apart by segment ids."""
   # Imported here: the Pallas TPU modules are only needed when this implementation runs.
   from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
 
-  _, num_tokens, _, head_dim = q.shape
-  error = _flash_constraint_error(num_tokens, head_dim)
+  b, num_tokens, _, head_dim = q.shape
+  error = _flash_constraint_error(head_dim)
   if error is not None:
     raise ValueError(f"{_field('flash')} cannot be used: {error}")
-  block = flash_block_size(num_tokens)
+  # An explicit 'flash' runs on any T: blocks of 128 where no block pads little.
+  block, padded = flash_tiling(num_tokens) or (
+    _FLASH_MIN_BLOCK, -(-num_tokens // _FLASH_MIN_BLOCK) * _FLASH_MIN_BLOCK)
   block_sizes = tpu_flash.BlockSizes(
     block_q=block, block_k_major=block, block_k=block, block_b=1,
     block_q_major_dkv=block, block_k_major_dkv=block, block_k_dkv=block, block_q_dkv=block,
     block_k_major_dq=block, block_k_dq=block, block_q_dq=block,
   )
-  to_bhtd = lambda x: jnp.transpose(x, (0, 2, 1, 3))  # (B, T, H, Dh) <-> (B, H, T, Dh)
+  segment_ids = None
+  if padded != num_tokens:
+    # Real tokens are segment 1, the padding segment 0: no token attends across.
+    ids = jnp.broadcast_to(jnp.arange(padded) < num_tokens, (b, padded)).astype(jnp.int32)
+    segment_ids = tpu_flash.SegmentIds(q=ids, kv=ids)
+  # (B, T, H, Dh) -> (B, H, T_padded, Dh) and back.
+  to_bhtd = lambda x: jnp.pad(
+    jnp.transpose(x, (0, 2, 1, 3)), ((0, 0), (0, 0), (0, padded - num_tokens), (0, 0)))
   out = tpu_flash.flash_attention(
-    to_bhtd(q), to_bhtd(k), to_bhtd(v), causal=False, sm_scale=float(head_dim) ** -0.5,
-    block_sizes=block_sizes,
+    to_bhtd(q), to_bhtd(k), to_bhtd(v), segment_ids=segment_ids, causal=False,
+    sm_scale=float(head_dim) ** -0.5, block_sizes=block_sizes,
   )
-  return to_bhtd(out)
+  return jnp.transpose(out[:, :, :num_tokens], (0, 2, 1, 3))
 
 
 def chunked_attention(q: Array, k: Array, v: Array, chunk: int = CHUNK) -> Array:
