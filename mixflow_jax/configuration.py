@@ -155,6 +155,13 @@ def default_config() -> ml_collections.ConfigDict:
       time_shift_schedule="cosine",
       time_shift_mode="target",
       data_var=0.0,             # expected variance sigma^2 + alpha^2 data_var (0: published)
+      # Skip-layer guidance (SD3.5 Medium's SLG; MMDiT, euler / heun): + slg_scale (u_c -
+      # u_skip), u_skip the network without the blocks slg_layers, on the steps i with
+      # N start < i < N stop for slg_steps = (start, stop), the SD3 pipeline's rule. 0
+      # disables it; SD3.5 Medium's model card: 2.8, (7, 8, 9), (0.01, 0.2).
+      slg_scale=0.0,
+      slg_layers=(),
+      slg_steps=(0.01, 0.2),
       num_samples=1000,
       batch_size=500,
       # balanced (0..K-1 repeated) | random (uniform from the seed) | comma-separated class
@@ -217,7 +224,8 @@ def make_sampler(sample: ml_collections.ConfigDict, path: str, num_steps: int | 
       time_shift_window=sample.time_shift_window,
       time_shift_cutoff=sample.time_shift_cutoff,
       time_shift_schedule=sample.time_shift_schedule,
-      time_shift_mode=sample.time_shift_mode, data_var=sample.data_var)
+      time_shift_mode=sample.time_shift_mode, data_var=sample.data_var,
+      slg_scale=sample.slg_scale, slg_steps=tuple(sample.slg_steps))
 
 
 # The config field that sets each SiTConfig field.
@@ -395,6 +403,23 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   _check(s.time_shift_mode in time_shift.MODES, "sample.time_shift_mode",
          s.time_shift_mode, f"one of {time_shift.MODES}")
   _check(s.data_var >= 0, "sample.data_var", s.data_var, ">= 0")
+  _check(s.slg_scale >= 0, "sample.slg_scale", s.slg_scale, ">= 0 (0 disables it)")
+  _check(len(s.slg_steps) == 2 and 0 <= s.slg_steps[0] < s.slg_steps[1] <= 1,
+         "sample.slg_steps", s.slg_steps, "(start, stop) with 0 <= start < stop <= 1")
+  if s.slg_scale > 0:
+    _check(families.of_name(m.name).skip_layers, "sample.slg_scale", s.slg_scale,
+           "0: skip-layer guidance needs a network that skips blocks (MMDiT), not a "
+           f"{families.family_of_name(m.name)}")
+    _check(s.sampler in sampling.TIME_SHIFT_METHODS, "sample.sampler", s.sampler,
+           f"one of {sampling.TIME_SHIFT_METHODS} with skip-layer guidance "
+           "(sample.slg_scale > 0)")
+    _check(len(s.slg_layers) > 0 and all(isinstance(i, int) and i >= 0 for i in s.slg_layers),
+           "sample.slg_layers", s.slg_layers,
+           "the block indices to skip with sample.slg_scale > 0, e.g. (7, 8, 9)")
+    steps = sampling.Sampler(num_steps=s.num_steps, slg_steps=tuple(s.slg_steps))
+    _check(bool(steps.slg_steps_taken), "sample.slg_steps", s.slg_steps,
+           f"a window holding some of the sample.num_steps={s.num_steps} steps i "
+           "(N start < i < N stop)")
   sf = config.slowflow
   _check(sf.mode in ("trajectory", "restart"), "slowflow.mode", sf.mode,
          "'trajectory' or 'restart'")

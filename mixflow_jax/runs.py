@@ -244,6 +244,8 @@ def samples_name(config: ml_collections.ConfigDict) -> str:
              != _SAMPLER_DEFAULTS[k]}
   if s.guide:  # the guide network of autoguidance
     changed["guide"] = s.guide
+  if s.slg_scale > 0:  # the blocks skip-layer guidance skips
+    changed["slg_layers"] = list(s.slg_layers)
   if s.labels != "balanced":
     changed["labels"] = s.labels
   if changed:

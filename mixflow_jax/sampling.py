@@ -31,7 +31,9 @@ Guidance, written once over the condition pytree (conditioning.py): classifier-f
 (``guidance='cfg'``: the pass told the condition and the pass told the null condition, of one
 network, as one doubled batch) or autoguidance (``'autoguidance'``, Karras et al. 2024, as
 RAE samples its best FID: ``u_guide + s (u_main - u_guide)``, a second, weaker network of
-the same family, both told the condition), each on ``cfg_interval``.
+the same family, both told the condition), each on ``cfg_interval``; on top of either,
+skip-layer guidance (SD3.5 Medium's SLG, ``slg_scale``: ``+ s (u_c - u_skip)``, u_skip the
+same network with some blocks skipped) on the steps the SD3 pipeline picks (``slg_steps``).
 
 Every sample's noise (its initial x0 and each SDE increment) is drawn from a key folded
 with the sample's global index, so samples do not depend on batch size, device count or
@@ -84,7 +86,10 @@ class Sampler:
   to our time by signal-to-noise ratio; ``time_shift_mode`` 'target' (the published code:
   network at the nominal time, the step's end moved) or 'network' (the network told the
   shifted time); ``data_var`` enters the expected variance sigma^2 + alpha^2 data_var
-  (0: the published 1 - abar).
+  (0: the published 1 - abar). ``slg_scale`` > 0 turns on skip-layer guidance (SD3.5
+  Medium's SLG; euler / heun) on the steps i (0-based, from noise) with N start < i < N stop
+  for ``slg_steps`` = (start, stop), diffusers' ``skip_layer_guidance_start`` / ``_stop``
+  (SD3 pipeline); ``slg_interval`` turns them into times.
   """
 
   method: str = "euler"
@@ -107,6 +112,8 @@ class Sampler:
   time_shift_schedule: str = "cosine"
   time_shift_mode: str = "target"
   data_var: float = 0.0
+  slg_scale: float = 0.0
+  slg_steps: tuple[float, float] = (0.01, 0.2)
 
   def __post_init__(self):
     if self.method not in METHODS:
@@ -125,6 +132,13 @@ class Sampler:
     if self.time_shift_mode not in time_shift.MODES:
       raise ValueError(f"time_shift_mode={self.time_shift_mode!r}; expected one of "
                        f"{time_shift.MODES}.")
+    if self.slg_scale > 0:
+      if self.method not in TIME_SHIFT_METHODS:
+        raise ValueError("Skip-layer guidance runs on the fixed grid: method 'euler' or "
+                         f"'heun', not {self.method!r}.")
+      if not self.slg_steps_taken:
+        raise ValueError(f"slg_steps={self.slg_steps} takes none of the {self.num_steps} "
+                         "steps i (N start < i < N stop).")
 
   @property
   def grid(self) -> Array:
@@ -135,6 +149,23 @@ class Sampler:
     t0, t1 = self.grid_interval or self.path.sample_interval
     grid = jnp.linspace(t0, t1, self.num_steps + 1, dtype=jnp.float32)
     return grid if self.grid_shift == 1.0 else timesteps.shift_time(grid, self.grid_shift)
+
+
+  @property
+  def slg_steps_taken(self) -> list[int]:
+    """The steps i with N start < i < N stop, as the SD3 pipeline compares them."""
+    n, (start, stop) = self.num_steps, self.slg_steps
+    return [i for i in range(n) if n * start < i < n * stop]
+
+  @property
+  def slg_interval(self) -> tuple[Array, Array]:
+    """(lo, hi) in our time holding the grid times of ``slg_steps_taken`` and no other, the
+    bounds halfway to the neighbouring grid times (so the float comparison is safe); a Heun
+    step's corrector at t_{i+1} is guided as step i + 1 is."""
+    grid, steps = self.grid, self.slg_steps_taken
+    first, last = steps[0], steps[-1]
+    lo = -jnp.inf if first == 0 else (grid[first - 1] + grid[first]) / 2
+    return lo, (grid[last] + grid[last + 1]) / 2
 
 
 def _expand(t: Array, x: Array) -> Array:
@@ -159,36 +190,24 @@ def guided_velocity(apply_fn: Callable, params, condition: Condition, *, cfg_sca
 
   ``skip_layer_guide`` = (skip_apply_fn, s, (lo, hi)) adds skip-layer guidance on top
   (SD3.5's pipeline: ``+ s (u_c - u_skip)``, u_skip the same network and parameters with
-  blocks skipped, told the condition) where lo <= t <= hi.
+  blocks skipped, told the condition) where lo <= t <= hi; the skipping pass runs only
+  when some sample of the batch is inside.
   """
-  if skip_layer_guide is not None:
-    skip_fn, slg_scale, (lo, hi) = skip_layer_guide
-    inner = guided_velocity(apply_fn, params, condition, cfg_scale=cfg_scale,
-                            null_condition=null_condition, guided_channels=guided_channels,
-                            cfg_interval=cfg_interval, guide=guide)
-
-    def with_skip_layers(x, t, guide_t=None):
-      u = inner(x, t) if guide_t is None else inner(x, t, guide_t)
-      delta = apply_fn(params, x, t, condition) - skip_fn(params, x, t, condition)
-      inside = _expand((t >= lo) & (t <= hi), u)
-      return u + jnp.where(inside, slg_scale * delta, 0.0)
-
-    return with_skip_layers
-  if cfg_scale == 1.0:
-    return lambda x, t, guide_t=None: apply_fn(params, x, t, condition)
-  if guide is None and null_condition is None:
+  if cfg_scale != 1.0 and guide is None and null_condition is None:
     raise ValueError("Classifier-free guidance needs the null condition.")
-  both = None if guide is not None else conditioning.concat(condition, null_condition)
+  both = (None if cfg_scale == 1.0 or guide is not None
+          else conditioning.concat(condition, null_condition))
 
-  def cond_and_reference(x, t):
+  def cond_and_guided(x, t, guide_t):
+    if cfg_scale == 1.0:
+      cond = apply_fn(params, x, t, condition)
+      return cond, cond
     if guide is not None:
       guide_fn, guide_params = guide
-      return apply_fn(params, x, t, condition), guide_fn(guide_params, x, t, condition)
-    out = apply_fn(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]), both)
-    return jnp.split(out, 2)
-
-  def velocity(x, t, guide_t=None):
-    cond, uncond = cond_and_reference(x, t)
+      cond, uncond = apply_fn(params, x, t, condition), guide_fn(guide_params, x, t, condition)
+    else:
+      out = apply_fn(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]), both)
+      cond, uncond = jnp.split(out, 2)
     guided = uncond + cfg_scale * (cond - uncond)
     if guided_channels == "first3":
       guided = jnp.concatenate([guided[..., :3], cond[..., 3:]], axis=-1)
@@ -196,7 +215,17 @@ def guided_velocity(apply_fn: Callable, params, condition: Condition, *, cfg_sca
       at = t if guide_t is None else guide_t
       inside = (at >= cfg_interval[0]) & (at <= cfg_interval[1])
       guided = jnp.where(_expand(inside, guided), guided, cond)
-    return guided
+    return cond, guided
+
+  def velocity(x, t, guide_t=None):
+    cond, guided = cond_and_guided(x, t, guide_t)
+    if skip_layer_guide is None:
+      return guided
+    skip_fn, slg_scale, (lo, hi) = skip_layer_guide
+    inside = _expand((t >= lo) & (t <= hi), cond)
+    skip_term = lambda: jnp.where(inside, slg_scale * (cond - skip_fn(params, x, t, condition)),
+                                  0.0).astype(guided.dtype)
+    return guided + jax.lax.cond(jnp.any(inside), skip_term, lambda: jnp.zeros_like(guided))
 
   return velocity
 
@@ -226,16 +255,24 @@ def adm_es_schedule(b: float, k: float, num_steps: int) -> tuple[float, float]:
 
 
 def velocity_field(apply_fn: Callable, params, condition: Condition, sampler: Sampler,
-                   null_condition: Condition | None, guide: Guide | None = None
-                   ) -> VelocityFn:
+                   null_condition: Condition | None, guide: Guide | None = None,
+                   skip_fn: Callable | None = None) -> VelocityFn:
   """The velocity the sampler integrates: the network with guidance (autoguidance by
-  ``guide`` where ``sampler.guidance`` says so) and epsilon scaling."""
+  ``guide`` where ``sampler.guidance`` says so; skip-layer guidance with ``skip_fn``, the
+  network with its guidance layers skipped, where ``sampler.slg_scale`` > 0) and epsilon
+  scaling."""
   if (sampler.guidance == "autoguidance") != (guide is not None):
     raise ValueError(f"Sampler guidance={sampler.guidance!r} needs a guide network exactly "
                      "when it is 'autoguidance'.")
+  if (sampler.slg_scale > 0) != (skip_fn is not None):
+    raise ValueError(f"Sampler slg_scale={sampler.slg_scale} needs the network with skipped "
+                     "layers exactly when it is positive.")
+  skip_layer_guide = (None if skip_fn is None
+                      else (skip_fn, sampler.slg_scale, sampler.slg_interval))
   u = guided_velocity(apply_fn, params, condition, cfg_scale=sampler.cfg_scale,
                       null_condition=null_condition, guided_channels=sampler.guided_channels,
-                      cfg_interval=sampler.cfg_interval, guide=guide)
+                      cfg_interval=sampler.cfg_interval, guide=guide,
+                      skip_layer_guide=skip_layer_guide)
   if sampler.eps_scale != 1.0 or sampler.eps_scale_slope != 0.0:
     u = epsilon_scaled(u, sampler.path, sampler.eps_scale, sampler.eps_scale_slope)
   return u
@@ -379,19 +416,20 @@ def step_noise(key: jax.Array, indices: Array, step: Array, shape: tuple[int, ..
       jax.random.fold_in(jax.random.fold_in(key, i), step), shape))(indices)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "sampler", "shape", "guide_fn"))
+@functools.partial(jax.jit, static_argnames=("apply_fn", "sampler", "shape", "guide_fn",
+                                                  "skip_fn"))
 def sample(apply_fn: Callable, params, indices: Array, condition: Condition,
            null_condition: Condition | None, key: jax.Array, *, sampler: Sampler,
-           shape: tuple[int, ...], guide_fn: Callable | None = None, guide_params=None
-           ) -> Array:
+           shape: tuple[int, ...], guide_fn: Callable | None = None, guide_params=None,
+           skip_fn: Callable | None = None) -> Array:
   """Samples (B, *shape) for the condition (B, ...) (and its null, for CFG), the noise of
   sample j drawn from ``key`` folded with its global index ``indices[j]``; the whole
   trajectory in one jit. ``guide_fn``, ``guide_params``: the guide network of
-  autoguidance."""
+  autoguidance; ``skip_fn``: the network with skipped layers of skip-layer guidance."""
   init_key, sde_key = jax.random.split(key)
   x0 = initial_noise(init_key, indices, shape)
   guide = None if guide_fn is None else (guide_fn, guide_params)
-  u = velocity_field(apply_fn, params, condition, sampler, null_condition, guide)
+  u = velocity_field(apply_fn, params, condition, sampler, null_condition, guide, skip_fn)
   return integrate(u, x0, sampler, lambda i: step_noise(sde_key, indices, i, shape))
 
 

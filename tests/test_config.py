@@ -138,6 +138,31 @@ def test_time_shift_needs_a_fixed_grid(config):
     configuration.validate(config)
 
 
+def test_skip_layer_guidance_is_checked_and_reaches_the_sampler(config):
+  """SLG needs a network that skips blocks, a fixed grid, the blocks, and a window that holds
+  a step; the sd3 config with SD3.5 Medium's card values passes it to the sampler."""
+  config.sample.slg_scale = 2.8
+  with pytest.raises(configuration.ConfigError,
+                     match=r"config\.sample\.slg_scale=2\.8.*needs a network that skips "
+                           r"blocks \(MMDiT\), not a SiT"):
+    configuration.validate(config)
+  sd3 = _config_module("sd3").get_config("medium")
+  sd3.sample.slg_scale, sd3.sample.slg_layers = 2.8, (7, 8, 9)
+  sd3.sample.num_steps = 40
+  configuration.validate(sd3, needs_data=False)
+  sampler = configuration.make_sampler(sd3.sample, "linear", time_convention="data_to_noise")
+  assert sampler.slg_scale == 2.8 and sampler.slg_steps_taken == list(range(1, 8))
+  for field, value, message in [
+      ("sampler", "dopri5", "config.sample.sampler='dopri5'"),
+      ("slg_layers", (), "config.sample.slg_layers=()"),
+      ("slg_steps", (0.3, 0.31), "config.sample.slg_steps=(0.3, 0.31)"),
+      ("slg_steps", (0.2, 0.1), "config.sample.slg_steps=(0.2, 0.1)")]:
+    bad = sd3.copy_and_resolve_references()
+    bad.sample[field] = value
+    with pytest.raises(configuration.ConfigError, match=re.escape(message)):
+      configuration.validate(bad, needs_data=False)
+
+
 def test_rae_variants_validate_and_sample_on_raes_shifted_grid():
   rae = _config_module("imagenet_rae")
   for variant in ("xl", "xl_ag", "xl_512", "xl_512_ag"):

@@ -321,6 +321,63 @@ def test_skip_layer_guidance_adds_its_term_inside_its_interval():
   np.testing.assert_allclose(u(x, t), want, rtol=1e-6)
 
 
+def test_skip_layer_guidance_of_a_tiny_mmdit_follows_the_sd3_pipeline_loop():
+  """Euler with CFG and SLG on the tiny MMDiT (skipping its second block) equals the SD3
+  pipeline's loop written out in our time: at step i the guided velocity, plus
+  s (u_c - u_skip) where N start < i < N stop (steps 2, 3, 4 of 10 here); other steps
+  (another window) give other samples."""
+  from mixflow_jax.models import mmdit
+
+  config = mmdit.MMDiTConfig(sample_size=4, patch_size=2, in_channels=4, out_channels=4,
+                             num_layers=3, num_attention_heads=2, attention_head_dim=8,
+                             joint_attention_dim=6, caption_projection_dim=16,
+                             pooled_projection_dim=5, pos_embed_max_size=4, text_tokens=3)
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda x: jnp.asarray(0.3 * rng.standard_normal(x.shape), x.dtype),
+                        mmdit.abstract_params(config))
+  model = mmdit.MMDiT(config)
+  apply, skip = families.make_apply_fn(model), families.make_apply_fn(model, skip_layers=(1,))
+  jit_apply, jit_skip = jax.jit(apply), jax.jit(skip)
+  cond = {"context": jnp.asarray(rng.standard_normal((2, 3, 6)), jnp.float32),
+          "pooled": jnp.asarray(rng.standard_normal((2, 5)), jnp.float32)}
+  null = jax.tree.map(jnp.zeros_like, cond)
+  sampler = sampling.Sampler("euler", num_steps=10, cfg_scale=4.5, slg_scale=2.8,
+                             slg_steps=(0.1, 0.45))
+  assert sampler.slg_steps_taken == [2, 3, 4]
+  out = sampling.sample(apply, params, jnp.arange(2), cond, null, jax.random.key(3),
+                        sampler=sampler, shape=(4, 4, 4), skip_fn=skip)
+
+  def pipeline_loop(start: float, stop: float):
+    x, grid = sampling.initial_noise(jax.random.split(jax.random.key(3))[0], jnp.arange(2),
+                                     (4, 4, 4)), sampler.grid
+    for i in range(10):
+      t = jnp.full((2,), grid[i])
+      u_c, u_null = jit_apply(params, x, t, cond), jit_apply(params, x, t, null)
+      u = u_null + 4.5 * (u_c - u_null)
+      if 10 * start < i < 10 * stop:
+        u = u + 2.8 * (u_c - jit_skip(params, x, t, cond))
+      x = x + (grid[i + 1] - grid[i]) * u
+    return x
+
+  # Outputs up to ~20: CFG 4.5 amplifies the fp32 rounding of the doubled batch to ~2e-4
+  # (1.3e-4 without SLG); one step more under SLG moves them by more than 3.
+  np.testing.assert_allclose(out, pipeline_loop(0.1, 0.45), rtol=1e-4, atol=1e-3)
+  for window in [(0.0, 0.45), (0.1, 0.55)]:  # step 1 too; step 5 too
+    assert float(jnp.abs(pipeline_loop(*window) - out).max()) > 1.0, window
+
+
+@pytest.mark.parametrize("kwargs, match", [
+  (dict(method="dopri5"), "Skip-layer guidance runs on the fixed grid"),
+  (dict(slg_steps=(0.26, 0.49)), r"slg_steps=\(0.26, 0.49\) takes none of the 4 steps"),
+])
+def test_skip_layer_guidance_refuses_what_it_cannot_do(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    sampling.Sampler(**{"method": "euler", "num_steps": 4, "slg_scale": 2.8, **kwargs})
+  with pytest.raises(ValueError, match=r"slg_scale=2\.8 needs the network with skipped layers"):
+    sampling.velocity_field(None, None, {}, sampling.Sampler(num_steps=10, slg_scale=2.8),
+                            None)
+
+
 @pytest.mark.parametrize("method", ["heun", "sde"])
 def test_samples_do_not_depend_on_the_batch(tiny_model, method):
   """Sample j's noise comes from its global index: batch size and where a job starts do

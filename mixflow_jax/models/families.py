@@ -62,6 +62,7 @@ class Family:
   data_shape: Callable[[Any], tuple[tuple[int, int, int], int]]
   frozen_params: tuple[str, ...] = ()
   class_labels: bool = True  # conditioned on a class label: the data's classes matter
+  skip_layers: bool = False  # its network takes skip_layers (skip-layer guidance)
 
 
 def _sit(name: str, settings: dict, image_shape: tuple[int, int, int], num_classes: int
@@ -127,7 +128,7 @@ MMDIT = Family(
     names=(*mmdit.SIZES, mmdit.TINY_NAME), from_settings=_mmdit,
     abstract_params=mmdit.abstract_params,
     to_layout=mmdit.to_layout, head_dims=lambda c: (c.attention_head_dim,),
-    conditioning=_text, class_labels=False,
+    conditioning=_text, class_labels=False, skip_layers=True,
     data_shape=lambda c: ((c.sample_size, c.sample_size, c.in_channels), 0))
 FAMILIES = {f.name: f for f in (SIT, DITDH, MMDIT)}
 NAMED_MODELS = tuple(name for f in FAMILIES.values() for name in f.names)
