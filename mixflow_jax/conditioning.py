@@ -6,6 +6,9 @@
   the text encoders' per-token and pooled embeddings); the null condition is the encoders'
   output for the empty prompt, which is data (``null_value``, a (1, ...) pytree stored with
   the embeddings), not zeros: SD3's classifier-free guidance uses it.
+- ``PromptTokens``: ``{'clip_l_ids': (B, 77), ...}`` int32, the tokenizers' ids that frozen
+  text encoders inside the train step turn into a ``TextEmbedding``; its null condition is
+  the empty prompt's ids, dropped per encoder or for the whole caption.
 
 Training, sampling, guidance, data and checkpoints ask a family's conditioning (models/
 families.py) what its condition looks like (``spec``), what its null is (``null``) and drop
@@ -97,6 +100,49 @@ class TextEmbedding:
     spec = self.spec(batch_size)
     return {k: jnp.broadcast_to(jnp.asarray(null_value[k], jnp.float32), spec[k].shape)
             for k in self.fields}
+
+  def null_spec(self) -> dict[str, jax.ShapeDtypeStruct]:
+    return self.spec(1)
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptTokens:
+  """The token ids of each text encoder's tokenizer, ``{field: (B, length) int32}``: what a
+  text family is told before its frozen encoders run inside the train step (which turns
+  them into the ``TextEmbedding``). The null condition is the empty prompt's ids
+  (``null_value``: (1, length) per field), so that dropping an encoder's ids to them drops
+  its embedding to the empty prompt's. ``dropout`` drops the whole caption (every field
+  together); ``field_dropout``, where given, drops each encoder's ids on its own with its
+  probability (SD3 trained with independent dropout per encoder).
+
+  ``lengths``: (field, length) per encoder, e.g. (('clip_l_ids', 77), ('clip_g_ids', 77),
+  ('t5_ids', 256)).
+  """
+
+  lengths: tuple[tuple[str, int], ...]
+  dropout: float = 0.0
+  field_dropout: tuple[tuple[str, float], ...] = ()
+
+  @property
+  def fields(self) -> tuple[str, ...]:
+    return tuple(field for field, _ in self.lengths)
+
+  @property
+  def dropout_groups(self) -> tuple[tuple[tuple[str, ...], float], ...]:
+    if self.field_dropout:
+      return tuple(((field,), p) for field, p in self.field_dropout)
+    return ((self.fields, self.dropout),)
+
+  def spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    return {field: jax.ShapeDtypeStruct((batch_size, length), jnp.int32)
+            for field, length in self.lengths}
+
+  def null(self, batch_size: int, null_value: Condition | None = None) -> Condition:
+    if null_value is None:
+      raise ValueError("A prompt's null value is the empty prompt's token ids (data): none "
+                       "was given.")
+    return {k: jnp.broadcast_to(jnp.asarray(null_value[k], jnp.int32), v.shape)
+            for k, v in self.spec(batch_size).items()}
 
   def null_spec(self) -> dict[str, jax.ShapeDtypeStruct]:
     return self.spec(1)

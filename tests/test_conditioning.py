@@ -59,3 +59,32 @@ def test_a_text_null_needs_its_data_and_a_condition_of_another_shape_is_named():
   with pytest.raises(ValueError, match=r"fields \['label'\]; the model is conditioned on "
                      r"\['context', 'pooled'\]"):
     conditioning.check({"label": np.zeros(2, np.int32)}, text, "data x")
+
+
+def test_prompt_tokens_drop_each_encoder_to_the_empty_prompt_independently():
+  """SD3's per-encoder caption dropout on token ids: each encoder's ids become the empty
+  prompt's at its own rate, independently; whole-caption dropout drops them together."""
+  n, rate = 8_000, 0.463
+  lengths = (("clip_l_ids", 5), ("clip_g_ids", 5), ("t5_ids", 7))
+  per_encoder = conditioning.PromptTokens(lengths, field_dropout=tuple(
+      (field, rate) for field, _ in lengths))
+  empty = {field: np.arange(length, dtype=np.int32)[None] + 100 for field, length in lengths}
+  tokens = {field: jnp.ones((n, length), jnp.int32) for field, length in lengths}
+  null = per_encoder.null(n, empty)
+  assert {k: (v.shape, v.dtype) for k, v in null.items()} == {
+      k: (v.shape, v.dtype) for k, v in per_encoder.spec(n).items()}
+  dropped = conditioning.drop(jax.random.key(2), tokens, null, per_encoder.dropout_groups)
+  is_null = {field: np.all(np.asarray(dropped[field]) == empty[field], axis=1)
+             for field, _ in lengths}
+  for field, _ in lengths:  # whole rows, at the rate
+    assert np.all(is_null[field] | np.all(np.asarray(dropped[field]) == 1, axis=1))
+    assert abs(is_null[field].mean() - rate) < 4 * np.sqrt(0.25 / n)
+  all_three = np.mean(is_null["clip_l_ids"] & is_null["clip_g_ids"] & is_null["t5_ids"])
+  assert abs(all_three - rate ** 3) < 4 * np.sqrt(0.1 / n)  # independent draws
+  whole = conditioning.PromptTokens(lengths, dropout=0.1)
+  dropped = conditioning.drop(jax.random.key(2), tokens, null, whole.dropout_groups)
+  rows = [np.all(np.asarray(dropped[f]) == empty[f], axis=1) for f, _ in lengths]
+  np.testing.assert_array_equal(rows[0], rows[1])
+  np.testing.assert_array_equal(rows[0], rows[2])
+  with pytest.raises(ValueError, match="empty prompt's token ids"):
+    whole.null(2)

@@ -105,3 +105,53 @@ def test_input_perturbation_perturbs_input_not_target():
   got = Objective("input_perturbation", path, "uniform", perturbation_scale=scale).loss(
       lambda p, x, t, y: x, None, *batch, key)
   np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def test_mixflow_for_sd3_is_the_published_formula_in_sigma():
+  """MixFlow in SD3's time (sigma = 1 noise), as the public SD3 trainers write it: sigma =
+  1 - sqrt(u) (Beta(2, 1) in data time), shifted by 3 (sigma' = 3 sigma / (1 + 2 sigma)),
+  sigma_in = sigma' + v gamma (1 - sigma'), x_in = (1 - sigma_in) x + sigma_in eps, the
+  transformer told 1000 sigma' and regressing eps - x. The objective on the MMDiT in
+  'data_to_noise' computes it from the same draws; gamma = 0 is the standard loss under the
+  same law, bit for bit."""
+  import dataclasses
+
+  from mixflow_jax.models import mmdit
+
+  config = mmdit.MMDiTConfig(sample_size=4, patch_size=2, in_channels=4, out_channels=4,
+                             num_layers=2, num_attention_heads=2, attention_head_dim=8,
+                             joint_attention_dim=6, caption_projection_dim=16,
+                             pooled_projection_dim=5, pos_embed_max_size=4, text_tokens=3)
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda x: jnp.asarray(0.3 * rng.standard_normal(x.shape), x.dtype),
+                        mmdit.abstract_params(config))
+  x = jnp.asarray(rng.standard_normal((6, 4, 4, 4)), jnp.float32)
+  cond = {"context": jnp.asarray(rng.standard_normal((6, 3, 6)), jnp.float32),
+          "pooled": jnp.asarray(rng.standard_normal((6, 5)), jnp.float32)}
+  gamma, key = 0.4, jax.random.key(13)
+
+  draws = objectives.split_key(key)
+  u, v = jax.random.uniform(draws.t, (6,)), jax.random.uniform(draws.m, (6,))
+  eps = jax.random.normal(draws.noise, x.shape)
+  sigma = 1 - jnp.sqrt(u)
+  sigma = 3 * sigma / (1 + 2 * sigma)
+  sigma_in = sigma + v * gamma * (1 - sigma)
+  x_in = (1 - sigma_in[:, None, None, None]) * x + sigma_in[:, None, None, None] * eps
+  # SD3's own call: the network told 1000 sigma' with its output as it is.
+  sd3 = mmdit.MMDiT(dataclasses.replace(config, time_convention="noise_to_data"))
+  prediction = sd3.apply({"params": params}, x_in, sigma, **cond)
+  published = jnp.mean((prediction - (eps - x)) ** 2, axis=(1, 2, 3))
+
+  law = timesteps.TimeLaw("beta21", shift=3.0, reversed_time=True)
+  apply = _apply(mmdit.MMDiT(config))
+  ours = Objective("mixflow", get_path("linear"), law, gamma=gamma).loss(apply, params, x, cond,
+                                                                          key)
+  # The two compute sigma' in other orders (ours: t = sqrt(u) / (3 - 2 sqrt(u)), told
+  # 1000 (1 - t)): float32 rounding of the timestep moves the loss by up to 3e-5.
+  np.testing.assert_allclose(ours, published, rtol=1e-4)
+  unshifted = timesteps.TimeLaw("beta21", reversed_time=True)  # the switch: shift off
+  assert np.abs(np.asarray(Objective("mixflow", get_path("linear"), unshifted, gamma=gamma).loss(
+      apply, params, x, cond, key)) / np.asarray(published) - 1).max() > 1e-2
+  np.testing.assert_array_equal(
+      Objective("mixflow", get_path("linear"), law, gamma=0.0).loss(apply, params, x, cond, key),
+      Objective("standard", get_path("linear"), law).loss(apply, params, x, cond, key))
