@@ -31,7 +31,7 @@ LAYERS = (
     ("models", False, ("models", "models.*")),  # Flax networks
     ("io", False, (  # devices, checkpoints, data, converted networks
         "sharding", "checkpoints", "data", "data.*", "pretrained", "latent_encoder",
-        "evaluation", "evaluation.*", "convert.inception")),
+        "prompt_tokens", "text_encoder", "evaluation", "evaluation.*", "convert.inception")),
     ("config", False, ("configuration", "runs")),  # the config schema, the run record
     ("step", False, ("train_step",)),  # the train step and its factories, of a config
     ("jobs", True, (  # one command each, independent of each other

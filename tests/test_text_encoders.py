@@ -5,8 +5,9 @@ with an ``eos_token_id`` below other ids, so that HF's first-EOS rule and the ar
 different rows), on SD3's per-token ``hidden_states[-2]`` and pooled ``text_embeds``; and
 ``T5EncoderModel`` (T5 v1.1's gated GELU, relative buckets in all three regimes) with and
 without a mask. The comparison sees a dropped causal mask, the pooled row picked otherwise,
-the other GELU, scaled T5 attention, mirrored position buckets and a centred T5 norm. The
-released configs have HF's keys and shapes; the converters name a missing or unknown key."""
+the other GELU, scaled T5 attention, mirrored position buckets, a centred T5 norm, T5
+without its relative position bias and uniform attention. The released configs have HF's
+keys and shapes; the converters name a missing or unknown key."""
 
 import dataclasses
 import functools
@@ -209,10 +210,18 @@ class _CentredNorm(nn.Module):
 
 
 @pytest.mark.parametrize("bug", ["scaled_attention", "mirrored_buckets", "centred_norm",
-                                 "erf_gelu"])
+                                 "erf_gelu", "no_position_bias", "uniform_attention"])
 def test_the_t5_comparison_sees_each_bug(t5_case, bug, monkeypatch):
+  """Each bug moves T5's output by >= 100x the tolerance; among them the relative position
+  bias left out (attention without positions) and uniform attention (every logit 0: the
+  mean of the values)."""
   config, params, ids, _, plain, _ = t5_case
-  if bug == "scaled_attention":
+  if bug in ("no_position_bias", "uniform_attention"):
+    attend = t5_encoder.attend
+    keep_q = bug == "no_position_bias"
+    monkeypatch.setattr(t5_encoder, "attend", lambda q, k, v, bias, impl: attend(
+        q if keep_q else 0 * q, k, v, 0 * bias, impl))
+  elif bug == "scaled_attention":
     attend = t5_encoder.attend
     monkeypatch.setattr(t5_encoder, "attend", lambda q, k, v, bias, impl: attend(
         q * config.d_kv**-0.5, k, v, bias, impl))

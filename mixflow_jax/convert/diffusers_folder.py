@@ -11,12 +11,20 @@ The folder's parts read here:
   (3.0 in every SD3 / SD3.5 release; diffusers' default 1.0 where the file omits it;
   3.0 when the folder has no ``scheduler/``), recorded in the run.
 ``vae/`` is the VAE converter's (``convert.vae.convert_diffusers_vae``; with ``vae_out``,
-``convert_diffusers_folder`` calls it); the text encoders and tokenizers are not read yet.
+``convert_diffusers_folder`` calls it). ``text_encoder/``, ``text_encoder_2/``,
+``text_encoder_3/`` (optional: no T5) and their ``tokenizer*/`` are
+``convert.text_encoders``' (``read_sd3_text_folder``, ``write_sd3_text_encoder``):
+``convert_diffusers_folder`` writes them into a text-encoder folder, by default
+``OUT/text_encoder`` (``TEXT_ENCODER``; read by ``text_encoder.SD3TextEncoder``), and
+records its path as the run's ``text_encoder`` note; a download without them converts the
+transformer alone (logged).
 
 Memory: the weights are read one tensor at a time (a fused qkv of the single file one
 third at a time) into float32 NumPy arrays, so the peak is one float32 copy of the
 parameters plus a few copies of the largest tensor being converted (read, transposed; the
 fixed position table when it is checked). ``benchmarks/convert_memory.py`` measures it.
+The text encoders are converted and written first, and released before the transformer is
+read: the peak is the larger of the two (T5-XXL's 4.7B parameters: 19 GB in float32).
 
 The run folder (``write_run``): ``OUT/checkpoints/0`` with ``params`` and ``ema_params``
 (both the converted weights, unrolled layout, as every converted run here; written without
@@ -39,13 +47,14 @@ from absl import logging
 
 from mixflow_jax import checkpoints, errors, runs
 from mixflow_jax.convert import mmdit as convert_mmdit
-from mixflow_jax.convert import safetensors_files, sd3_single_file
+from mixflow_jax.convert import safetensors_files, sd3_single_file, text_encoders
 from mixflow_jax.convert import vae as convert_vae
 from mixflow_jax.models import mmdit
 
 TRANSFORMER = "transformer"
 SCHEDULER = "scheduler"
 VAE = "vae"
+TEXT_ENCODER = "text_encoder"  # the text-encoder folder's default name inside OUT
 CONFIG_JSON = "config.json"
 SCHEDULER_JSON = "scheduler_config.json"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -178,8 +187,13 @@ def read_diffusers_folder(folder: str) -> Converted:
   scheduler's shift. Errors: see ``read_transformer`` and ``read_scheduler``; a weight of
   the wrong shape, missing, or unknown to the model is named by
   ``convert.mmdit.convert_state_dict``."""
-  config, state_dict, fields = read_transformer(folder)
-  shift, scheduler_fields = read_scheduler(folder)
+  return _convert_transformer(folder, read_transformer(folder), read_scheduler(folder))
+
+
+def _convert_transformer(folder: str, transformer: tuple, scheduler: tuple) -> Converted:
+  """``read_transformer``'s and ``read_scheduler``'s results, converted."""
+  config, state_dict, fields = transformer
+  shift, scheduler_fields = scheduler
   params = convert_mmdit.convert_state_dict(state_dict, config,
                                             sd3_single_file.table_tolerance(state_dict))
   return Converted(config, params, shift, {
@@ -197,19 +211,41 @@ def read_single_file(path: str, shift: float = sd3_single_file.SD3_SHIFT,
                    {"source": os.path.abspath(path), "left_out": left_out})
 
 
-def convert_diffusers_folder(folder: str, out: str, vae_out: str | None = None) -> Converted:
+def convert_diffusers_folder(folder: str, out: str, vae_out: str | None = None,
+                             text_encoder_out: str | None = None) -> Converted:
   """``mixflow convert --diffusers=FOLDER --out=OUT``: ``read_diffusers_folder`` written as
   the run folder ``out``; with ``vae_out``, also ``FOLDER/vae`` converted into that VAE
-  folder (``convert.vae.convert_diffusers_vae``). OutputExists first if ``out`` (or
-  ``vae_out``) holds a checkpoint; MissingInput naming ``FOLDER/vae`` when ``vae_out`` is
-  given and the folder has none."""
+  folder (``convert.vae.convert_diffusers_vae``); the text encoders, where the download
+  has them, converted into ``text_encoder_out`` (default ``OUT/text_encoder``), before
+  the transformer. The configs, the tokenizers and the transformer's config against its
+  weights are checked before anything is written. OutputExists first if ``out`` (or
+  ``vae_out``, ``text_encoder_out``) holds a checkpoint; MissingInput naming
+  ``FOLDER/vae`` when ``vae_out`` is given and the folder has none, or naming the folder
+  when ``text_encoder_out`` is given and it has no text encoders."""
   check_out(out)
   vae_folder = os.path.join(folder, VAE)
   if vae_out is not None:
     check_out(vae_out)
     if not os.path.isdir(vae_folder):
       raise errors.MissingInput(f"{folder!r} has no {VAE}/ folder to convert into {vae_out!r}.")
-  converted = read_diffusers_folder(folder)
+  transformer = read_transformer(folder)
+  scheduler = read_scheduler(folder)
+  text = text_encoders.read_sd3_text_folder(folder, transformer[0].joint_attention_dim,
+                                            transformer[0].pooled_projection_dim)
+  if text is None and text_encoder_out is not None:
+    raise errors.MissingInput(f"{folder!r} has no text encoders to convert into "
+                              f"{text_encoder_out!r}.")
+  if text is not None:
+    text_encoder_out = text_encoder_out or os.path.join(out, TEXT_ENCODER)
+    check_out(text_encoder_out)
+    text_encoders.write_sd3_text_encoder(text, text_encoder_out)
+    logging.info("Wrote %s: the text encoders (T5: %s); train or sample with "
+                 "--config.data.text_encoder=%s", text_encoder_out, text.config.t5 is not None,
+                 text_encoder_out)
+    del text
+  converted = _convert_transformer(folder, transformer, scheduler)
+  if text_encoder_out is not None:
+    converted.notes["text_encoder"] = text_encoder_out
   write_run(out, converted)
   if vae_out is not None:
     convert_vae.convert_diffusers_vae(vae_folder, vae_out)

@@ -19,20 +19,33 @@ and no other key is accepted, except:
 Conversion holds one copy of the weights: the mapping's values are read one key at a time
 (a lazy mapping over safetensors files, ``convert.safetensors_files``, loads each tensor
 only then) and kept as float32 NumPy arrays.
+
+A diffusers SD3 / SD3.5 download's text encoders (``read_sd3_text_folder``,
+``write_sd3_text_encoder``; ``convert.diffusers_folder`` calls them): ``text_encoder/``,
+``text_encoder_2/`` and, optionally, ``text_encoder_3/``, each a transformers folder
+(``config.json``, read by ``CLIPTextConfig`` / ``T5Config.from_hf_json``, its
+``architectures`` checked; ``model.safetensors`` or the shards of
+``model.safetensors.index.json``, read lazily), with ``tokenizer/``, ``tokenizer_2/``,
+``tokenizer_3/`` (``prompt_tokens``). They become the text-encoder folder that
+``text_encoder.SD3TextEncoder`` reads (that module's docstring).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 import re
 from collections.abc import Mapping
 from typing import Any
 
 import flax
 import numpy as np
+from absl import logging
 
-from mixflow_jax import errors
-from mixflow_jax.convert import state_dicts
-from mixflow_jax.models import clip_text, t5_encoder
+from mixflow_jax import checkpoints, errors, prompt_tokens, storage, text_encoder
+from mixflow_jax.convert import safetensors_files, state_dicts
+from mixflow_jax.models import clip_text, sd3_text, t5_encoder
 
 CLIP_WHAT = "a CLIP text encoder with projection (CLIPTextModelWithProjection)"
 T5_WHAT = "a T5 encoder (T5EncoderModel)"
@@ -112,3 +125,170 @@ def convert_t5_encoder(state_dict: Mapping[str, Any], config: t5_encoder.T5Confi
     state_dicts.required(state_dict, T5_EMBEDDING, f"{T5_WHAT} (or store {T5_TIED!r})")
   return _convert(state_dict, t5_encoder.abstract_params(config), _T5_INDEXED, T5_WHAT[2:],
                   aliases, dropped)
+
+
+# A diffusers SD3 / SD3.5 download's text encoders -> a text-encoder folder (text_encoder.py).
+
+HF_CONFIG = "config.json"
+HF_WEIGHTS = "model.safetensors"
+HF_INDEX = HF_WEIGHTS + ".index.json"
+MODEL_INDEX = "model_index.json"
+# {encoder: (its folder in a download, its tokenizer's ids field, its transformers class)}.
+SD3_ENCODERS = {
+    "clip_l": ("text_encoder", "clip_l_ids", "CLIPTextModelWithProjection"),
+    "clip_g": ("text_encoder_2", "clip_g_ids", "CLIPTextModelWithProjection"),
+    "t5": ("text_encoder_3", "t5_ids", "T5EncoderModel"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SD3TextFolder:
+  """The text encoders of a download, read and checked but not converted: ``config``,
+  ``released`` {encoder folder: its config.json's fields}, ``tokenizers`` (checked against
+  the encoders' vocabularies)."""
+
+  folder: str
+  config: sd3_text.SD3TextConfig
+  released: dict[str, dict]
+  tokenizers: prompt_tokens.SD3Tokenizers
+
+  def directory(self, name: str) -> str:
+    """The download's folder of encoder ``name`` ('clip_l', 'clip_g', 't5')."""
+    return os.path.join(self.folder, SD3_ENCODERS[name][0])
+
+
+def _read_json(path: str) -> dict:
+  if not os.path.isfile(path):
+    raise errors.MissingInput(f"No {path!r}.")
+  try:
+    with open(path) as f:
+      fields = json.load(f)
+  except (OSError, ValueError) as e:
+    raise errors.InvalidInput(f"Cannot read {path!r} as JSON ({e}).") from e
+  if not isinstance(fields, dict):
+    raise errors.InvalidInput(f"{path!r} holds a JSON {type(fields).__name__}, not an object.")
+  return fields
+
+
+def _check_class(folder: str, name: str, fields: Mapping[str, Any], path: str) -> None:
+  """InvalidInput naming the file and field where the download's ``model_index.json`` entry
+  or the encoder's config.json ``architectures`` is another class than the SD3 pipeline's."""
+  sub, _, want = SD3_ENCODERS[name]
+  architectures = fields.get("architectures")
+  if architectures is not None and list(architectures) != [want]:
+    raise errors.InvalidInput(f"{path!r}: 'architectures' is {architectures!r}; SD3's {sub} is "
+                              f"a {want}.")
+  index_path = os.path.join(folder, MODEL_INDEX)
+  if os.path.isfile(index_path):
+    entry = _read_json(index_path).get(sub)
+    if isinstance(entry, list) and len(entry) == 2 and entry[1] not in (None, want):
+      raise errors.InvalidInput(f"{index_path!r}: {sub!r} is {entry!r}; SD3's {sub} is a "
+                                f"{want} (['transformers', {want!r}]).")
+
+
+def hf_weights(directory: str) -> safetensors_files.TensorFiles:
+  """The lazy state_dict of a transformers model folder: the shard set of its index, else
+  ``model.safetensors``; MissingInput naming the folder when it holds neither."""
+  if os.path.isfile(os.path.join(directory, HF_INDEX)):
+    return safetensors_files.open_sharded(os.path.join(directory, HF_INDEX))
+  if os.path.isfile(os.path.join(directory, HF_WEIGHTS)):
+    return safetensors_files.open_file(os.path.join(directory, HF_WEIGHTS))
+  present = sorted(os.listdir(directory))
+  raise errors.MissingInput(f"{directory!r} holds neither {HF_WEIGHTS!r} nor the shard index "
+                            f"{HF_INDEX!r} (it holds {present[:8]}); a .bin-only download is not "
+                            "read: fetch the safetensors files.")
+
+
+def read_sd3_text_folder(folder: str, joint_attention_dim: int,
+                         pooled_projection_dim: int | None = None,
+                         max_sequence_length: int = prompt_tokens.DEFAULT_SEQUENCE_LENGTH
+                         ) -> SD3TextFolder | None:
+  """The text encoders of the diffusers download ``folder``: None (logged) when it has
+  none of ``text_encoder*/``; without ``text_encoder_3/`` no T5 (the pipeline's zeros).
+  Reads the configs and tokenizers only. Errors name the file or field: a missing CLIP
+  encoder or tokenizer folder, an encoder of another class (``architectures``, or
+  ``model_index.json``'s entry), a config this code cannot build, a tokenizer giving ids
+  beyond its encoder's ``vocab_size``, a T5 whose ``d_model`` is not the transformer's
+  ``joint_attention_dim``, CLIP projections whose sum is not its ``pooled_projection_dim``
+  (where given)."""
+  present = [name for name, (sub, _, _) in SD3_ENCODERS.items()
+             if os.path.isdir(os.path.join(folder, sub))]
+  if not present:
+    logging.warning("%s has no text_encoder/, text_encoder_2/ or text_encoder_3/: converting "
+                    "the transformer only (no text encoders).", folder)
+    return None
+  for name in ("clip_l", "clip_g"):
+    if name not in present:
+      sub = SD3_ENCODERS[name][0]
+      raise errors.MissingInput(f"{folder!r} has {[SD3_ENCODERS[n][0] for n in present]} but "
+                                f"no {sub}/: SD3 needs both CLIP encoders.")
+  configs, released = {}, {}
+  for name in present:
+    sub, _, _ = SD3_ENCODERS[name]
+    path = os.path.join(folder, sub, HF_CONFIG)
+    fields = _read_json(path)
+    _check_class(folder, name, fields, path)
+    build = t5_encoder.T5Config if name == "t5" else clip_text.CLIPTextConfig
+    configs[name] = build.from_hf_json(fields, path)
+    released[sub] = fields
+  try:
+    config = sd3_text.SD3TextConfig(configs["clip_l"], configs["clip_g"], configs.get("t5"),
+                                    max_sequence_length, joint_attention_dim)
+  except ValueError as e:
+    raise errors.InvalidInput(f"The text encoders of {folder!r} do not fit its transformer: "
+                              f"{e}") from e
+  if pooled_projection_dim is not None and config.pooled_width != pooled_projection_dim:
+    raise errors.InvalidInput(
+        f"The text encoders of {folder!r} do not fit its transformer: the CLIP projections "
+        f"{config.clip_l.projection_dim} + {config.clip_g.projection_dim} (projection_dim) are "
+        f"not its pooled_projection_dim={pooled_projection_dim}.")
+  tokenizers = prompt_tokens.SD3Tokenizers.from_folder(folder, max_sequence_length)
+  if config.t5 is not None and not tokenizers.has_t5:
+    raise errors.MissingInput(f"{folder!r} has text_encoder_3/ but no "
+                              f"{os.path.join(folder, 'tokenizer_3')!r} (its T5TokenizerFast).")
+  sizes = {SD3_ENCODERS[name][1]: c.vocab_size for name, c in configs.items()}
+  sources = {SD3_ENCODERS[name][1]: os.path.join(folder, SD3_ENCODERS[name][0], HF_CONFIG)
+             for name in configs}
+  tokenizers.check_vocab(sizes, sources)
+  return SD3TextFolder(folder, config, released, tokenizers)
+
+
+def convert_encoder(text: SD3TextFolder, name: str) -> dict:
+  """Encoder ``name``'s float32 parameter tree, read lazily from its safetensors (one tensor
+  at a time: one float32 copy of the encoder plus its largest tensor); errors name the
+  folder."""
+  directory = text.directory(name)
+  state_dict = hf_weights(directory)
+  try:
+    if name == "t5":
+      return convert_t5_encoder(state_dict, text.config.t5)
+    return convert_clip_text(state_dict, getattr(text.config, name))
+  except errors.InvalidInput as e:
+    raise errors.InvalidInput(f"The weights of {directory!r}: {e}") from e
+
+
+def _copy_folder(source: str, target: Any) -> None:
+  """Every file of the local folder ``source`` into ``target`` (an epath)."""
+  for name in sorted(os.listdir(source)):
+    path = os.path.join(source, name)
+    if os.path.isfile(path):
+      with open(path, "rb") as f:
+        storage.write_bytes(target / name, f.read())
+
+
+def write_sd3_text_encoder(text: SD3TextFolder, out: str) -> None:
+  """The text-encoder folder ``out`` (``text_encoder`` module docstring): the encoders
+  converted (held together: one float32 copy, 22 GB for SD3's three) and written
+  (``checkpoints.save_converted``), the tokenizers copied, ``text_encoder.json``.
+  OutputExists if ``out`` already holds a checkpoint."""
+  params = {name: convert_encoder(text, name) for name in sd3_text.abstract_params(text.config)}
+  checkpoints.save_converted(out, params)
+  del params
+  root = checkpoints.run_root(out)
+  for field in text.tokenizers.fields:
+    if field == "t5_ids" and text.config.t5 is None:
+      continue
+    sub = prompt_tokens.TOKENIZER_FOLDERS[field][0]
+    _copy_folder(os.path.join(text.folder, sub), root / sub)
+  text_encoder.write_record(out, text.config, source=os.path.abspath(text.folder),
+                            released_configs=text.released)
