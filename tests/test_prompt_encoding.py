@@ -89,8 +89,8 @@ def write_tokenizers(folder: str) -> None:
 
 def write_download(folder: str) -> str:
   """A diffusers SD3 download written by the pipeline's own ``save_pretrained``: random tiny
-  encoders, the tokenizers above, a tiny transformer of joint_attention_dim 32 and
-  pooled_projection_dim 8 + 16, a scheduler, no VAE."""
+  encoders (T5 in shards), the tokenizers above, a tiny transformer of joint_attention_dim
+  32 and pooled_projection_dim 8 + 16, a scheduler, no VAE."""
   write_tokenizers(folder)
   tokenizers = {sub: transformers.CLIPTokenizer.from_pretrained(os.path.join(folder, sub))
                 for sub in ("tokenizer", "tokenizer_2")}
@@ -114,6 +114,11 @@ def write_download(folder: str) -> str:
       tokenizer_3=transformers.T5TokenizerFast.from_pretrained(
           os.path.join(folder, "tokenizer_3")), **encoders)
   pipe.save_pretrained(folder)
+  # T5 in shards with their index, as the released text_encoder_3/.
+  shutil.rmtree(os.path.join(folder, "text_encoder_3"))
+  encoders["text_encoder_3"].save_pretrained(os.path.join(folder, "text_encoder_3"),
+                                             max_shard_size="20KB")
+  assert os.path.isfile(os.path.join(folder, "text_encoder_3", convert.HF_INDEX))
   return folder
 
 
