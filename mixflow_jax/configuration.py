@@ -43,6 +43,10 @@ def default_config() -> ml_collections.ConfigDict:
       # An RAE folder with its encoder (`mixflow convert --rae_decoder ... --rae_encoder`):
       # the data are uint8 pixels (`mixflow encode --pixels`), encoded in the train step.
       encoder="",
+      # A converted SD3 text-encoder folder (`mixflow convert --diffusers=DIR --out=OUT`
+      # writes OUT/text_encoder): the data hold caption token ids (`mixflow encode
+      # --captions`), encoded by the frozen CLIP-L, bigG and T5 in the train step.
+      text_encoder="",
       # (H, W, C) of the images or latents, for `mixflow plan` without the data (default:
       # the data's own shape).
       image_shape=config_dict.placeholder(tuple),
@@ -59,6 +63,10 @@ def default_config() -> ml_collections.ConfigDict:
       # The probability of the null condition in CFG training (the null class; for MMDiT
       # the empty caption's embeddings).
       class_dropout_prob=0.1,
+      # With data.text_encoder (else unused): per-encoder dropout probabilities (CLIP-L,
+      # bigG[, T5]), each encoder's ids dropped to the empty prompt's on its own (SD3 trained
+      # so); empty: the whole caption dropped with class_dropout_prob.
+      text_encoder_dropout=(),
       learn_sigma=False,
       # MMDiT: the text tokens of a condition (SD3: 77 CLIP + 256 T5).
       text_tokens=333,
@@ -315,6 +323,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
            f"a divisor of model.hidden_size={m.hidden_size}")
   _check(0 <= m.class_dropout_prob < 1, "model.class_dropout_prob", m.class_dropout_prob,
          "a probability in [0, 1)")
+  _check(all(0 <= p < 1 for p in m.text_encoder_dropout), "model.text_encoder_dropout",
+         m.text_encoder_dropout, "probabilities in [0, 1), one per text encoder")
+  _check(not d.text_encoder or not families.of_name(m.name).class_labels, "data.text_encoder",
+         d.text_encoder, f"unset: {m.name} is not conditioned on text")
   _check(m.time_convention in TIME_CONVENTIONS, "model.time_convention",
          m.time_convention, f"one of {TIME_CONVENTIONS}")
   _check(m.dtype in DTYPES, "model.dtype", m.dtype, f"one of {DTYPES}")

@@ -94,6 +94,9 @@ def plan(config: ml_collections.ConfigDict) -> dict[str, Any]:
       "encoder": config.data.encoder or None,
       "encoder_bytes_per_device": int(sum(_shard_bytes(x) for x in
                                           jax.tree.leaves(setup.abstract_frozen["encoder"]))),
+      "text_encoder": config.data.text_encoder or None,
+      "text_encoder_bytes_per_device": int(sum(
+          _shard_bytes(x) for x in jax.tree.leaves(setup.abstract_frozen["text_encoder"]))),
       "dtype": config.model.dtype,
       "remat": config.model.remat,
       "scan_blocks": config.model.scan_blocks,

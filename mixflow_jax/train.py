@@ -192,15 +192,16 @@ def dataset_null_condition(dataset: ImageDataset, setup: StepSetup) -> Any:
   """The null condition's data of the step (``Frozen['null_condition']``): the dataset's
   (text: the empty prompt's embeddings stored with them), on the mesh; ``()`` where the
   model's conditioning computes its null."""
-  spec = families.condition_of(setup.model.config).null_spec()
+  spec = setup.data_condition.null_spec()
   if not spec:
     return ()
   null = getattr(dataset, "null_condition", None)
-  if null is None:
+  if null is None or set(null) != set(spec):
+    held = "none" if null is None else f"{sorted(null)}"
     raise configuration.ConfigError(
-        f"The {families.family(setup.model.config)} model's null condition is the empty prompt's "
-        "embeddings, which the dataset does not hold.")
-  return jax.device_put({k: np.asarray(null[k], np.float32) for k in spec},
+        f"The {families.family(setup.model.config)} model's null condition is the empty "
+        f"prompt's {sorted(spec)}; the dataset {dataset.name!r} holds {held}.")
+  return jax.device_put({k: np.asarray(null[k], v.dtype) for k, v in spec.items()},
                         sharding.replicated(setup.mesh))
 
 
@@ -225,7 +226,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   dataset = dataset or load_dataset(config.data)
   s = setup_step(config, model_input_shape(config, dataset), dataset.num_classes, mesh)
   try:
-    conditioning.check(dataset.train_condition, families.condition_of(s.model.config),
+    conditioning.check(dataset.train_condition, s.data_condition,
                        f"The data {dataset.name!r} (config.data)")
   except ValueError as e:
     raise configuration.ConfigError(f"{e} (config.model.name={config.model.name!r})") from e
@@ -243,7 +244,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   state = _restore_or_init(config, workdir, s, manager, init_key)
   step_inputs = frozen(
       encoder=s.encoder.load_params(s.abstract_frozen["encoder"]) if s.encoder else (),
-      null_condition=dataset_null_condition(dataset, s))
+      null_condition=dataset_null_condition(dataset, s),
+      text_encoder_params=(s.text_encoder.load_params(s.abstract_frozen["text_encoder"])
+                           if s.text_encoder else ()))
   if jax.process_index() == 0:
     runs.write_record(workdir, s.model.config, config.objective.path,
                       param_layout=param_layout(s.model), pretraining_t_law=pretraining_t_law,

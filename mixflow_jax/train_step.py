@@ -33,6 +33,7 @@ from mixflow_jax.interpolants import get_path
 from mixflow_jax.models import attention, families
 from mixflow_jax.models.families import ApplyFn, Model, make_apply_fn
 from mixflow_jax.objectives import Objective, split_key
+from mixflow_jax.text_encoder import SD3TextEncoder
 
 
 @flax.struct.dataclass
@@ -44,14 +45,17 @@ class TrainState:
 
 
 # The step's inputs that it reads and never trains, a dict: 'encoder', the parameters of
-# ``config.data.encoder`` (which encodes batches of pixels in the step) or (); and
-# 'null_condition', the data of the null condition (text: the empty caption's embeddings,
-# (1, ...) per field) or () where the family computes it (a null class).
+# ``config.data.encoder`` (which encodes batches of pixels in the step) or (); 'text_encoder',
+# those of ``config.data.text_encoder`` (which encodes the batches' token ids) or (); and
+# 'null_condition', the data of the batches' null condition (the empty caption's embeddings
+# or token ids, (1, ...) per field) or () where the family computes it (a null class).
 Frozen = dict[str, Any]
 
 
-def frozen(encoder: Any = (), null_condition: Any = ()) -> Frozen:
-  return {"encoder": encoder, "null_condition": null_condition}
+def frozen(encoder: Any = (), null_condition: Any = (), text_encoder_params: Any = ()
+           ) -> Frozen:
+  return {"encoder": encoder, "text_encoder": text_encoder_params,
+          "null_condition": null_condition}
 
 
 @flax.struct.dataclass
@@ -100,6 +104,45 @@ def make_model(config: ml_collections.ConfigDict, image_shape: tuple[int, int, i
       model_config, dtype=dtype, remat=m.remat, scan_blocks=m.scan_blocks,
       attention=implementation,
       activation_sharding=None if mesh is None else sharding.batch_sharding(mesh))
+
+
+def make_text_encoder(config: ml_collections.ConfigDict, model: Model
+                      ) -> SD3TextEncoder | None:
+  """The frozen text encoders of ``config.data.text_encoder`` (None when unset), whose
+  embedding must be the one the model is told: ConfigError naming the field that
+  disagrees."""
+  if not config.data.text_encoder:
+    return None
+  texts = SD3TextEncoder.from_folder(config.data.text_encoder)
+  want = families.condition_of(model.config).spec(1)
+  have = {"context": (texts.tokens, texts.width), "pooled": (texts.pooled_width,)}
+  for field, setting in (("context", "model.text_tokens / model.name"),
+                         ("pooled", "model.name")):
+    if tuple(want[field].shape[1:]) != have[field]:
+      raise configuration.ConfigError(
+          f"config.data.text_encoder={config.data.text_encoder!r} gives the {field} "
+          f"{have[field]} per example, but the model ({setting}) is told "
+          f"{tuple(want[field].shape[1:])}.")
+  dropout = config.model.text_encoder_dropout
+  if dropout and len(dropout) != len(texts.config.token_fields):
+    raise configuration.ConfigError(
+        f"config.model.text_encoder_dropout={tuple(dropout)} has {len(dropout)} "
+        f"probabilities; the text encoder has {len(texts.config.token_fields)} encoders "
+        f"({', '.join(texts.config.token_fields)}).")
+  return texts
+
+
+def prompt_tokens_condition(config: ml_collections.ConfigDict,
+                            texts: SD3TextEncoder
+                            ) -> conditioning.PromptTokens:
+  """The token ids the batches hold for ``texts``, dropped to the empty prompt's for CFG
+  per encoder (``model.text_encoder_dropout``) or whole (``model.class_dropout_prob``)."""
+  lengths = tuple((field, spec.shape[1])
+                  for field, spec in texts.config.token_shapes(1).items())
+  per_encoder = tuple(zip(texts.config.token_fields, config.model.text_encoder_dropout,
+                          strict=False))
+  return conditioning.PromptTokens(lengths, dropout=config.model.class_dropout_prob,
+                                   field_dropout=per_encoder)
 
 
 def resolve_t_law(config: ml_collections.ConfigDict, pretraining_t_law: str | None = None
@@ -184,7 +227,8 @@ def create_train_state(params: Any, tx: optax.GradientTransformation) -> TrainSt
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
                frozen: Frozen, *, apply_fn: ApplyFn, objective: Objective,
                condition: conditioning.Conditioning, tx: optax.GradientTransformation,
-               ema_decay: float, encoder: latent_encoder.RAEEncoder | None = None
+               ema_decay: float, encoder: latent_encoder.RAEEncoder | None = None,
+               text_encoder: SD3TextEncoder | None = None
                ) -> tuple[TrainState, TrainMetrics]:
   """One optimisation step. The step's randomness is ``fold_in(rng, state.step)``, split
   into the objective's key and the posterior's.
@@ -194,7 +238,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
   (CFG training; the objective's ``Draws.condition`` key). With ``encoder``, ``image`` is
   uint8 pixels and the step trains on their latents ``encoder(frozen['encoder'], image)``
   (no gradient). A batch with ``image_std`` holds VAE posterior moments: the step trains on
-  a fresh latent ``image + image_std * eps`` (as encoding every step would).
+  a fresh latent ``image + image_std * eps`` (as encoding every step would). With
+  ``text_encoder``, the condition is token ids (``conditioning.PromptTokens``), dropped
+  first and then encoded, ``text_encoder(frozen['text_encoder'], ids)`` (no gradient), into
+  the network's text embedding.
   """
   key, posterior_key = jax.random.split(jax.random.fold_in(rng, state.step))
   x1 = batch["image"]
@@ -205,6 +252,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
   c = {k: batch[k] for k in condition.fields}
   null = condition.null(x1.shape[0], frozen["null_condition"] or None)
   c = conditioning.drop(split_key(key).condition, c, null, condition.dropout_groups)
+  if text_encoder is not None:
+    c = text_encoder(frozen["text_encoder"], c)
 
   def loss_fn(params):
     return jnp.mean(objective.loss(apply_fn, params, x1, c, key))
@@ -226,9 +275,10 @@ class StepSetup:
   ``abstract_state`` holds ShapeDtypeStructs carrying ``state_shardings``; ``step_fn`` is
   the jitted ``train_step(state, batch, rng, frozen)`` over the mesh (the state donated).
   ``image_shape`` is the model's input (H, W, C); with ``encoder`` the batches hold its
-  uint8 pixels. ``abstract_frozen``: the step's ``Frozen`` inputs as ShapeDtypeStructs
-  (the encoder's parameters sharded by the same partition rules as the state, the null
-  condition's data replicated).
+  uint8 pixels. ``data_condition``: the condition the batches hold (the model's own, or
+  with ``text_encoder`` the token ids it encodes). ``abstract_frozen``: the step's
+  ``Frozen`` inputs as ShapeDtypeStructs (the encoders' parameters sharded by the same
+  partition rules as the state, the null condition's data replicated).
   """
 
   model: Model
@@ -241,6 +291,8 @@ class StepSetup:
   step_fn: Callable
   encoder: latent_encoder.RAEEncoder | None = None
   abstract_frozen: Frozen = dataclasses.field(default_factory=frozen)
+  text_encoder: SD3TextEncoder | None = None
+  data_condition: conditioning.Conditioning | None = None
 
 
 def _sharded(abstract: Any, config: ml_collections.ConfigDict, mesh: Mesh) -> Any:
@@ -266,38 +318,43 @@ def setup_step(config: ml_collections.ConfigDict, image_shape: tuple[int, int, i
         f"{encoder.latent_shape}, but the model was asked for {tuple(image_shape)} "
         "(config.data.image_shape).")
   model = make_model(config, image_shape, num_classes, mesh)
+  texts = make_text_encoder(config, model)
   objective = make_objective(config, model)
   tx = make_optimizer(config.optim, config.train.steps, families.frozen_params(model.config))
   abstract = _sharded(jax.eval_shape(
       lambda k: create_train_state(init_params(model, image_shape, k), tx), jax.random.key(0)),
       config, mesh)
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
-  condition = families.condition_of(model.config)
+  condition = (families.condition_of(model.config) if texts is None
+               else prompt_tokens_condition(config, texts))
   replicated = sharding.replicated(mesh)
   abstract_frozen = frozen(
       encoder=() if encoder is None else _sharded(encoder.abstract_params(), config, mesh),
+      text_encoder_params=(() if texts is None
+                           else _sharded(texts.abstract_params(), config, mesh)),
       null_condition=jax.tree.map(
           lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
           condition.null_spec()))
   step_fn = jax.jit(
       functools.partial(train_step, apply_fn=make_apply_fn(model), objective=objective,
                         condition=condition, tx=tx, ema_decay=config.optim.ema_decay,
-                        encoder=encoder),
+                        encoder=encoder, text_encoder=texts),
       in_shardings=(shardings, sharding.batch_sharding(mesh), replicated,
                     jax.tree.map(lambda a: a.sharding, abstract_frozen)),
       out_shardings=(shardings, replicated),
       donate_argnums=0)
   return StepSetup(model, objective, tx, mesh, tuple(image_shape), abstract, shardings,
-                   step_fn, encoder, abstract_frozen)
+                   step_fn, encoder, abstract_frozen, texts, condition)
 
 
 def abstract_batch(setup: StepSetup, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
   """The global batch the step takes, as sharded ShapeDtypeStructs: images of the model's
-  input, or the encoder's uint8 pixels, and the fields of the model's condition."""
+  input, or the encoder's uint8 pixels, and the fields of the batches' condition (the
+  model's, or the token ids of its text encoders)."""
   batch_sharding = sharding.batch_sharding(setup.mesh)
   shape, dtype = ((setup.image_shape, jnp.float32) if setup.encoder is None
                   else (setup.encoder.pixel_shape, jnp.uint8))
-  condition = families.condition_of(setup.model.config).spec(batch_size)
+  condition = setup.data_condition.spec(batch_size)
   return {"image": jax.ShapeDtypeStruct((batch_size, *shape), dtype, sharding=batch_sharding),
           **{k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
              for k, v in condition.items()}}

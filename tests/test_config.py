@@ -146,7 +146,7 @@ def test_skip_layer_guidance_is_checked_and_reaches_the_sampler(config):
                      match=r"config\.sample\.slg_scale=2\.8.*needs a network that skips "
                            r"blocks \(MMDiT\), not a SiT"):
     configuration.validate(config)
-  sd3 = _config_module("sd3").get_config("medium")
+  sd3 = _config_module("sd35").get_config("medium")
   sd3.sample.slg_scale, sd3.sample.slg_layers = 2.8, (7, 8, 9)
   sd3.sample.num_steps = 40
   configuration.validate(sd3, needs_data=False)
