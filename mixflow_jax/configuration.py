@@ -45,7 +45,8 @@ def default_config() -> ml_collections.ConfigDict:
       encoder="",
       # A converted SD3 text-encoder folder (`mixflow convert --diffusers=DIR --out=OUT`
       # writes OUT/text_encoder): the data hold caption token ids (`mixflow encode
-      # --captions`), encoded by the frozen CLIP-L, bigG and T5 in the train step.
+      # --captions`), encoded by the frozen CLIP-L, bigG and T5 in the train step. 'sd3':
+      # the released encoders' architecture without weights (for `mixflow plan`).
       text_encoder="",
       # (H, W, C) of the images or latents, for `mixflow plan` without the data (default:
       # the data's own shape).

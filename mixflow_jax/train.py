@@ -225,6 +225,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     pretraining_t_law = config.objective.t_law
   dataset = dataset or load_dataset(config.data)
   s = setup_step(config, model_input_shape(config, dataset), dataset.num_classes, mesh)
+  if s.text_encoder is not None and not s.text_encoder.directory:
+    raise configuration.ConfigError(
+        f"config.data.text_encoder={config.data.text_encoder!r} names the released encoders' "
+        "architecture, for `mixflow plan`; training reads their weights from a converted "
+        "folder (`mixflow convert --diffusers=DIR --out=OUT` writes OUT/text_encoder).")
   try:
     conditioning.check(dataset.train_condition, s.data_condition,
                        f"The data {dataset.name!r} (config.data)")

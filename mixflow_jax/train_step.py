@@ -30,7 +30,7 @@ from mixflow_jax import (
     tree_paths,
 )
 from mixflow_jax.interpolants import get_path
-from mixflow_jax.models import attention, families
+from mixflow_jax.models import attention, families, sd3_text
 from mixflow_jax.models.families import ApplyFn, Model, make_apply_fn
 from mixflow_jax.objectives import Objective, split_key
 from mixflow_jax.text_encoder import SD3TextEncoder
@@ -106,14 +106,23 @@ def make_model(config: ml_collections.ConfigDict, image_shape: tuple[int, int, i
       activation_sharding=None if mesh is None else sharding.batch_sharding(mesh))
 
 
+# ``config.data.text_encoder`` naming the architecture of SD3 / SD3.5's released encoders
+# (CLIP-L/14, OpenCLIP bigG/14, T5 v1.1 XXL at 256 tokens) without weights: for `mixflow
+# plan` before anything is downloaded.
+RELEASED_TEXT_ENCODER = "sd3"
+
+
 def make_text_encoder(config: ml_collections.ConfigDict, model: Model
                       ) -> SD3TextEncoder | None:
-  """The frozen text encoders of ``config.data.text_encoder`` (None when unset), whose
-  embedding must be the one the model is told: ConfigError naming the field that
-  disagrees."""
+  """The frozen text encoders of ``config.data.text_encoder`` (None when unset; the released
+  architecture without weights for ``RELEASED_TEXT_ENCODER``), whose embedding must be the
+  one the model is told: ConfigError naming the field that disagrees."""
   if not config.data.text_encoder:
     return None
-  texts = SD3TextEncoder.from_folder(config.data.text_encoder)
+  if config.data.text_encoder == RELEASED_TEXT_ENCODER:
+    texts = SD3TextEncoder("", sd3_text.SD3TextConfig.sd3())
+  else:
+    texts = SD3TextEncoder.from_folder(config.data.text_encoder)
   want = families.condition_of(model.config).spec(1)
   have = {"context": (texts.tokens, texts.width), "pooled": (texts.pooled_width,)}
   for field, setting in (("context", "model.text_tokens / model.name"),

@@ -2,6 +2,9 @@
 ids, dropped for CFG to the empty prompt's ids and then encoded, which is the step on the
 stored embeddings (the same draws); bad pairings of encoder and transformer are named."""
 
+import importlib.util
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +16,7 @@ from mixflow_jax import (
     objectives,
     sharding,
     text_encoder,
+    train,
     train_step,
 )
 from mixflow_jax.data import sources
@@ -125,3 +129,30 @@ def test_an_encoder_that_does_not_fit_the_transformer_is_named(encoder_folder, f
   config[section][name] = value
   with pytest.raises(configuration.ConfigError, match=message):
     train_step.setup_step(config, (8, 8, 4), 0, sharding.make_mesh(1))
+
+
+def test_released_encoders_plan_without_weights_and_refuse_to_train():
+  """config.data.text_encoder='sd3': SD3.5 Medium's step with CLIP-L, bigG and T5-XXL as
+  abstract arrays (the ids it reads, the encoders' 5.4B parameters); training names the
+  field."""
+  config = _config_module_sd35()
+  config.data.text_encoder = train_step.RELEASED_TEXT_ENCODER
+  s = train_step.setup_step(config, (128, 128, 16), 0, sharding.make_mesh(1))
+  assert {k: v.shape for k, v in s.data_condition.spec(2).items()} == {
+      "clip_l_ids": (2, 77), "clip_g_ids": (2, 77), "t5_ids": (2, 256)}
+  counts = {name: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+            for name, tree in s.abstract_frozen["text_encoder"].items()}
+  # CLIP-L 123.1M, OpenCLIP bigG 694.7M, T5 v1.1 XXL's encoder 4.76B (with its embedding).
+  assert counts == {"clip_l": 123_650_304, "clip_g": 694_659_840, "t5": 4_762_310_656}
+  config.data.name, config.data.batch_size = "synthetic_captions", 8
+  with pytest.raises(configuration.ConfigError,
+                     match="names the released encoders' architecture, for `mixflow plan`"):
+    train.train(config, "/nonexistent/never_written")
+
+
+def _config_module_sd35():
+  path = pathlib.Path(__file__).resolve().parent.parent / "configs" / "sd35.py"
+  spec = importlib.util.spec_from_file_location("sd35", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config("medium")
