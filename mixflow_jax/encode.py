@@ -42,6 +42,10 @@ fingerprint of the arguments and the folder listing). The ``arrays`` source read
 by its manifest. The images are flushed after every batch before the progress is updated, so
 an interrupted run continues where it stopped when rerun with the same arguments, and one
 with other arguments or a changed folder is refused.
+
+Captioned images (``mixflow encode --captions``) are encoded by ``encode_captions``, built
+from this module's pieces: ``load_autoencoder``, ``row_order``, ``encode_rows`` (the sharded
+batches; it may skip unreadable images) and ``Writer`` (the resumable files).
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ import json
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -107,7 +112,7 @@ def _encode_batch(config: VAEConfig, params: dict, images: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
-class _Autoencoder:
+class Autoencoder:
   """What ``encode`` needs of a converted autoencoder: ``fn(params, uint8 images)`` -> a
   tuple of (B, h, w, C) arrays, one per name of ``moments``, the latent (h, w, C) and the
   entries naming it in the fingerprint and the manifest."""
@@ -120,13 +125,13 @@ class _Autoencoder:
   dtype: type = np.float32
 
 
-def _autoencoder(directory: str | None, image_size: int, rae: bool) -> _Autoencoder:
+def load_autoencoder(directory: str | None, image_size: int, rae: bool) -> Autoencoder:
   """The VAE (``mixflow convert --vae``) or, when ``rae``, the RAE with an encoder
   (``mixflow convert --rae_decoder ... --rae_encoder``) in ``directory``; None: the
   crops themselves (uint8), for an encoder in the train step (``config.data.encoder``)."""
   if directory is None:
-    return _Autoencoder(jax.jit(lambda _, pixels: (pixels,)), None,
-                        (image_size, image_size, 3), PIXELS, {"pixels": True}, np.uint8)
+    return Autoencoder(jax.jit(lambda _, pixels: (pixels,)), None,
+                       (image_size, image_size, 3), PIXELS, {"pixels": True}, np.uint8)
   flag = "--rae" if rae else "--vae"
   kind = pretrained.autoencoder_kind(directory, flag)
   if kind != ("rae" if rae else "vae"):
@@ -141,13 +146,13 @@ def _autoencoder(directory: str | None, image_size: int, rae: bool) -> _Autoenco
           f"image_size={image_size} is not a multiple of the VAE's downsampling "
           f"factor {factor} ({directory}).")
     side = image_size // factor
-    return _Autoencoder(
+    return Autoencoder(
         functools.partial(_encode_batch, config), params,
         (side, side, config.latent_channels), MOMENTS,
         {"vae": os.path.abspath(directory),
          "vae_config": json.loads(json.dumps(dataclasses.asdict(config)))})
   encoder = latent_encoder.from_folder(directory, flag)
-  return _Autoencoder(
+  return Autoencoder(
       jax.jit(lambda params, pixels: (encoder(params, pixels),)),
       encoder.load_params(encoder.abstract_params()), encoder.latent_shape, RAE_MOMENTS,
       {"rae": os.path.abspath(directory), "rae_config": json.loads(json.dumps(
@@ -208,20 +213,14 @@ def encode(source: ImageSource, vae_dir: str | None, out: str, image_size: int =
   its rows on ``num_workers`` threads (default min(32, CPUs)), the VAE runs sharded, and
   process 0 writes ``out`` (a local path). Resumable: rerun with the same arguments after an
   interruption; other arguments, another VAE config or a changed source listing raise
-  ValueError naming what differs.
+  ValueError naming what differs. An unreadable image stops the job (naming it).
   """
-  if image_size < 1 or batch_size < 1:
-    raise errors.InvalidInput(f"encode: image_size={image_size}, batch_size={batch_size}; expected "
-                              ">= 1.")
   if vae_dir is None and flip:
     raise errors.InvalidInput(
         "encode: --flip stores the latents of each image's mirror; pixels need none (the "
         "train pipeline mirrors them when config.data.flip is set). Drop --flip.")
-  mesh = sharding.make_mesh()
-  if batch_size % mesh.size:
-    raise errors.InvalidInput(f"encode: batch_size={batch_size} is not a multiple of the "
-                              f"{mesh.size} devices it is split over.")
-  autoencoder = _autoencoder(vae_dir, image_size, rae)
+  mesh = check_batching(image_size, batch_size)
+  autoencoder = load_autoencoder(vae_dir, image_size, rae)
   sources, mirrored = row_order(source.num_images, seed, flip)
   total = len(sources)
   shape = (total, *autoencoder.latent)
@@ -231,13 +230,54 @@ def encode(source: ImageSource, vae_dir: str | None, out: str, image_size: int =
       "num_images": source.num_images, "num_classes": len(source.class_names),
       "shape": list(shape)}
   writes = jax.process_index() == 0
-  writer = (_Writer(out, shape, fingerprint, autoencoder.moments, autoencoder.dtype)
+  writer = (Writer(out, shape, fingerprint, autoencoder.moments, autoencoder.dtype)
             if writes else None)
-  done = int(sharding.decided_by_process_zero(lambda: np.array([writer.done]), 1)[0])
+  encode_rows(source.load, sources, mirrored, autoencoder, writer, mesh,
+              image_size=image_size, batch_size=batch_size,
+              what=f"{source.num_images} images ({len(source.class_names)} classes) of "
+              f"{source.description}", out=out, num_workers=num_workers,
+              log_every_s=log_every_s)
+  if writes:
+    writer.finish(source, autoencoder.record, image_size, flip)
+  multihost_utils.sync_global_devices("mixflow encode: written")
+  return total
 
-  logging.info("Encoding %d images (%d classes) of %s into %d rows %s at %s on %d devices; "
-               "%s.", source.num_images, len(source.class_names), source.description,
-               total, shape, out, mesh.size, f"resuming at row {done}" if done else "starting")
+
+def check_batching(image_size: int, batch_size: int) -> jax.sharding.Mesh:
+  """The mesh of every device, once ``image_size`` and ``batch_size`` are possible (raises
+  naming them otherwise)."""
+  if image_size < 1 or batch_size < 1:
+    raise errors.InvalidInput(f"encode: image_size={image_size}, batch_size={batch_size}; expected "
+                              ">= 1.")
+  mesh = sharding.make_mesh()
+  if batch_size % mesh.size:
+    raise errors.InvalidInput(f"encode: batch_size={batch_size} is not a multiple of the "
+                              f"{mesh.size} devices it is split over.")
+  return mesh
+
+
+def encode_rows(load: Callable[[int, int], tuple[np.ndarray, int]], sources: np.ndarray,
+                mirrored: np.ndarray, autoencoder: Autoencoder, writer: Writer | None,
+                mesh: jax.sharding.Mesh, *, image_size: int, batch_size: int, what: str,
+                out: str, num_workers: int | None = None, log_every_s: float = 30.0,
+                skip_unreadable: bool = False) -> None:
+  """Encodes rows ``writer.done`` .. R - 1 into ``writer`` (process 0's; None elsewhere): row
+  r is ``load(sources[r], image_size)`` (listing entry -> (uint8 crop (S, S, 3), label)),
+  mirrored where ``mirrored[r]``, in batches of ``batch_size`` rows split over every device
+  of every process (``encode``'s docstring); logs progress in images/s every
+  ``log_every_s`` seconds.
+
+  An OSError of ``load`` stops the job, or with ``skip_unreadable`` leaves the row out: it
+  is logged by the image's name where it happened, and process 0's writer gets its reason
+  (``Writer.write``'s ``keep`` and ``unreadable``), so one bad file of millions does not
+  stop a job.
+  """
+  total = len(sources)
+  writes = writer is not None
+  done = int(sharding.decided_by_process_zero(lambda: np.array([writer.done]), 1)[0])
+  logging.info("Encoding %s into %d rows of %s at %s on %d devices; %s.", what, total,
+               autoencoder.latent, out, mesh.size,
+               f"resuming at row {done}" if done else "starting")
   num_batches = -(-total // batch_size)
   count, index = jax.process_count(), jax.process_index()
   local = batch_size // count  # this process's rows of every batch
@@ -251,19 +291,33 @@ def encode(source: ImageSource, vae_dir: str | None, out: str, image_size: int =
     while len(pending) < _PREFETCH_BATCHES and next_batch < num_batches:
       first = next_batch * batch_size + index * local
       rows = sources[first:min(first + local, total)]
-      pending.append((next_batch, {int(i): pool.submit(source.load, int(i), image_size)
+      pending.append((next_batch, {int(i): pool.submit(load, int(i), image_size)
                                    for i in dict.fromkeys(rows.tolist())}))
       next_batch += 1
 
-  started = last_log = time.monotonic()
-  in_flight = None  # (start, stop, moments, labels) of the batch the devices are encoding
+  def reason(entry: int, failed_here: dict[int, str]) -> str:
+    """Why listing entry ``entry`` could not be read (asked again where another process
+    found it unreadable: the failures are rare)."""
+    if entry in failed_here:
+      return failed_here[entry]
+    try:
+      load(entry, image_size)
+    except OSError as e:
+      return str(e)
+    return f"listing entry {entry} could not be read on another process"
 
-  def write(start: int, stop: int, moments: tuple[jax.Array, ...],
-            labels: jax.Array) -> None:
+  started = last_log = time.monotonic()
+  in_flight = None  # (start, stop, moments, labels, keep, failures) of the batch encoding
+
+  def write(start: int, stop: int, moments: tuple[jax.Array, ...], labels: jax.Array,
+            keep: jax.Array, failed_here: dict[int, str]) -> None:
     """Gathers a batch's rows from every process (all take part); process 0 writes them."""
-    moments, labels = tuple(sharding.gather(m) for m in moments), sharding.gather(labels)
+    moments = tuple(sharding.gather(m) for m in moments)
+    labels, keep = sharding.gather(labels), sharding.gather(keep)[:stop - start]
     if writes:
-      writer.write(start, stop, moments, labels)
+      unreadable = {int(sources[row]): reason(int(sources[row]), failed_here)
+                    for row in range(start, stop) if not keep[row - start]}
+      writer.write(start, stop, moments, labels, keep, unreadable)
   try:
     prefetch()
     while pending:
@@ -272,16 +326,30 @@ def encode(source: ImageSource, vae_dir: str | None, out: str, image_size: int =
       start, stop = b * batch_size, min((b + 1) * batch_size, total)
       pixels = np.zeros((local, image_size, image_size, 3), np.uint8)  # black padding
       labels = np.zeros(local, np.int32)
+      keep = np.zeros(local, bool)
+      failed_here: dict[int, str] = {}
       for j, row in enumerate(range(start + index * local, min(start + (index + 1) * local,
                                                                 stop))):
-        crop, labels[j] = crops[int(sources[row])].result()
+        entry = int(sources[row])
+        try:
+          crop, labels[j] = crops[entry].result()
+        except OSError as e:
+          if not skip_unreadable:
+            raise
+          if entry not in failed_here:
+            logging.warning("Skipped an unreadable image (one bad file does not stop the "
+                            "encode; manifest.json lists it under 'skipped'): %s", e)
+          failed_here[entry] = str(e)
+          continue
         pixels[j] = crop[:, ::-1] if mirrored[row] else crop
-      batch = sharding.process_rows_to_global({"pixels": pixels, "labels": labels}, mesh)
+        keep[j] = True
+      batch = sharding.process_rows_to_global(
+          {"pixels": pixels, "labels": labels, "keep": keep}, mesh)
       # Dispatched asynchronously: the previous batch is written while this one encodes.
       moments = autoencoder.fn(autoencoder.params, batch["pixels"])
       if in_flight is not None:
         write(*in_flight)
-      in_flight = (start, stop, moments, batch["labels"])
+      in_flight = (start, stop, moments, batch["labels"], batch["keep"], failed_here)
       now = time.monotonic()
       if writes and (now - last_log >= log_every_s or stop == total):
         rate = (stop - done) / max(now - started, 1e-9)
@@ -292,51 +360,85 @@ def encode(source: ImageSource, vae_dir: str | None, out: str, image_size: int =
       write(*in_flight)
   finally:
     pool.shutdown(wait=True, cancel_futures=True)
-  if writes:
-    writer.finish(source, autoencoder.record, image_size, flip)
-  multihost_utils.sync_global_devices("mixflow encode: written")
-  return total
 
 
-class _Writer:
-  """Process 0's output: the memory-mapped moments and labels, the progress record (rows
-  done, checked against ``fingerprint`` on resume) and, at the end, the manifest."""
+def set_rows(path: str, rows: int) -> None:
+  """Shortens the .npy file at ``path`` to its first ``rows`` rows, in place: its header
+  rewritten with the new shape in the same number of bytes (the shape's text can only get
+  shorter; the padding is spaces, as the .npy format allows) and the file truncated after
+  the last row. No-op when it holds ``rows`` rows."""
+  with open(path, "r+b") as f:
+    version = np.lib.format.read_magic(f)
+    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                   else np.lib.format.read_array_header_2_0)
+    shape, fortran, dtype = read_header(f)
+    data_offset = f.tell()
+    if not shape or rows > shape[0]:
+      raise ValueError(f"{path} holds {shape}; cannot shorten it to {rows} rows.")
+    header_start = 8 + (2 if version == (1, 0) else 4)  # magic, version, header length
+    header = repr({"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": fortran,
+                   "shape": (rows, *shape[1:])})
+    room = data_offset - header_start - 1  # the header ends with a newline
+    if len(header) > room:  # cannot happen: fewer rows never need more digits
+      raise ValueError(f"{path}: the header of {rows} rows does not fit in place.")
+    f.seek(header_start)
+    f.write((header.ljust(room) + "\n").encode("latin1"))
+    f.truncate(data_offset + rows * int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
+
+
+class Writer:
+  """Process 0's output: the memory-mapped moments and per-row arrays (by default the
+  labels), the progress record (rows done, rows written and the unreadable images skipped,
+  checked against ``fingerprint`` on resume) and, at the end, the manifest.
+
+  Rows are written in order without gaps: a row left out (``write``'s ``keep``) takes no
+  place, so after R rows done the files hold ``written`` <= R rows, and ``finish`` shortens
+  the preallocated files to those (``set_rows``). ``row_arrays`` names each per-row array
+  beside the moments: {name: (shape of a row, dtype)}, written from ``row_values``.
+  """
 
   def __init__(self, out: str, shape: tuple[int, ...], fingerprint: dict,
-               moments: tuple[str, ...] = MOMENTS, dtype: type = np.float32):
+               moments: tuple[str, ...] = MOMENTS, dtype: type = np.float32,
+               row_arrays: dict[str, tuple[tuple[int, ...], Any]] | None = None):
     self.out, self.shape, self.fingerprint, self.moments = out, shape, fingerprint, moments
     self.dtype = np.dtype(dtype)
     self.total = shape[0]
+    row_arrays = {_PARTIAL_LABELS: ((), np.int32)} if row_arrays is None else row_arrays
     os.makedirs(out, exist_ok=True)
     self.progress = os.path.join(out, PROGRESS_JSON)
-    files = {name: os.path.join(out, f"{name}.npy") for name in (*moments, _PARTIAL_LABELS)}
+    self.files = {name: os.path.join(out, f"{name}.npy") for name in (*moments, *row_arrays)}
+    self.skipped: list[dict] = []
     if os.path.isfile(self.progress):
       with open(self.progress) as f:
         stored = json.load(f)
       _check_fingerprint(self.progress, stored, fingerprint)
       self.done = int(stored["rows_done"])
-    elif any(os.path.exists(file) for file in files.values()):
+      self.written = int(stored.get("rows_written", self.done))
+      self.skipped = list(stored.get("skipped", []))
+    elif any(os.path.exists(file) for file in self.files.values()):
       raise FileExistsError(f"{out} holds latents but no {PROGRESS_JSON}: it was not written "
                             "by `mixflow encode`; use another --out or delete it.")
     else:
-      self.done = 0
+      self.done = self.written = 0
     batch_size = fingerprint["batch_size"]
     if self.done % batch_size and self.done != self.total:
       raise errors.InvalidInput(
           f"{self.progress} records rows_done={self.done}, neither a multiple "
           f"of batch_size={batch_size} nor all {self.total} rows.")
-    shapes = {name: shape for name in moments} | {_PARTIAL_LABELS: shape[:1]}
-    dtypes = {name: self.dtype for name in moments} | {_PARTIAL_LABELS: np.int32}
+    shapes = {name: shape for name in moments} | {
+        name: (self.total, *row) for name, (row, _) in row_arrays.items()}
+    dtypes = {name: self.dtype for name in moments} | {
+        name: np.dtype(dtype) for name, (_, dtype) in row_arrays.items()}
+    self.arrays: dict[str, np.ndarray] = {}
     if self.done == 0:
       self._save_progress(0)
       self.arrays = {name: np.lib.format.open_memmap(file, mode="w+", dtype=dtypes[name],
                                                      shape=shapes[name])
-                     for name, file in files.items()}
+                     for name, file in self.files.items()}
       return
-    self.arrays = {}
-    for name, file in files.items():
-      if name == _PARTIAL_LABELS and self.done == self.total:
-        continue  # renamed to labels.npy when the last row was written
+    if self.done == self.total:
+      return  # complete: nothing left to write (finish may have shortened the files)
+    for name, file in self.files.items():
       if not os.path.isfile(file):
         raise errors.MissingInput(f"{self.progress} records {self.done} rows done but {file} "
                                   f"is missing; delete {out} to start over.")
@@ -348,24 +450,47 @@ class _Writer:
             f"Delete {out} to start over.")
 
   def _save_progress(self, rows_done: int) -> None:
-    storage.write_json(self.progress, {"rows_done": rows_done, "rows_total": self.total,
-                                "complete": rows_done == self.total,
-                                "fingerprint": self.fingerprint})
+    storage.write_json(self.progress, {"rows_done": rows_done, "rows_written": self.written,
+                                       "rows_total": self.total,
+                                       "complete": rows_done == self.total,
+                                       "skipped": self.skipped,
+                                       "fingerprint": self.fingerprint})
+
+  def row_values(self, start: int, stop: int, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """The per-row arrays of rows start..stop - 1 ({name: (>= stop - start, ...)}): here
+    the labels that the images' sources gave."""
+    return {_PARTIAL_LABELS: labels}
 
   def write(self, start: int, stop: int, moments: tuple[jax.Array, ...],
-            labels: np.ndarray) -> None:
-    """Stores rows start..stop - 1, then records them as done."""
-    values = dict(zip(self.moments, moments, strict=True)) | {_PARTIAL_LABELS: labels}
+            labels: np.ndarray, keep: np.ndarray | None = None,
+            unreadable: dict[int, str] | None = None) -> None:
+    """Stores the rows start..stop - 1 that ``keep`` (bool (stop - start,), all by
+    default) keeps after those written before, then records them as done; ``unreadable``
+    ({listing entry: reason}) joins the skipped images of the progress record."""
+    n = stop - start
+    kept = np.flatnonzero(np.ones(n, bool) if keep is None else np.asarray(keep)[:n])
+    values = dict(zip(self.moments, moments, strict=True)) | self.row_values(start, stop, labels)
     for name, value in values.items():
-      self.arrays[name][start:stop] = np.asarray(value)[:stop - start]
+      self.arrays[name][self.written:self.written + len(kept)] = np.asarray(value)[:n][kept]
       self.arrays[name].flush()  # the rows reach the file before the progress says so
+    self.written += len(kept)
+    known = {record["entry"] for record in self.skipped}
+    self.skipped.extend({"entry": entry, "reason": why}
+                        for entry, why in sorted((unreadable or {}).items()) if entry not in known)
     self._save_progress(stop)
+
+  def close(self) -> None:
+    """Unmaps the files (before ``set_rows`` shortens them)."""
+    for array in self.arrays.values():
+      array.flush()
+    self.arrays = {}
 
   def finish(self, source: ImageSource, autoencoder: dict, image_size: int, flip: bool
              ) -> None:
     """labels.npy, classes.json and the manifest (naming the ``autoencoder``: its folder
     and config): the folder is complete."""
     out = self.out
+    self.close()
     partial = os.path.join(out, f"{_PARTIAL_LABELS}.npy")
     if os.path.exists(partial):
       labels = np.array(np.load(partial))

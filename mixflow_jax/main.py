@@ -140,8 +140,23 @@ _RAE = flags.DEFINE_string("rae", None, "encode: the RAE folder (with its encode
 _PIXELS = flags.DEFINE_bool("pixels", False, "encode: store the uint8 crops themselves "
                             "instead of latents, for an encoder in the train step "
                             "(config.data.encoder: RAE's default).")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 256, "encode: the side of the ADM center "
-                                   "crop (latents are image_size / 8 for SD's VAE).")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "encode: the side of the ADM center "
+                                   "crop (latents are image_size / 8 for SD's VAE); default "
+                                   "256, and 1024 for captioned images (SD3's; 512 also fits).")
+_CAPTIONS = flags.DEFINE_string("captions", None, "encode: a folder of captioned images: "
+                               "metadata.jsonl (file_name, text; Hugging Face's imagefolder) "
+                               "or a .txt caption beside each image.")
+_WEBDATASET = flags.DEFINE_string("webdataset", None, "encode: webdataset tar shards of "
+                                 "captioned images (a folder of .tar files or a glob): "
+                                 ".jpg / .png with .txt / .json captions.")
+_TOKENIZERS = flags.DEFINE_string("tokenizers", None, "encode: the folder holding SD3's "
+                                 "tokenizer/, tokenizer_2/, tokenizer_3/ (a diffusers download "
+                                 "or a converted folder); captioned images store their "
+                                 "captions' token ids. With --tfds: a captioned TFDS dataset "
+                                 "(coco_captions).")
+_MAX_SEQUENCE_LENGTH = flags.DEFINE_integer("max_sequence_length", 256, "encode: T5's "
+                                           "token count of a caption (SD3's pipeline: 256, at "
+                                           "most 512).")
 _FLIP = flags.DEFINE_bool("flip", False, "encode: also store the latents of each image's "
                           "horizontal mirror (2 rows per image), for data.flip=True.")
 
@@ -220,6 +235,9 @@ def _study(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def _encode() -> None:
+  if _CAPTIONS.value or _WEBDATASET.value or _TOKENIZERS.value:
+    _encode_captions()
+    return
   if ((_IMAGES.value is None) == (_TFDS.value is None) or _OUT.value is None
       or (_VAE.value is not None) + (_RAE.value is not None) + _PIXELS.value != 1):
     raise errors.UserError("give --images=DIR (an ImageFolder) or --tfds=NAME, one of "
@@ -234,10 +252,40 @@ def _encode() -> None:
                                       _MANUAL_DIR.value))
   rae = _RAE.value is not None
   rows = encode.encode(source, _RAE.value if rae else _VAE.value, _OUT.value,
-                       _IMAGE_SIZE.value, flip=_FLIP.value, rae=rae)
+                       256 if _IMAGE_SIZE.value is None else _IMAGE_SIZE.value,
+                       flip=_FLIP.value, rae=rae)
   what = ("normalised RAE latents (images.npy" if rae else "uint8 crops (images.npy"
           if _PIXELS.value else "latent moments (images.npy, std.npy")
   print(f"Wrote {_OUT.value}: {rows} rows of {what}, labels.npy, manifest.json).")
+
+
+def _encode_captions() -> None:
+  given = [name for name, flag in (("captions", _CAPTIONS), ("webdataset", _WEBDATASET),
+                                   ("tfds", _TFDS)) if flag.value]
+  if (len(given) != 1 or not _TOKENIZERS.value or not _VAE.value or not _OUT.value
+      or _IMAGES.value or _RAE.value or _PIXELS.value):
+    raise errors.UserError("captioned images: give one of --captions=DIR (metadata.jsonl or "
+                           ".txt captions), --webdataset=SHARDS or --tfds=coco_captions, with "
+                           "--tokenizers=DIR (SD3's tokenizers), --vae=DIR and --out=DIR "
+                           "(not --images, --rae or --pixels).")
+  if _DISTRIBUTED.value:
+    _join_job()
+  from mixflow_jax import encode_captions, prompt_tokens
+  from mixflow_jax.data import captions
+  tokenize = prompt_tokens.SD3Tokenizers.from_folder(_TOKENIZERS.value,
+                                                     _MAX_SEQUENCE_LENGTH.value)
+  source = (captions.folder_captions(_CAPTIONS.value) if _CAPTIONS.value else
+            captions.webdataset_captions(_WEBDATASET.value) if _WEBDATASET.value else
+            captions.tfds_captions(_TFDS.value, _SPLIT.value, _TFDS_DATA_DIR.value,
+                                   _MANUAL_DIR.value))
+  rows = encode_captions.encode_captions(
+      source, _VAE.value, _OUT.value, tokenize,
+      {"tokenizers": os.path.abspath(_TOKENIZERS.value),
+       "max_sequence_length": _MAX_SEQUENCE_LENGTH.value},
+      1024 if _IMAGE_SIZE.value is None else _IMAGE_SIZE.value, flip=_FLIP.value)
+  print(f"Wrote {_OUT.value}: {rows} rows of latent moments (images.npy, std.npy) and caption "
+        f"token ids ({', '.join(f'{f}.npy' for f in tokenize.fields)}, num_captions.npy), "
+        "manifest.json (its 'skipped' names every image or caption left out).")
 
 
 def _plan(config: ml_collections.ConfigDict) -> None:
@@ -442,13 +490,17 @@ COMMANDS = {
         (*(f for name, c in CONVERTERS.items() for f in (name, *c.flags)), "out"), _convert),
     "encode": Command(
         "Encode an ImageFolder or a TFDS dataset to SD-VAE latent moments (or normalised "
-        "RAE latents: --rae; or keep the uint8 crops: --pixels) for data.name='arrays' "
+        "RAE latents: --rae; or keep the uint8 crops: --pixels) for data.name='arrays', or "
+        "captioned images to latent moments and caption token ids for data.name='captions' "
         "(resumable).",
         "--images=DIR|--tfds=NAME [--tfds_data_dir=DIR --manual_dir=DIR --split=train] "
         "--vae=DIR|--rae=DIR|--pixels --out=DIR [--image_size=256] [--flip] "
-        "[--distributed ...]",
-        ("images", "tfds", "tfds_data_dir", "manual_dir", "split", "vae", "rae", "pixels",
-         "out", "image_size", "flip", *_JOB[2:]), _encode),
+        "[--distributed ...] | --captions=DIR|--webdataset=SHARDS|--tfds=coco_captions "
+        "--tokenizers=DIR [--max_sequence_length=256] --vae=DIR --out=DIR "
+        "[--image_size=1024] [--flip] [--distributed ...]",
+        ("images", "tfds", "tfds_data_dir", "manual_dir", "split", "captions", "webdataset",
+         "tokenizers", "max_sequence_length", "vae", "rae", "pixels", "out", "image_size",
+         "flip", *_JOB[2:]), _encode),
     "plan": Command(
         "Compile the config's train step for a mesh (--num_devices fakes one) and report "
         "memory per device, FLOPs and the sharding; needs no data.",

@@ -36,7 +36,8 @@ LAYERS = (
     ("step", False, ("train_step",)),  # the train step and its factories, of a config
     ("jobs", True, (  # one command each, independent of each other
         "train", "generate", "evaluate", "encode", "slowflow", "convert.*")),
-    ("workflows", False, ("plan", "demo", "study", "study_report")),  # built from jobs
+    ("workflows", False, (  # built from jobs
+        "plan", "demo", "study", "study_report", "encode_captions")),
     ("cli", False, ("main", "__main__", "cli_help", "cli_errors")),
 )
 

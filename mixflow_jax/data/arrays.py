@@ -35,6 +35,12 @@ class ImageDataset:
   train_std: np.ndarray | None = None
   train_mirror_std: np.ndarray | None = None
   null_condition: dict[str, np.ndarray] | None = None
+  # Several captions per image (the ``captions`` source): ``train_captions`` {field:
+  # (N, K, ...)} holds row n's captions in slots 0 .. train_num_captions[n] - 1 ((N,) int32)
+  # and the train pipeline reads one per row per epoch (pipeline.caption_choice) in place of
+  # train_condition's field, which holds each image's first caption (N, ...).
+  train_captions: dict[str, np.ndarray] | None = None
+  train_num_captions: np.ndarray | None = None
 
   @property
   def image_shape(self) -> tuple[int, int, int]:

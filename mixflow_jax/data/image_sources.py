@@ -21,6 +21,7 @@ import hashlib
 import io
 import os
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -128,16 +129,18 @@ def folder_source(root: str) -> ImageSource:
                       "listing_sha256": _listing_digest(root, paths, labels)}, load)
 
 
-def tfds_source(name: str, split: str = "train", data_dir: str | None = None,
-                manual_dir: str | None = None) -> ImageSource:
-  """The TFDS dataset ``name`` (``image`` and ``label`` features), its ``split``, from
-  ``data_dir`` (TFDS's default if None), prepared first from ``manual_dir`` if needed.
+def open_tfds(name: str, split: str = "train", data_dir: str | None = None,
+              manual_dir: str | None = None, decoders: dict | None = None) -> tuple[Any, Any]:
+  """(builder, records) of the TFDS dataset ``name``'s ``split`` in ``data_dir`` (TFDS's
+  default if None), prepared first from ``manual_dir`` if needed; ``records[i]`` is example
+  i as numpy values, each feature decoded by ``decoders`` (default: the image's encoded
+  bytes, ``SkipDecoding``).
 
   Raises ValueError naming the flag: a dataset neither prepared nor preparable without a
   download, a missing or empty ``manual_dir``, one prepared in a format without random
   access, or a split it does not have.
   """
-  import tensorflow_datasets as tfds  # Imported here: only this source needs it.
+  import tensorflow_datasets as tfds  # Imported here: only the TFDS sources need it.
 
   builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
   if not builder.is_prepared():
@@ -158,11 +161,21 @@ def tfds_source(name: str, split: str = "train", data_dir: str | None = None,
     raise errors.InvalidInput(f"--tfds={name} has no split {split!r}; it has "
                               f"{sorted(builder.info.splits)}.")
   try:
-    records = builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+    records = builder.as_data_source(
+        split=split, decoders=decoders or {"image": tfds.decode.SkipDecoding()})
   except (NotImplementedError, ValueError) as e:
     raise errors.InvalidInput(f"--tfds={name} in {builder.data_dir} cannot be read by index ({e}): "
                               "encode reads the array_record format; convert it with `tfds "
                               "convert_format --output_format=array_record`.") from e
+  return builder, records
+
+
+def tfds_source(name: str, split: str = "train", data_dir: str | None = None,
+                manual_dir: str | None = None) -> ImageSource:
+  """The TFDS dataset ``name`` (``image`` and ``label`` features), its ``split``, from
+  ``data_dir`` (TFDS's default if None), prepared first from ``manual_dir`` if needed
+  (``open_tfds``, whose errors name the flag)."""
+  builder, records = open_tfds(name, split, data_dir, manual_dir)
   class_names = list(builder.info.features["label"].names)
 
   def load(i: int, size: int) -> tuple[np.ndarray, int]:

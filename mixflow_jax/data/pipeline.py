@@ -12,6 +12,13 @@ depend only on (seed, position): a run resumed at a position sees what an uninte
 one saw, on any number of processes, and one process equals P of them. The position
 (examples consumed) is the iterator's state, saved with each checkpoint (``state_json``).
 
+Several captions per image (``ImageDataset.train_captions``, the ``captions`` source):
+element ``i`` (example ``k``, epoch ``e = i // N``) reads caption
+``mix64(mix64(salt(seed) ^ e) ^ k) mod n_k`` of its ``n_k`` (``caption_choice``): one caption
+per image per epoch, each of an image's captions about equally often over epochs, and
+again a function of (seed, position) alone, so a resumed run draws what an uninterrupted
+one drew.
+
 Why not grain's ``ShardByJaxProcess`` + ``DataLoader``: it gives each process a fixed
 1 / P of the records and a per-process state, so the batches change with the host count;
 ``ElasticIterator`` keeps them but interleaves the rows of processes (element ``p + j P``),
@@ -34,6 +41,7 @@ from mixflow_jax import errors
 from mixflow_jax.data.arrays import Batch, ImageDataset
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_CAPTION_SALT = np.uint64(0xC2B2AE3D27D4EB4F)  # keeps the caption draws apart from the flips'
 
 
 def mix64(x: np.ndarray) -> np.ndarray:
@@ -50,6 +58,16 @@ def mirrored(seed: int, positions: np.ndarray) -> np.ndarray:
   return (mix64(positions.astype(np.uint64) ^ salt) & np.uint64(1)).astype(bool)
 
 
+def caption_choice(seed: int, epochs: np.ndarray, examples: np.ndarray,
+                   counts: np.ndarray) -> np.ndarray:
+  """The caption slot that example ``examples[j]`` reads in epoch ``epochs[j]``, of its
+  ``counts[j]`` (>= 1) captions: (n,) int64 in [0, counts), from a seeded hash of
+  (seed, epoch, example) (module docstring)."""
+  salt = mix64(np.asarray([seed], np.uint64) ^ _CAPTION_SALT)[0]
+  h = mix64(mix64(epochs.astype(np.uint64) ^ salt) ^ examples.astype(np.uint64))
+  return (h % counts.astype(np.uint64)).astype(np.int64)
+
+
 def _take(images: np.ndarray, mirrors: np.ndarray | None, rows: np.ndarray,
           flip: np.ndarray) -> np.ndarray:
   """images[rows], with mirrors[rows] where ``flip``: one read per row."""
@@ -63,7 +81,8 @@ def _take(images: np.ndarray, mirrors: np.ndarray | None, rows: np.ndarray,
 
 class _ReadRows:
   """(positions (b,), examples (b,)) -> the local batch: images (or mirrors), the condition's
-  fields, and the posterior std of the latents where the dataset stores it."""
+  fields (one caption per row where there are several), and the posterior std of the
+  latents where the dataset stores it."""
 
   def __init__(self, dataset: ImageDataset, seed: int, flip: bool):
     self.dataset, self.seed, self.flip = dataset, seed, flip
@@ -72,8 +91,13 @@ class _ReadRows:
     positions, rows = chunk
     d = self.dataset
     flip = mirrored(self.seed, positions) if self.flip else np.zeros(len(rows), bool)
-    batch = {"image": _take(d.train_images, d.train_mirrors, rows, flip),
-             **{k: np.asarray(v[rows]) for k, v in d.train_condition.items()}}
+    condition = {k: np.asarray(v[rows]) for k, v in d.train_condition.items()
+                 if k not in (d.train_captions or {})}
+    if d.train_captions:  # one caption of each row's, drawn per epoch
+      slots = caption_choice(self.seed, positions // len(d.train_images), rows,
+                             np.asarray(d.train_num_captions[rows]))
+      condition |= {k: np.asarray(v[rows, slots]) for k, v in d.train_captions.items()}
+    batch = {"image": _take(d.train_images, d.train_mirrors, rows, flip), **condition}
     if d.train_std is not None:
       batch["image_std"] = _take(d.train_std, d.train_mirror_std, rows, flip)
     return batch

@@ -88,6 +88,9 @@ def arrays(path: str, heldout_fraction: float = 0.2, num_classes: int | None = N
     raise errors.InvalidInput(
         f"data.path={path!r} is an unfinished `mixflow encode` (progress.json, "
         "no manifest.json): rerun the encode to finish it.")
+  if manifest is not None and manifest.get("kind") == "captions":
+    raise errors.InvalidInput(f"data.path={path!r} holds captioned latents (`mixflow encode "
+                              "--captions`): read it with data.name='captions'.")
   names = ("images", "labels") + (("std",) if manifest and "std" in manifest["moments"] else ())
   files = {name: folder / f"{name}.npy" for name in names}
   for name, file in files.items():
@@ -123,9 +126,65 @@ def arrays(path: str, heldout_fraction: float = 0.2, num_classes: int | None = N
       train_mirror_std=None if std is None or mirror is None else std[mirror])
 
 
-def _check_manifest(manifest: dict, files: dict, manifest_file) -> None:
+def captions(path: str, heldout_fraction: float = 0.2) -> ImageDataset:
+  """The folder of ``mixflow encode --captions`` (``encode_captions``' docstring has its
+  files), read by its manifest and memory-mapped: the posterior moments as ``arrays`` reads
+  them (``train_std``; with mirrors, (image, mirror) row pairs split by pair) and, as the
+  condition, the caption token ids by field: ``train_captions`` {field: (N, K, L_f)} int32
+  with ``train_num_captions`` (N,) (the pipeline draws one of each row's per epoch),
+  ``train_condition`` {field: (N, L_f)} and ``heldout_condition`` {field: (N_h, L_f)} each
+  image's first caption, and ``null_condition`` {field: (1, L_f)} the empty prompt's ids.
+  The held-out part is the last ceil(fraction * images) images. Files that disagree with
+  the manifest (shape, dtype, size) are errors naming them."""
+  if not path:
+    raise errors.ConfigError("config.data.path is unset: data.name='captions' reads the folder "
+                             "that `mixflow encode --captions` writes.")
+  folder = storage.path(path, "data.path")
+  manifest_file = folder / "manifest.json"
+  if not manifest_file.exists():
+    raise errors.MissingInput(
+        f"data.path={path!r} has no manifest.json"
+        + (": it is an unfinished `mixflow encode` (progress.json); rerun the encode to "
+           "finish it." if (folder / "progress.json").exists() else
+           "; data.name='captions' reads the folder `mixflow encode --captions` writes."))
+  manifest = storage.read_json(manifest_file)
+  if manifest.get("kind") != "captions":
+    raise errors.InvalidInput(f"data.path={path!r} is not a captions folder ({manifest_file} "
+                              "records no kind 'captions'): use data.name='arrays' for it.")
+  fields = list(manifest["token_fields"])
+  names = (*manifest["moments"], *fields, "num_captions", *(f"null_{f}" for f in fields))
+  files = {name: folder / f"{name}.npy" for name in names}
+  for name, file in files.items():
+    if not file.is_file():
+      raise errors.MissingInput(f"data.path={path!r} has no {name}.npy ({file}).")
+  _check_manifest(manifest, files, manifest_file, {
+      name: (tuple(manifest["files"][f"{name}.npy"]["shape"]),
+             manifest["files"][f"{name}.npy"]["dtype"]) for name in names})
+  loaded = {name: storage.load_npy(file, mmap=not name.startswith("null_"))
+            for name, file in files.items()}
+  images, std = loaded["images"], loaded.get("std")
+  counts = loaded["num_captions"]
+  pairs = 2 if manifest["mirrors"] else 1
+  examples = len(images) // pairs
+  n_train = examples - math.ceil(heldout_fraction * examples)
+  train, heldout = slice(0, pairs * n_train, pairs), slice(pairs * n_train, None, pairs)
+  mirror = slice(1, pairs * n_train, 2) if pairs == 2 else None
+  return ImageDataset(
+      "captions", images[train], {f: loaded[f][train, 0] for f in fields}, images[heldout],
+      {f: loaded[f][heldout, 0] for f in fields},
+      train_mirrors=None if mirror is None else images[mirror],
+      train_std=None if std is None else std[train],
+      train_mirror_std=None if std is None or mirror is None else std[mirror],
+      null_condition={f: np.asarray(loaded[f"null_{f}"]) for f in fields},
+      train_captions={f: loaded[f][train] for f in fields}, train_num_captions=counts[train])
+
+
+def _check_manifest(manifest: dict, files: dict, manifest_file,
+                    layouts: dict[str, tuple[tuple[int, ...], str]] | None = None) -> None:
   """Raises ValueError naming the first file whose header or size disagrees with the
-  manifest (a different, partly copied or truncated file)."""
+  manifest (a different, partly copied or truncated file); ``layouts``: {name: (shape,
+  dtype)} of each file, by default the manifest's shape and dtype (labels: (rows,), any
+  dtype)."""
   shape = tuple(manifest["shape"])
   for name, file in files.items():
     expected = manifest["files"].get(f"{name}.npy", {})
@@ -139,16 +198,20 @@ def _check_manifest(manifest: dict, files: dict, manifest_file) -> None:
                      if np.lib.format.read_magic(f) == (1, 0)
                      else np.lib.format.read_array_header_2_0)
       file_shape, _, dtype = read_header(f)
-    want = shape if name != "labels" else shape[:1]
-    stored = np.dtype(manifest.get("dtype", "float32"))
-    if tuple(file_shape) != want or (name != "labels" and np.dtype(dtype) != stored):
+    if layouts is not None:
+      want, stored = layouts[name][0], np.dtype(layouts[name][1])
+      typed = True
+    else:
+      want = shape if name != "labels" else shape[:1]
+      stored, typed = np.dtype(manifest.get("dtype", "float32")), name != "labels"
+    if tuple(file_shape) != want or (typed and np.dtype(dtype) != stored):
       raise errors.InvalidInput(f"{file} holds {np.dtype(dtype)} {tuple(file_shape)}, but "
-                                f"{manifest_file} records {manifest['dtype']} {want}.")
+                                f"{manifest_file} records {stored.name} {want}.")
 
 
 SOURCES: dict[str, Callable[..., ImageDataset]] = {
     "digits": digits, "synthetic": synthetic, "synthetic_captions": synthetic_captions,
-    "arrays": arrays}
+    "arrays": arrays, "captions": captions}
 
 
 def load_dataset(data: ml_collections.ConfigDict) -> ImageDataset:
@@ -158,4 +221,6 @@ def load_dataset(data: ml_collections.ConfigDict) -> ImageDataset:
         f"Unknown data.name={data.name!r}; expected one of {sorted(SOURCES)}.")
   if data.name == "arrays":
     return arrays(data.path, data.heldout_fraction, data.num_classes)
+  if data.name == "captions":
+    return captions(data.path, data.heldout_fraction)
   return SOURCES[data.name](heldout_fraction=data.heldout_fraction)
