@@ -49,7 +49,7 @@ def get_config(variant: str = "medium") -> ml_collections.ConfigDict:
     raise ValueError(f"Unknown variant {variant!r} of configs/sd35.py; expected one of "
                      f"{sorted(_VARIANTS)}.")
   config = configuration.default_config()
-  config.data.name = "arrays"
+  config.data.name = "captions"
   config.data.image_shape = LATENT_SHAPE
   config.data.batch_size = 64
   config.data.heldout_fraction = 0.001
