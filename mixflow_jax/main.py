@@ -235,7 +235,9 @@ def _study(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def _encode() -> None:
-  if _CAPTIONS.value or _WEBDATASET.value or _TOKENIZERS.value:
+  # A captioned source (coco_captions: TFDS's captioned COCO) needs the tokenizers too.
+  if (_CAPTIONS.value or _WEBDATASET.value or _TOKENIZERS.value
+      or _TFDS.value == "coco_captions"):
     _encode_captions()
     return
   if ((_IMAGES.value is None) == (_TFDS.value is None) or _OUT.value is None

@@ -7,8 +7,6 @@ import io
 import json
 import logging
 import os
-import subprocess
-import sys
 import tarfile
 import zlib
 
@@ -19,11 +17,19 @@ import tensorflow_datasets as tfds
 from PIL import Image
 from scipy import stats
 
-from mixflow_jax import checkpoints, configuration, encode, encode_captions, errors, pretrained
+from mixflow_jax import (
+    checkpoints,
+    configuration,
+    encode,
+    encode_captions,
+    errors,
+    main,
+    pretrained,
+)
 from mixflow_jax.data import ImageDataset, captions, image_sources, load_dataset, pipeline
 from mixflow_jax.models.vae import AutoencoderKL, VAEConfig
+from tests import cli_flags
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 16  # crop side; the (32, 64) VAE halves it: 8 x 8 x 16 latents
 LENGTHS = {"clip_l_ids": 6, "clip_g_ids": 6, "t5_ids": 8}
 TOKENIZER = {"tokenizers": "fake", "max_sequence_length": 8}
@@ -496,9 +502,10 @@ def test_one_caption_per_image_per_epoch_drawn_evenly_and_resumably():
   assert (choice[:, 1] != choice[:, 5]).mean() > 0.3
 
 
-def test_encode_command_line_needs_the_tokenizers(tmp_path):
-  result = subprocess.run([sys.executable, "-m", "mixflow_jax", "encode",
-                           f"--captions={tmp_path}", f"--out={tmp_path / 'o'}", "--vae=x"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
-  assert result.returncode == errors.USER_ERROR_EXIT_CODE, result.stderr[-2000:]
-  assert "--tokenizers=DIR" in result.stderr + result.stdout
+@pytest.mark.parametrize("source", ["captions", "tfds"])
+def test_encode_command_line_needs_the_tokenizers(source, tmp_path):
+  """A captioned source without --tokenizers (TFDS's coco_captions too) is a user error."""
+  value = str(tmp_path) if source == "captions" else "coco_captions"
+  with (cli_flags.parsed(**{source: value}, out=str(tmp_path / "o"), vae="x"),
+        pytest.raises(errors.UserError, match="--tokenizers=DIR")):
+    main._encode()

@@ -6,7 +6,6 @@ conversion of the diffusers state_dict, array for array; the run folder records 
 and the scheduler's shift; bad input is refused naming the file or field; the conversion's
 peak host memory is one float32 copy of the parameters and a little more."""
 
-import contextlib
 import functools
 import json
 import os
@@ -19,8 +18,6 @@ import jax
 import numpy as np
 import pytest
 import torch
-from absl import flags
-from absl.testing import flagsaver
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file
@@ -29,8 +26,8 @@ from mixflow_jax import checkpoints, errors, main, pretrained, runs
 from mixflow_jax.convert import diffusers_folder, safetensors_files, sd3_single_file
 from mixflow_jax.convert import mmdit as convert
 from mixflow_jax.models import mmdit
+from tests import cli_flags, torch_vae
 from tests import test_mmdit_parity as parity
-from tests import torch_vae
 
 HEAD_DIM = parity.TINY["attention_head_dim"]
 SHIFT = 2.5  # not SD3's 3.0: the run must record the file's
@@ -280,32 +277,19 @@ def test_a_bad_folder_is_refused_naming_the_file_or_field(medium, tmp_path, bad)
     diffusers_folder.read_diffusers_folder(copy)
 
 
-@contextlib.contextmanager
-def _flags(**values):
-  """absl's flags parsed in this process with ``values`` set (restored after)."""
-  was_parsed = flags.FLAGS.is_parsed()
-  flags.FLAGS.mark_as_parsed()
-  try:
-    with flagsaver.flagsaver(**values):
-      yield
-  finally:
-    if not was_parsed:
-      flags.FLAGS.unparse_flags()
-
-
 def test_the_convert_command_reads_a_diffusers_folder_and_refuses_bad_input(medium, tmp_path):
   """`mixflow convert --diffusers=DIR --out=OUT`: the run folder and OUT/vae; a folder
   without transformer/ is named; SiT's options are refused with an SD3 single file."""
   config, _, folder, files, _ = medium
   out = str(tmp_path / "run")
-  with _flags(diffusers=folder, out=out):
+  with cli_flags.parsed(diffusers=folder, out=out):
     main._convert()
   assert runs.read_record(out).model == config
   assert os.path.isfile(os.path.join(out, "vae", pretrained.VAE_JSON))
-  with (_flags(diffusers=str(tmp_path), out=str(tmp_path / "other")),
+  with (cli_flags.parsed(diffusers=str(tmp_path), out=str(tmp_path / "other")),
         pytest.raises(errors.MissingInput, match=re.escape(str(tmp_path)) + ".*transformer")):
     main._convert()
-  with (_flags(checkpoint=files[""], num_heads=2, out=str(tmp_path / "third")),
+  with (cli_flags.parsed(checkpoint=files[""], num_heads=2, out=str(tmp_path / "third")),
         pytest.raises(errors.UserError, match=r"--num_heads does not apply to .*single file")):
     main._convert()
 
@@ -320,7 +304,7 @@ def test_a_single_file_of_another_model_is_refused_naming_it(tmp_path):
   # `mixflow convert --checkpoint` sends every Stability single file to this reader (not to
   # the SiT converter), whose error names what the file is.
   assert sd3_single_file.is_sd3_checkpoint(unet)
-  with (_flags(checkpoint=unet, out=str(tmp_path / "out")),
+  with (cli_flags.parsed(checkpoint=unet, out=str(tmp_path / "out")),
         pytest.raises(errors.InvalidInput, match=r"sd_xl_base_1\.0\.safetensors' is not an SD3")):
     main._convert()
   other = str(tmp_path / "vae_only.safetensors")
