@@ -25,6 +25,7 @@ from mixflow_jax import (
     conditioning,
     configuration,
     latent_encoder,
+    prompt_tokens,
     sharding,
     timesteps,
     tree_paths,
@@ -119,10 +120,20 @@ def make_text_encoder(config: ml_collections.ConfigDict, model: Model
   one the model is told: ConfigError naming the field that disagrees."""
   if not config.data.text_encoder:
     return None
+  # The model's text tokens fix T5's: 77 CLIP tokens, then max_sequence_length T5 ids.
+  t5_length = config.model.text_tokens - sd3_text.CLIP_LENGTH
+  if not 1 <= t5_length <= prompt_tokens.MAX_SEQUENCE_LENGTH:
+    raise configuration.ConfigError(
+        f"config.model.text_tokens={config.model.text_tokens} leaves {t5_length} T5 tokens "
+        f"after CLIP's {sd3_text.CLIP_LENGTH}; with config.data.text_encoder it is 77 + T5's "
+        f"max_sequence_length (1 to {prompt_tokens.MAX_SEQUENCE_LENGTH}; SD3: 77 + 256).")
+  dtype = jnp.dtype(config.model.dtype)  # the encoders compute as the model does
   if config.data.text_encoder == RELEASED_TEXT_ENCODER:
-    texts = SD3TextEncoder("", sd3_text.SD3TextConfig.sd3())
+    texts = SD3TextEncoder("", sd3_text.SD3TextConfig.sd3(max_sequence_length=t5_length),
+                           dtype)
   else:
-    texts = SD3TextEncoder.from_folder(config.data.text_encoder)
+    texts = SD3TextEncoder.from_folder(config.data.text_encoder, max_sequence_length=t5_length,
+                                       dtype=dtype)
   want = families.condition_of(model.config).spec(1)
   have = {"context": (texts.tokens, texts.width), "pooled": (texts.pooled_width,)}
   for field, setting in (("context", "model.text_tokens / model.name"),

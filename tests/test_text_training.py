@@ -12,6 +12,7 @@ import pytest
 
 from mixflow_jax import (
     checkpoints,
+    conditioning,
     configuration,
     objectives,
     sharding,
@@ -116,8 +117,8 @@ def test_encoders_in_the_step_equal_training_on_the_stored_embeddings(encoder_fo
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("model.text_tokens", 333, r"gives the context \(82, 32\) per example, but the model "
-                               r"\(model.text_tokens / model.name\) is told \(333, 32\)"),
+    ("model.text_tokens", 50, r"config.model.text_tokens=50 leaves -27 T5 tokens after "
+                              r"CLIP's 77"),
     ("model.text_encoder_dropout", (0.4, 0.4),
      r"text_encoder_dropout=\(0.4, 0.4\) has 2 probabilities; the text encoder has 3 "
      r"encoders \(clip_l_ids, clip_g_ids, t5_ids\)"),
@@ -156,3 +157,14 @@ def _config_module_sd35():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config("medium")
+
+
+def test_ids_of_another_t5_length_are_named(encoder_folder):
+  """The model's text tokens fix T5's length (77 + L): ids of another length are named by
+  field, as the train loop checks the data."""
+  config = _config(encoder_folder)
+  config.model.text_tokens = 77 + T5_LENGTH + 1
+  s = train_step.setup_step(config, (8, 8, 4), 0, sharding.make_mesh(1))
+  with pytest.raises(ValueError, match=r"'t5_ids' is int32 \(\d+, 5\); the model needs int32 "
+                                       r"\(\d+, 6\)"):
+    conditioning.check(_token_dataset().train_condition, s.data_condition, "data")
