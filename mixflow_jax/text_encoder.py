@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mixflow_jax import checkpoints, errors, prompt_tokens, storage
 from mixflow_jax.models import sd3_text
@@ -125,13 +126,33 @@ class SD3TextEncoder:
                                                         self.config.max_sequence_length)
     if self.config.t5 is not None and not tokenizers.has_t5:
       raise errors.MissingInput(f"{self.directory!r} has T5's weights but no tokenizer_3/.")
+    sizes = self.vocab_sizes()
+    where = str(root / TEXT_ENCODER_JSON)
+    tokenizers.check_vocab(sizes, dict.fromkeys(sizes, where))
+    return tokenizers
+
+  def vocab_sizes(self) -> dict[str, int]:
+    """{ids field: the vocabulary size of the encoder that reads it}."""
     sizes = {"clip_l_ids": self.config.clip_l.vocab_size,
              "clip_g_ids": self.config.clip_g.vocab_size}
     if self.config.t5 is not None:
       sizes["t5_ids"] = self.config.t5.vocab_size
-    where = str(root / TEXT_ENCODER_JSON)
-    tokenizers.check_vocab(sizes, dict.fromkeys(sizes, where))
-    return tokenizers
+    return sizes
+
+  def check_ids(self, tokens: Mapping[str, Any], source: str) -> None:
+    """InvalidInput naming ``source`` and the field when ids fall outside an encoder's
+    vocabulary (an embedding lookup would clamp them silently): captions tokenized with
+    other tokenizers than this folder's."""
+    for field, size in self.vocab_sizes().items():
+      if field not in tokens:  # a missing field is the condition check's to name
+        continue
+      ids = np.asarray(tokens[field])
+      if ids.size and (ids.min() < 0 or ids.max() >= size):
+        raise errors.InvalidInput(
+            f"{source}: {field} holds ids up to {int(ids.max())} (from {int(ids.min())}), "
+            f"outside the {size} of {self.directory or 'the text encoder'}'s vocabulary: "
+            "were the captions tokenized with its tokenizers (`mixflow encode --tokenizers=`"
+            "the converted folder)?")
 
   def __call__(self, params: Mapping[str, Any], tokens: Mapping[str, jax.Array]
                ) -> dict[str, jax.Array]:

@@ -188,6 +188,10 @@ def model_input_shape(config: ml_collections.ConfigDict, dataset: ImageDataset
   return encoder.latent_shape
 
 
+# Rows of caption ids checked against the text encoders' vocabularies when a run starts.
+CHECKED_ROWS = 1024
+
+
 def dataset_null_condition(dataset: ImageDataset, setup: StepSetup) -> Any:
   """The null condition's data of the step (``Frozen['null_condition']``): the dataset's
   (text: the empty prompt's embeddings stored with them), on the mesh; ``()`` where the
@@ -230,6 +234,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         f"config.data.text_encoder={config.data.text_encoder!r} names the released encoders' "
         "architecture, for `mixflow plan`; training reads their weights from a converted "
         "folder (`mixflow convert --diffusers=DIR --out=OUT` writes OUT/text_encoder).")
+  if s.text_encoder is not None:  # ids beyond a vocabulary would be clamped silently
+    for what, ids in (("its empty prompt", dataset.null_condition or {}),
+                      ("its first rows", {k: v[:CHECKED_ROWS]
+                                          for k, v in dataset.train_condition.items()})):
+      s.text_encoder.check_ids(ids, f"The data {dataset.name!r} ({what})")
   try:
     conditioning.check(dataset.train_condition, s.data_condition,
                        f"The data {dataset.name!r} (config.data)")

@@ -14,6 +14,7 @@ from mixflow_jax import (
     checkpoints,
     conditioning,
     configuration,
+    errors,
     objectives,
     sharding,
     text_encoder,
@@ -168,3 +169,12 @@ def test_ids_of_another_t5_length_are_named(encoder_folder):
   with pytest.raises(ValueError, match=r"'t5_ids' is int32 \(\d+, 5\); the model needs int32 "
                                        r"\(\d+, 6\)"):
     conditioning.check(_token_dataset().train_condition, s.data_condition, "data")
+
+
+def test_ids_beyond_a_vocabulary_are_named_before_training(encoder_folder, tmp_path):
+  """Captions tokenized with other tokenizers: ids the embedding lookup would clamp."""
+  tokens = _token_dataset()
+  tokens.train_condition["clip_g_ids"][3, 5] = 64  # bigG's vocabulary here: 0 .. 63
+  with pytest.raises(errors.InvalidInput, match=r"The data 'token_ids' \(its first rows\): "
+                     r"clip_g_ids holds ids up to 64 \(from 0\), outside the 64 of"):
+    train.train(_config(encoder_folder), str(tmp_path / "run"), dataset=tokens)
