@@ -47,6 +47,16 @@ class Conditioning(Protocol):
     """The data ``null`` needs as ``null_value``: (1, ...) per field, or () for none."""
 
 
+def field_groups(fields: tuple[str, ...], dropout: float,
+                 field_dropout: tuple[tuple[str, float], ...]
+                 ) -> tuple[tuple[tuple[str, ...], float], ...]:
+  """Dropout groups: each field of ``field_dropout`` on its own at its probability, else
+  all ``fields`` together at ``dropout``."""
+  if field_dropout:
+    return tuple(((field,), p) for field, p in field_dropout)
+  return ((fields, dropout),)
+
+
 @dataclasses.dataclass(frozen=True)
 class ClassLabel:
   """A class id per example; row ``num_classes`` of the label table is the null class."""
@@ -85,9 +95,7 @@ class TextEmbedding:
 
   @property
   def dropout_groups(self) -> tuple[tuple[tuple[str, ...], float], ...]:
-    if self.field_dropout:
-      return tuple(((field,), p) for field, p in self.field_dropout)
-    return ((self.fields, self.dropout),)
+    return field_groups(self.fields, self.dropout, self.field_dropout)
 
   def spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
     return {"context": jax.ShapeDtypeStruct((batch_size, self.tokens, self.width), jnp.float32),
@@ -129,9 +137,7 @@ class PromptTokens:
 
   @property
   def dropout_groups(self) -> tuple[tuple[tuple[str, ...], float], ...]:
-    if self.field_dropout:
-      return tuple(((field,), p) for field, p in self.field_dropout)
-    return ((self.fields, self.dropout),)
+    return field_groups(self.fields, self.dropout, self.field_dropout)
 
   def spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
     return {field: jax.ShapeDtypeStruct((batch_size, length), jnp.int32)

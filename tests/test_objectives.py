@@ -1,5 +1,7 @@
 """The losses: gamma = 0 is standard training bit for bit; Algorithm 1 step by step."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,8 +9,9 @@ import pytest
 
 from mixflow_jax import objectives, timesteps
 from mixflow_jax.interpolants import get_path
-from mixflow_jax.models import families
+from mixflow_jax.models import families, mmdit
 from mixflow_jax.objectives import Objective
+from tests import mmdit_tiny
 
 
 def _apply(model):
@@ -114,20 +117,9 @@ def test_mixflow_for_sd3_is_the_published_formula_in_sigma():
   transformer told 1000 sigma' and regressing eps - x. The objective on the MMDiT in
   'data_to_noise' computes it from the same draws; gamma = 0 is the standard loss under the
   same law, bit for bit."""
-  import dataclasses
-
-  from mixflow_jax.models import mmdit
-
-  config = mmdit.MMDiTConfig(sample_size=4, patch_size=2, in_channels=4, out_channels=4,
-                             num_layers=2, num_attention_heads=2, attention_head_dim=8,
-                             joint_attention_dim=6, caption_projection_dim=16,
-                             pooled_projection_dim=5, pos_embed_max_size=4, text_tokens=3)
-  rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda x: jnp.asarray(0.3 * rng.standard_normal(x.shape), x.dtype),
-                        mmdit.abstract_params(config))
-  x = jnp.asarray(rng.standard_normal((6, 4, 4, 4)), jnp.float32)
-  cond = {"context": jnp.asarray(rng.standard_normal((6, 3, 6)), jnp.float32),
-          "pooled": jnp.asarray(rng.standard_normal((6, 5)), jnp.float32)}
+  config, params = mmdit_tiny.CONFIG, mmdit_tiny.params()
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((6, 4, 4, 4)), jnp.float32)
+  cond = mmdit_tiny.condition(6)
   gamma, key = 0.4, jax.random.key(13)
 
   draws = objectives.split_key(key)

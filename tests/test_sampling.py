@@ -7,7 +7,8 @@ import pytest
 
 from mixflow_jax import sampling, time_shift
 from mixflow_jax.interpolants import get_path
-from mixflow_jax.models import families
+from mixflow_jax.models import families, mmdit
+from tests import mmdit_tiny
 
 
 @pytest.mark.parametrize("method", ["euler", "heun", "dopri5"])
@@ -326,20 +327,11 @@ def test_skip_layer_guidance_of_a_tiny_mmdit_follows_the_sd3_pipeline_loop():
   pipeline's loop written out in our time: at step i the guided velocity, plus
   s (u_c - u_skip) where N start < i < N stop (steps 2, 3, 4 of 10 here); other steps
   (another window) give other samples."""
-  from mixflow_jax.models import mmdit
-
-  config = mmdit.MMDiTConfig(sample_size=4, patch_size=2, in_channels=4, out_channels=4,
-                             num_layers=3, num_attention_heads=2, attention_head_dim=8,
-                             joint_attention_dim=6, caption_projection_dim=16,
-                             pooled_projection_dim=5, pos_embed_max_size=4, text_tokens=3)
-  rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda x: jnp.asarray(0.3 * rng.standard_normal(x.shape), x.dtype),
-                        mmdit.abstract_params(config))
-  model = mmdit.MMDiT(config)
+  params = mmdit_tiny.params()
+  model = mmdit.MMDiT(mmdit_tiny.CONFIG)
   apply, skip = families.make_apply_fn(model), families.make_apply_fn(model, skip_layers=(1,))
   jit_apply, jit_skip = jax.jit(apply), jax.jit(skip)
-  cond = {"context": jnp.asarray(rng.standard_normal((2, 3, 6)), jnp.float32),
-          "pooled": jnp.asarray(rng.standard_normal((2, 5)), jnp.float32)}
+  cond = mmdit_tiny.condition(2)
   null = jax.tree.map(jnp.zeros_like, cond)
   sampler = sampling.Sampler("euler", num_steps=10, cfg_scale=4.5, slg_scale=2.8,
                              slg_steps=(0.1, 0.45))

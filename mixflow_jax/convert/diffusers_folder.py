@@ -38,7 +38,6 @@ read) and ``scheduler_config``, from a single file ``left_out`` (its other parts
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -47,7 +46,7 @@ from absl import logging
 
 from mixflow_jax import checkpoints, errors, runs
 from mixflow_jax.convert import mmdit as convert_mmdit
-from mixflow_jax.convert import safetensors_files, sd3_single_file, text_encoders
+from mixflow_jax.convert import safetensors_files, sd3_single_file, state_dicts, text_encoders
 from mixflow_jax.convert import vae as convert_vae
 from mixflow_jax.models import mmdit
 
@@ -62,19 +61,6 @@ INDEX = WEIGHTS + ".index.json"
 SCHEDULER_CLASS = "FlowMatchEulerDiscreteScheduler"
 DIFFUSERS_DEFAULT_SHIFT = 1.0  # FlowMatchEulerDiscreteScheduler's shift when a file omits it
 PATH = "linear"  # SD3's path: x_sigma = (1 - sigma) x + sigma eps (velocity prediction)
-
-
-def _read_json(path: str, what: str) -> dict:
-  if not os.path.isfile(path):
-    raise errors.MissingInput(f"No {path!r} ({what}).")
-  try:
-    with open(path) as f:
-      fields = json.load(f)
-  except (OSError, ValueError) as e:
-    raise errors.InvalidInput(f"Cannot read {path!r} as JSON ({e}).") from e
-  if not isinstance(fields, dict):
-    raise errors.InvalidInput(f"{path!r} holds a JSON {type(fields).__name__}, not an object.")
-  return fields
 
 
 def transformer_weights(directory: str) -> safetensors_files.TensorFiles:
@@ -121,7 +107,8 @@ def read_transformer(folder: str) -> tuple[mmdit.MMDiTConfig, Mapping[str, Any],
                               f"download holds {TRANSFORMER}/ ({CONFIG_JSON} and the "
                               f"safetensors weights) beside vae/ and {SCHEDULER}/.")
   config_path = os.path.join(directory, CONFIG_JSON)
-  fields = _read_json(config_path, "the SD3Transformer2DModel config of a diffusers folder")
+  fields = state_dicts.read_json_object(
+      config_path, "the SD3Transformer2DModel config of a diffusers folder")
   config = convert_mmdit.config_from_json(fields, config_path)
   state_dict = transformer_weights(directory)
   check_config_against_weights(config, state_dict, config_path)
@@ -138,7 +125,7 @@ def read_scheduler(folder: str) -> tuple[float, dict]:
     logging.warning("%s has no %s/: recording SD3's shift %s.", folder, SCHEDULER,
                     sd3_single_file.SD3_SHIFT)
     return sd3_single_file.SD3_SHIFT, {}
-  fields = _read_json(path, "the scheduler config of a diffusers folder")
+  fields = state_dicts.read_json_object(path, "the scheduler config of a diffusers folder")
   cls = fields.get("_class_name", SCHEDULER_CLASS)
   if cls != SCHEDULER_CLASS:
     raise errors.InvalidInput(f"{path!r} describes a {cls}, not the {SCHEDULER_CLASS} of SD3 / "

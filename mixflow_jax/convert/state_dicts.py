@@ -1,9 +1,12 @@
 """What every converter of a PyTorch state_dict to Flax variables does the same way: the
 Flax path of a key, tensors as NumPy, and the errors that name a key the model does not
-know, a shape that differs, or the weights the state_dict lacks."""
+know, a shape that differs, or the weights the state_dict lacks; a download's config files
+read with errors that name them."""
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -84,3 +87,19 @@ def check_table(key: str, value: np.ndarray, want: np.ndarray, tolerance: float,
   if diff > tolerance:
     raise errors.InvalidInput(f"State_dict key {key!r} differs from the fixed table the model "
                               f"computes by up to {diff:.3g} (> {tolerance:g}).")
+
+
+def read_json_object(path: str, what: str = "") -> dict:
+  """The JSON object in the file ``path`` (a config.json, an index, a scheduler config):
+  MissingInput naming it (and ``what`` it should be) when absent, InvalidInput when it is
+  not JSON or not an object."""
+  if not os.path.isfile(path):
+    raise errors.MissingInput(f"No {path!r}" + (f" ({what})." if what else "."))
+  try:
+    with open(path) as f:
+      fields = json.load(f)
+  except (OSError, ValueError) as e:
+    raise errors.InvalidInput(f"Cannot read {path!r} as JSON ({e}).") from e
+  if not isinstance(fields, dict):
+    raise errors.InvalidInput(f"{path!r} holds a JSON {type(fields).__name__}, not an object.")
+  return fields

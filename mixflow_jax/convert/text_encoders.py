@@ -33,7 +33,6 @@ A diffusers SD3 / SD3.5 download's text encoders (``read_sd3_text_folder``,
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -157,19 +156,6 @@ class SD3TextFolder:
     return os.path.join(self.folder, SD3_ENCODERS[name][0])
 
 
-def _read_json(path: str) -> dict:
-  if not os.path.isfile(path):
-    raise errors.MissingInput(f"No {path!r}.")
-  try:
-    with open(path) as f:
-      fields = json.load(f)
-  except (OSError, ValueError) as e:
-    raise errors.InvalidInput(f"Cannot read {path!r} as JSON ({e}).") from e
-  if not isinstance(fields, dict):
-    raise errors.InvalidInput(f"{path!r} holds a JSON {type(fields).__name__}, not an object.")
-  return fields
-
-
 def _check_class(folder: str, name: str, fields: Mapping[str, Any], path: str) -> None:
   """InvalidInput naming the file and field where the download's ``model_index.json`` entry
   or the encoder's config.json ``architectures`` is another class than the SD3 pipeline's."""
@@ -180,7 +166,7 @@ def _check_class(folder: str, name: str, fields: Mapping[str, Any], path: str) -
                               f"a {want}.")
   index_path = os.path.join(folder, MODEL_INDEX)
   if os.path.isfile(index_path):
-    entry = _read_json(index_path).get(sub)
+    entry = state_dicts.read_json_object(index_path).get(sub)
     if isinstance(entry, list) and len(entry) == 2 and entry[1] not in (None, want):
       raise errors.InvalidInput(f"{index_path!r}: {sub!r} is {entry!r}; SD3's {sub} is a "
                                 f"{want} (['transformers', {want!r}]).")
@@ -226,7 +212,7 @@ def read_sd3_text_folder(folder: str, joint_attention_dim: int,
   for name in present:
     sub, _, _ = SD3_ENCODERS[name]
     path = os.path.join(folder, sub, HF_CONFIG)
-    fields = _read_json(path)
+    fields = state_dicts.read_json_object(path)
     _check_class(folder, name, fields, path)
     build = t5_encoder.T5Config if name == "t5" else clip_text.CLIPTextConfig
     configs[name] = build.from_hf_json(fields, path)
