@@ -3,7 +3,9 @@ prepared from its manual download) encoded by two processes, copied to a bucket 
 emulator on loopback), post-trained by two processes from the bucket on a gs:// workdir,
 preempted by SIGTERM mid-run
 and relaunched, then sampled and evaluated (ADM metrics) from the bucket. The relaunched
-run ends with the params of an uninterrupted one."""
+run ends with the params of an uninterrupted one, and its checkpoint (written by both
+processes) resumes on one process at the pipeline's saved position, as the uninterrupted
+run resumes."""
 
 import os
 import re
@@ -31,7 +33,7 @@ _CONFIG = """
     config.data.heldout_fraction = 0.25
     config.train.steps, config.train.checkpoint_every = 8, 100
     config.train.tensorboard = False  # TensorFlow's GCS client: see tests/gcs_emulator.py
-    config.sample.num_samples = config.sample.batch_size = 16
+    config.sample.num_samples = config.sample.batch_size = 8
     config.sample.vae = {vae!r}
     config.eval.reference, config.eval.inception = {reference!r}, {inception!r}
     return config
@@ -64,7 +66,7 @@ _SAMPLE_EVALUATE = textwrap.dedent("""
     import importlib.util, sys
     sys.path.insert(0, {repo!r})
     import jax, numpy as np
-    from mixflow_jax import checkpoints, evaluate, generate, runs
+    from mixflow_jax import checkpoints, evaluate, generate, runs, train
     from mixflow_jax.models.sit import abstract_params
 
     spec = importlib.util.spec_from_file_location("config", {config!r})
@@ -76,6 +78,8 @@ _SAMPLE_EVALUATE = textwrap.dedent("""
     params, step = checkpoints.load_params(
         run, abstract_params(runs.read_record(run).model))
     np.savez({params!r}, *jax.tree.leaves(params), step=step)
+    config.train.steps = 10  # the two processes' checkpoint, resumed on one process
+    np.savez({resumed!r}, *jax.tree.leaves(train.train(config, run)))
 """)
 
 
@@ -100,7 +104,9 @@ def test_tfds_encode_preempted_train_sample_evaluate_on_gcs(tmp_path):
   inception = str(tmp_path / "pt_inception-2015-12-05-6726825d.pth")
   torch.save(torch_inception.random_fid_inception(seed=0).state_dict(), inception)
   reference = str(tmp_path / "reference.npz")
-  np.savez(reference, arr_0=np.stack([source.load(i, SIZE)[0] for i in range(12)]))
+  # 8 images, as many as the samples: one shape through the Inception (one compile), and
+  # few images at 299 x 299 (each costs ~0.3 s at XLA:CPU's optimisation level 0).
+  np.savez(reference, arr_0=np.stack([source.load(i, SIZE)[0] for i in range(8)]))
 
   data = str(tmp_path / "latents")
   distributed.run_mixflow("encode", "--tfds=fake_imagenet", f"--tfds_data_dir={tfds_dir}",
@@ -127,18 +133,20 @@ def test_tfds_encode_preempted_train_sample_evaluate_on_gcs(tmp_path):
     distributed.run_mixflow(*run, f"--config={plain}", env=env,  # the relaunch
                             devices_per_process=2)
     job = subprocess.run([sys.executable, "-c", _SAMPLE_EVALUATE.format(
-        repo=distributed.REPO, config=plain, params=str(tmp_path / "params.npz"))],
+        repo=distributed.REPO, config=plain, params=str(tmp_path / "params.npz"),
+        resumed=str(tmp_path / "resumed.npz"))],
         cwd=tmp_path, env=dict(os.environ, **env), capture_output=True, text=True,
         timeout=600)
     assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-5000:]
     objects = gcs_emulator.list_objects(env, "bucket")
   finally:
     emulator.kill()
-  assert "SAMPLES gs://bucket/run/samples/ema_euler10_cfg1_n16.npz" in job.stdout
+  assert "SAMPLES gs://bucket/run/samples/ema_euler10_cfg1_n8.npz" in job.stdout
   assert re.search(r"METRICS \{'inception_score': [0-9.]+, 'fid': [0-9.]+", job.stdout)
   for expected in ("run/model.json", "run/checkpoints/8/data/metadata",
-                   "run/samples/ema_euler10_cfg1_n16.npz",
-                   "run/metrics_ema_euler10_cfg1_n16.json"):
+                   "run/checkpoints/10/data/metadata",
+                   "run/samples/ema_euler10_cfg1_n8.npz",
+                   "run/metrics_ema_euler10_cfg1_n8.json"):
     assert expected in objects, (expected, sorted(objects))
   for root in (tmp_path, distributed.REPO):  # nothing under a local folder named 'gs:'
     assert not any(name.startswith("gs:") for name in os.listdir(root))
@@ -156,6 +164,14 @@ def test_tfds_encode_preempted_train_sample_evaluate_on_gcs(tmp_path):
   model_config = runs.read_record(str(tmp_path / "uninterrupted")).model
   assert jax.tree.structure(abstract_params(model_config)) == jax.tree.structure(
       uninterrupted.ema_params)
+  # Both resumed on one process to step 10: the whole state (params, EMA, optimizer).
+  config.train.steps = 10
+  continued = jax.tree.leaves(train.train(config, str(tmp_path / "uninterrupted"),
+                                          dataset=load_dataset(config.data)))
+  resumed = np.load(tmp_path / "resumed.npz")
+  assert len(resumed.files) == len(continued)
+  for i, leaf in enumerate(continued):
+    np.testing.assert_allclose(resumed[f"arr_{i}"], leaf, rtol=1e-5, atol=1e-6)
 
 
 def _load_config(path):

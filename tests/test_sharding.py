@@ -1,6 +1,7 @@
-"""One device equals eight (fake CPU) devices under every mesh (data parallel, FSDP, 2 x 4;
-the tiny MMDiT under FSDP too), checkpoints move between meshes, and two processes of four
-devices each (jax.distributed on localhost) train as one device."""
+"""One device equals eight (fake CPU) devices under every mesh (data parallel, FSDP, 2 x 4),
+and checkpoints move between meshes. Elsewhere: the tiny MMDiT under FSDP over eight devices
+(tests/test_mmdit_runs.py); two processes (jax.distributed on localhost) train as one
+device, and their checkpoint resumes on one process (tests/test_chain.py)."""
 
 import json
 import os
@@ -12,19 +13,15 @@ import jax
 import numpy as np
 
 from mixflow_jax import checkpoints, runs, slowflow, train
-from mixflow_jax.data import sources
-from mixflow_jax.models import families
 from mixflow_jax.models.sit import abstract_params
 from mixflow_jax.report import read_scalar
-from tests import distributed
-from tests.conftest import tiny_mmdit_config
 
 _SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
     sys.path.insert(0, {tests!r})
-    from conftest import tiny_config, tiny_mmdit_config
-    from mixflow_jax import sharding, slowflow, train
+    from conftest import tiny_config
+    from mixflow_jax import slowflow, train
     from mixflow_jax.data import sources
 
     assert jax.device_count() == 8, jax.devices()
@@ -52,19 +49,11 @@ _SCRIPT = textwrap.dedent("""
     # Slow Flow over the 8 devices (12 samples: padded to 16).
     with open(f"{{root}}/slowflow8.json", "w") as f:
       json.dump(slowflow.slowflow_run(slowflow_config(), f"{{root}}/dp8"), f)
-    check_sharded(run("mesh2x4", 4, 5), 4)
-    # Across meshes: FSDP 8 -> data parallel 8 here, -> one device in the test; and a run
-    # of one device (the test's, 2 steps) -> FSDP over all 8 here.
-    check_sharded(run("moved", 8, 2), 8)
-    run("moved", 1, 4)
+    # Across meshes: 2 x 4 (steps 1-2) -> data parallel 8 here (3-4), -> one device in the
+    # test (5); and a run of one device (the test's, steps 1-2) -> FSDP over all 8 here.
+    check_sharded(run("moved", 4, 2), 4)
+    check_sharded(run("moved", 1, 4), 1)
     check_sharded(run("back", -1, 5), 8)
-    # The tiny MMDiT (two scans, captions as the condition) under FSDP over all 8 devices.
-    mmdit = tiny_mmdit_config()
-    mmdit.objective.name = "standard"
-    mmdit.train.steps, mmdit.train.num_fsdp, mmdit.train.fsdp_min_size = 2, 8, 0
-    state = train.train(mmdit, f"{{root}}/mmdit8", dataset=sources.synthetic_captions())
-    kernel = state.params["blocks"]["dual"]["ff"]["net_0"]["proj"]["kernel"]  # (1, 64, 256)
-    assert kernel.addressable_shards[0].data.shape == (1, 64, 32), kernel.sharding
     print("OK")
 """)
 
@@ -78,9 +67,11 @@ def _params(run_dir):
 def test_meshes_equal_one_device_and_checkpoints_move_between_them(config, synthetic_dataset,
                                                                   tmp_path):
   """Data parallel 8, FSDP 8 and a 2 x 4 mesh (8 fake CPU devices) train as one device does:
-  the same losses, params and EMA after 5 steps, and checkpoints resume on another mesh
-  (FSDP 8 -> data parallel 8 -> one device; one device -> FSDP over all devices: the FSDP
-  steps of these two runs are checked against one device's)."""
+  the same losses at every step, params and EMA after 5 steps, and checkpoints resume on
+  another mesh (2 x 4 -> data parallel 8 -> one device; one device -> FSDP over all
+  devices). Each mesh's steps are checked against one device's: data parallel 8 from the
+  start (steps 1-5), the 2 x 4 mesh from its sharded init (steps 1-2, then moved), FSDP 8
+  from a moved checkpoint (steps 3-5)."""
   config.train.log_every = 1
   config.train.steps = 2
   train.train(config, str(tmp_path / "back"), dataset=synthetic_dataset)
@@ -101,17 +92,6 @@ def test_meshes_equal_one_device_and_checkpoints_move_between_them(config, synth
   # Nearest times are argmins of float32 distances with cancellation: other reduction
   # orders move a flat minimum by a few grid points (0.0005 each).
   np.testing.assert_allclose(eight["median"], one_device["median"], atol=0.01)
-  mmdit = tiny_mmdit_config()
-  mmdit.objective.name, mmdit.train.steps = "standard", 2  # test_mmdit_runs.py: MixFlow
-  one_mmdit = train.train(mmdit, str(tmp_path / "mmdit1"), dataset=sources.synthetic_captions())
-  record = runs.read_record(str(tmp_path / "mmdit8"))
-  for which in ("params", "ema_params"):
-    params, step = checkpoints.load_params(
-        str(tmp_path / "mmdit8"), families.abstract_params(record.model, scanned=True), which)
-    assert step == 2
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(getattr(one_mmdit, which)),
-                    strict=True):
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=f"mmdit8 {which}")
   config.train.steps = 5
   one = train.train(config, str(tmp_path / "one"), dataset=synthetic_dataset)
   assert int(train.train(config, str(tmp_path / "moved"), dataset=synthetic_dataset).step) == 5
@@ -119,7 +99,7 @@ def test_meshes_equal_one_device_and_checkpoints_move_between_them(config, synth
   # Adam's first steps move each weight by about lr * g / (|g| + eps); for the few
   # gradients with |g| near eps = 1e-8 that ratio turns float rounding of g into ~1e-6,
   # hence an absolute tolerance of 1% of lr = 1e-3 on the params.
-  for run_dir in ("dp8", "mesh2x4", "moved", "back"):
+  for run_dir in ("dp8", "moved", "back"):
     steps, loss = read_scalar(str(tmp_path / run_dir), "loss")
     np.testing.assert_array_equal(steps, np.arange(1, 6))
     np.testing.assert_allclose(loss, one_loss, rtol=1e-5, err_msg=run_dir)
@@ -128,32 +108,3 @@ def test_meshes_equal_one_device_and_checkpoints_move_between_them(config, synth
       for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(getattr(one, which)),
                       strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=f"{run_dir} {which}")
-
-
-def test_two_processes_of_four_devices_train_as_one_device(config, synthetic_dataset,
-                                                           tmp_path):
-  """`mixflow train --distributed` (each process reads its rows of the global batch; orbax
-  checkpoints from both) ends where one device ends, and its checkpoint resumes on one
-  process at the pipeline's saved position (preemption across processes: test_chain.py)."""
-  config_file = distributed.config_file(str(tmp_path / "config.py"), """
-      from tests.conftest import tiny_config
-      config = tiny_config()
-      config.train.steps = 4
-      return config
-  """)
-  two = str(tmp_path / "two")
-  distributed.run_mixflow("train", f"--workdir={two}", f"--config={config_file}")
-  config.train.steps = 4
-  one = train.train(config, str(tmp_path / "one"), dataset=synthetic_dataset)
-  model_config = runs.read_record(two).model
-  for which in ("params", "ema_params"):
-    restored, step = checkpoints.load_params(two, abstract_params(model_config), which)
-    assert step == 4
-    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(getattr(one, which)),
-                    strict=True):
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  config.train.steps = 6  # both resumed on one process, at the pipeline's saved position
-  for a, b in zip(jax.tree.leaves(train.train(config, two, dataset=synthetic_dataset)),
-                  jax.tree.leaves(train.train(config, str(tmp_path / "one"),
-                                              dataset=synthetic_dataset)), strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
