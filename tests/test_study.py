@@ -23,6 +23,11 @@ def _study_config():
 
 def test_quick_study_runs_each_cell_once_and_rebuilds_its_report(tmp_path, monkeypatch):
   config = study.quick(_study_config())
+  # Batches of 32, and post-training at the base's learning rate: the standard variant's
+  # step is then the base's compiled step (a cache hit). The pipeline is tested, not its
+  # numbers.
+  config.data.batch_size = 32
+  config.study.posttrain_lr = config.study.bases.mini_20.lr
   workdir = str(tmp_path)
   study.run_study(config, workdir)
   report = study_report.write_report(config, workdir)
