@@ -28,9 +28,11 @@ def _config(**model):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-  """A DiTDH-T trained 2 steps, scanned with remat, MixFlow on RAE's shifted time."""
+  """A DiTDH-T trained 2 steps, scanned with full remat (the step of the plan test's
+  'full': one compile for both; 'dots_no_batch': tests/test_ditdh_compute.py), MixFlow on
+  RAE's shifted time."""
   path = str(tmp_path_factory.mktemp("ditdh"))
-  train.train(_config(scan_blocks=True, remat="dots_no_batch"), path)
+  train.train(_config(scan_blocks=True, remat="full"), path)
   return path
 
 
@@ -103,7 +105,7 @@ def test_slow_flow_measures_a_ditdh_run_with_autoguidance_by_itself_as_without(r
 def test_plan_of_a_ditdh_step_counts_its_flops_and_remat_lowers_its_temp_bytes():
   from mixflow_jax import plan
 
-  config = _config(scan_blocks=True)
+  config = _config(scan_blocks=True)  # as run_dir's, whose compiled step 'full' reuses
   config.data.update(image_shape=(8, 8, 1), num_classes=4, batch_size=16)
   results = {}
   for remat in ("none", "full"):
