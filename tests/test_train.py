@@ -16,6 +16,7 @@ import pytest
 from mixflow_jax import checkpoints, configuration, runs, sharding, train, train_step
 from mixflow_jax.data import pipeline
 from mixflow_jax.report import read_scalar
+from tests.conftest import tiny_config
 
 
 def _crash_after(batches, n, error=RuntimeError):
@@ -42,12 +43,20 @@ def _sigterm_at(batches, n):
     yield batch
 
 
-def test_resumed_run_equals_uninterrupted_run(config, synthetic_dataset, tmp_path):
+@pytest.fixture(scope="module")
+def full(synthetic_dataset, tmp_path_factory):
+  """The final state of the tiny config (MixFlow, 8 steps) trained without interruption:
+  what the interrupted runs of these tests end with."""
+  config = tiny_config()
+  config.objective.name = "mixflow"
+  return train.train(config, str(tmp_path_factory.mktemp("full")), dataset=synthetic_dataset)
+
+
+def test_resumed_run_equals_uninterrupted_run(config, synthetic_dataset, full, tmp_path):
   """After a crash (resumed from the last checkpoint) and after a SIGTERM (the step in
   flight finishes and is saved with the pipeline's position), a relaunch ends where an
   uninterrupted run ends."""
   config.objective.name = "mixflow"
-  full = train.train(config, str(tmp_path / "full"), dataset=synthetic_dataset)
 
   crashed = str(tmp_path / "crashed")
   batches = _crash_after(_batches(synthetic_dataset, config), 6)
@@ -104,7 +113,7 @@ train.train(config, workdir, dataset=dataset, batches=batches())
 """
 
 
-def test_run_killed_after_checkpoint_resumes_to_same_params(config, synthetic_dataset,
+def test_run_killed_after_checkpoint_resumes_to_same_params(config, synthetic_dataset, full,
                                                             tmp_path):
   tests = os.path.dirname(os.path.abspath(__file__))
   killed = subprocess.run([sys.executable, "-c", _KILLED_RUN.format(tests=tests),
@@ -113,7 +122,6 @@ def test_run_killed_after_checkpoint_resumes_to_same_params(config, synthetic_da
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
   config.objective.name = "mixflow"
   resumed = train.train(config, str(tmp_path / "killed"), dataset=synthetic_dataset)
-  full = train.train(config, str(tmp_path / "full"), dataset=synthetic_dataset)
   _assert_trees_equal(resumed, full)
 
 
@@ -226,7 +234,8 @@ def test_warm_start_from_missing_run_is_named(config, synthetic_dataset, tmp_pat
 
 def test_metrics_throughput_and_profile_reach_the_workdir(config, synthetic_dataset, tmp_path):
   config.train.steps, config.train.log_every = 60, 20
-  config.objective.name, config.objective.t_law = "standard", "uniform"
+  # MixFlow's law given, as train() resolves it: the step of ``full`` (one compile).
+  config.objective.name, config.objective.t_law = "mixflow", "beta21"
   config.train.peak_flops_per_device = 1e12
   config.train.profile_steps = (3, 4)
   train.train(config, str(tmp_path), dataset=synthetic_dataset)
