@@ -30,6 +30,7 @@ from mixflow_jax.convert.inception import convert_inception_checkpoint
 from mixflow_jax.evaluation import adm_inputs, adm_report, inception_pass
 from mixflow_jax.pretrained import load_inception
 from tests import torch_inception
+from tests.conftest import TEST_XLA_FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 8  # images per set
@@ -381,12 +382,15 @@ def test_evaluate_command_line(files, tmp_path):
   os.makedirs(os.path.dirname(path))
   np.savez(path, arr_0=files["samples"], arr_1=files["labels"])
   reference = files["paths"]["ref_stats_only"]
+  # Without the tests' XLA:CPU optimisation level 0 (conftest.TEST_XLA_FLAGS): this command
+  # runs the Inception more than it compiles (8 images: 9.4 s against 10.9 s).
+  xla_flags = os.environ.get("XLA_FLAGS", "").replace(TEST_XLA_FLAGS, "").strip()
   result = subprocess.run(
       [sys.executable, "-m", "mixflow_jax", "evaluate", f"--workdir={tmp_path}",
        "--config=configs/digits.py", f"--config.eval.reference={reference}",
        f"--config.eval.inception={files['paths']['converted']}"],
       cwd=REPO, capture_output=True, text=True, timeout=600,
-      env=dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1"))
+      env=dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", XLA_FLAGS=xla_flags))
   assert result.returncode == 0, result.stdout + result.stderr[-4000:]
   assert "precision and recall skipped" in result.stderr
   name = os.path.splitext(os.path.basename(path))[0]
