@@ -3,6 +3,7 @@ commands and of convert's inputs."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -27,15 +28,24 @@ def _cli(*args):
   return result
 
 
-def test_demo_writes_report_metrics_and_table(tmp_path):
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+  """(workdir, stdout) of `mixflow demo`, shared by the tests of its outputs and of the
+  sample / evaluate commands on its MixFlow run."""
+  workdir = tmp_path_factory.mktemp("demo")
   # Few steps of batch 16 (the default's 128 makes each step cost more than its compile at
   # XLA:CPU's optimisation level 0); the post-training's lr set to the pretraining's, so
   # that standard post-training is the base's compiled step (a cache hit). What is tested
   # is the outputs' form, not their values.
-  result = _cli("demo", f"--workdir={tmp_path}", "--config.data.batch_size=16",
+  result = _cli("demo", f"--workdir={workdir}", "--config.data.batch_size=16",
                 "--config.demo.pretrain_steps=10", "--config.demo.posttrain_steps=4",
                 "--config.demo.posttrain_lr=1e-3", "--config.demo.sample_steps=(2,4)",
                 "--config.demo.slowflow_steps=4", "--config.slowflow.num_samples=32", *FAST)
+  return workdir, result.stdout
+
+
+def test_demo_writes_report_metrics_and_table(demo):
+  tmp_path, stdout = demo
   assert (tmp_path / "report.png").stat().st_size > 10_000
   assert (tmp_path / "slowflow.png").stat().st_size > 10_000
   metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -46,23 +56,26 @@ def test_demo_writes_report_metrics_and_table(tmp_path):
   assert "not FID" in metrics["metric"]
   assert len(metrics["slowflow"]["mixflow"]["median"]) == 5
   assert 0 <= metrics["gamma_proposed_from_base"] <= 1
-  assert "wall time" in result.stdout and "mixflow" in result.stdout
+  assert "wall time" in stdout and "mixflow" in stdout
   for run in ("base", "standard", "mixflow"):
     assert (tmp_path / run / "checkpoints").is_dir()
 
 
-def test_train_sample_evaluate_commands(tmp_path):
-  common = [f"--workdir={tmp_path}", "--config=configs/digits.py:mixflow",
-            "--config.train.steps=5", "--config.data.batch_size=16",
-            "--config.eval.classifier_batch_size=32", *FAST]
-  _cli("train", *common)
-  sample = _cli("sample", *common, "--config.sample.num_steps=3")
-  path = tmp_path / "samples" / "ema_euler3_cfg1_n100.npz"
+def test_sample_evaluate_commands(demo, tmp_path):
+  """`mixflow sample` and `mixflow evaluate` on the demo's MixFlow run, which the digits
+  config's 'mixflow' variant describes. (The `train` command end to end: `mixflow train
+  --distributed` in tests/test_chain.py; the demo trains as `train` does, with
+  train.train.)"""
+  shutil.copytree(demo[0] / "mixflow", tmp_path / "run")
+  common = [f"--workdir={tmp_path / 'run'}", "--config=configs/digits.py:mixflow",
+            "--config.eval.classifier_batch_size=32", "--config.sample.num_steps=3", *FAST]
+  sample = _cli("sample", *common)
+  path = tmp_path / "run" / "samples" / "ema_euler3_cfg1_n100.npz"
   assert str(path) in sample.stdout
   with np.load(path) as f:
     assert f["arr_0"].dtype == np.uint8 and f["arr_0"].shape == (100, 8, 8, 1)
     np.testing.assert_array_equal(f["arr_1"], np.arange(100) % 10)
-  evaluate = _cli("evaluate", *common, "--config.sample.num_steps=3")
+  evaluate = _cli("evaluate", *common)
   assert "classifier_fd" in evaluate.stdout
   assert json.loads(path.with_suffix(".metrics.json").read_text())["classifier_fd"] > 0
 
