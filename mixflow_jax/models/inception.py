@@ -257,7 +257,13 @@ class InceptionV3(nn.Module):
 
 def abstract_variables(num_classes: int = NUM_CLASSES) -> dict:
   """``{'params': ..., 'batch_stats': ...}`` of ``InceptionV3`` as ShapeDtypeStructs,
-  without allocating."""
+  without allocating (a fresh tree each call; traced once per ``num_classes``: tracing the
+  init takes seconds on a CPU, and every load of a converted Inception needs it)."""
+  return jax.tree.map(lambda leaf: leaf, _abstract_variables(num_classes))
+
+
+@functools.cache
+def _abstract_variables(num_classes: int) -> dict:
   return jax.eval_shape(
       InceptionV3(num_classes).init, jax.random.key(0),
       jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32))
