@@ -81,8 +81,9 @@ def tiny_mmdit_config() -> ml_collections.ConfigDict:
 # test_sharding.py scheduled near the end). xdist starts each of the 2 workers with two
 # files, the first worker files 1 and 3 (LoadScopeScheduling's initial two units): the two
 # longest, test_chain.py and test_sharding.py (both run multi-process subprocesses), are
-# 1 and 2 so that they go to different workers (as 1 and 3 they made the suite 662 s). Measured one file at a time on an idle 2-core
-# machine: test_chain.py 80 s, test_mmdit_runs.py 59 s ... test_sd3_convert.py 14 s.
+# 1 and 2 so that they go to different workers (as 1 and 3 they made the suite 662 s).
+# Measured one file at a time on an idle 2-core machine: test_chain.py 80 s,
+# test_mmdit_runs.py 59 s ... test_sd3_convert.py 14 s.
 SLOW_FILES = ("test_chain.py", "test_sharding.py", "test_cli.py", "test_mmdit_runs.py",
               "test_convert_cli.py", "test_train.py", "test_adm_eval.py", "test_ditdh_runs.py",
               "test_study.py", "test_rae_pipeline.py", "test_compute.py", "test_sampling.py",
